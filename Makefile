@@ -1,0 +1,58 @@
+# The book's two commands (see README.md):
+#   make book   execute every chapter with papermill on a profile, then build the Jupyter Book into _build/html
+#   make test   notebooks and package in sync, nbdev_test, pytest (with the browser test of the built book)
+# Both set up what is missing first (.venv with the pinned packages, chromium for the tests) and are safe to rerun.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= embedded
+DATA_ROOT ?=
+DEVICE ?=
+FORCE ?=
+BOOK_ARGS := --profile $(PROFILE) $(if $(DATA_ROOT),--param data_root=$(DATA_ROOT)) $(if $(DEVICE),--param device=$(DEVICE)) $(if $(FORCE),--force)
+
+.PHONY: book test setup sync nbdev-test pytest chromium lab clean
+.DEFAULT_GOAL := book
+
+book: setup
+	$(PY) tools/build_book.py $(BOOK_ARGS)
+
+test: setup chromium sync nbdev-test pytest
+	@echo "==> all tests passed"
+
+setup: $(VENV)/.installed
+
+# Re-installs only when the pins change; an interrupted install leaves no marker and is resumed by pip.
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	@echo "==> setting up $(VENV) with $(PYTHON) (pinned packages; the first time takes a few minutes)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+sync: setup
+	@echo "==> checking that nbdev_export and nbdev_clean leave nbs/ and contrastive_explanations/ unchanged"
+	@bash tools/check_nbdev_sync.sh $(VENV)/bin
+
+nbdev-test: setup
+	@echo "==> nbdev_test: running every notebook in nbs/"
+	$(VENV)/bin/nbdev_test
+
+pytest: setup chromium
+	@echo "==> pytest"
+	$(PY) -m pytest
+
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "==> installing Debian's chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "chromium is missing: run 'sudo apt-get install chromium' (Debian) for the browser test" >&2; exit 1; fi; }
+
+lab: setup
+	$(VENV)/bin/jupyter lab nbs/
+
+clean:
+	rm -rf _build executed test-artifacts

@@ -1,0 +1,154 @@
+"""The built book in a real browser: headless Debian chromium, driven by playwright, serving _build/html locally.
+
+Builds the embedded book first when it is missing or older than its sources. Screenshots go to test-artifacts/.
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+STAMP = HTML / ".built-embedded"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+SOURCES = ["nbs/*.ipynb", "contrastive_explanations/*.py", "_toc.yml", "_config.yml", "params/embedded.yaml",
+           "tools/*.py"]
+
+pytestmark = pytest.mark.browser
+
+
+def _book_is_fresh() -> bool:
+    if not STAMP.exists():
+        return False
+    newest = max(f.stat().st_mtime for pattern in SOURCES for f in ROOT.glob(pattern))
+    return STAMP.stat().st_mtime >= newest
+
+
+@pytest.fixture(scope="session")
+def site() -> Path:
+    "The embedded book's HTML folder, built (by the main job's own script) when missing or stale."
+    if not _book_is_fresh():
+        subprocess.run([sys.executable, "tools/build_book.py", "--profile", "embedded"], cwd=ROOT, check=True)
+    return HTML
+
+
+@pytest.fixture(scope="session")
+def base_url(site: Path):
+    "An HTTP server on 127.0.0.1 (a free port) serving the built book."
+    handler = functools.partial(_QuietHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); `make test` does")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+class PageLog:
+    "Everything a page did that a test may object to: console errors, page errors, outside and failed requests."
+
+    def __init__(self, page, base_url: str):
+        self.errors: list[str] = []
+        self.outside: list[str] = []
+        self.failed: list[str] = []
+        page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        page.on("requestfailed", lambda r: self.failed.append(r.url))
+        page.on("response", lambda r: self.failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+
+        def route(r):
+            if r.request.url.startswith(base_url) or r.request.url.startswith("data:"):
+                r.continue_()
+            else:
+                self.outside.append(r.request.url)
+                r.abort()
+
+        page.route("**/*", route)
+
+    def assert_clean(self):
+        assert not self.outside, f"requests left 127.0.0.1: {self.outside}"
+        assert not self.failed, f"failed requests: {self.failed}"
+        assert not self.errors, f"errors in the console: {self.errors}"
+
+
+@pytest.fixture
+def page(browser, base_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 1600})
+    page = context.new_page()
+    page.log = PageLog(page, base_url)
+    yield page
+    context.close()
+
+
+VISIBLE_IMAGE_SOURCES = """() => [...document.querySelectorAll('.widget-stack img, .jupyter-widgets img')]
+    .filter(img => img.offsetParent !== null).map(img => img.src)"""
+
+
+def _open(page, base_url: str, path: str):
+    page.goto(f"{base_url}/{path}", wait_until="networkidle")
+    page.wait_for_function("() => document.querySelectorAll('mjx-container').length > 0", timeout=30_000)
+
+
+@pytest.mark.parametrize("path", ["index.html", "executed/index.html", "executed/00_contrast.html",
+                                  "executed/90_explorer.html"])
+def test_page_loads_offline_without_errors(page, base_url, path):
+    page.goto(f"{base_url}/{path}", wait_until="networkidle")
+    assert page.title()
+    page.log.assert_clean()
+
+
+@pytest.mark.parametrize("chapter", ["00_contrast", "90_explorer"])
+def test_static_class_switcher_changes_the_picture(page, base_url, chapter):
+    _open(page, base_url, f"executed/{chapter}.html")
+    menu = page.locator(".widget-dropdown select").first
+    menu.wait_for(timeout=30_000)
+    options = menu.locator("option").all_inner_texts()
+    assert len(options) >= 2, f"the menu offers {options}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    widget = page.locator(".jupyter-widgets.widget-vbox").first
+    widget.scroll_into_view_if_needed()
+    shown = [page.evaluate(VISIBLE_IMAGE_SOURCES)]
+    shots = [widget.screenshot(path=str(ARTIFACTS / f"{chapter}-0.png"))]
+    for i, label in enumerate(options[1:], 1):
+        menu.select_option(label=label)
+        page.wait_for_timeout(300)
+        shown.append(page.evaluate(VISIBLE_IMAGE_SOURCES))
+        shots.append(widget.screenshot(path=str(ARTIFACTS / f"{chapter}-{i}.png")))
+    assert all(len(s) == 1 for s in shown), f"expected exactly one visible picture per choice, got {shown}"
+    assert len({s[0] for s in shown}) == len(options), "choosing another entry did not change the picture"
+    assert len(set(shots)) == len(options), "the screenshots did not change with the menu"
+    page.log.assert_clean()
+
+
+def test_mathjax_renders_the_equations(page, base_url):
+    _open(page, base_url, "executed/00_contrast.html")
+    rendered = page.evaluate("() => document.querySelectorAll('mjx-container').length")
+    raw = page.evaluate("() => document.querySelectorAll('div.math:not(:has(mjx-container))').length")
+    assert rendered >= 10 and raw == 0, f"{rendered} formulas rendered, {raw} display equations left raw"
+    labels = page.locator("span.eqno").all_inner_texts()
+    assert len(labels) >= 7, f"numbered equations: {labels}"
+    page.log.assert_clean()

@@ -1,0 +1,81 @@
+"""Fetch the book's JavaScript assets (MathJax 3, require.js, the ipywidgets HTML manager) from the npm registry.
+
+The built pages then load them from `_static/` and make no request outside the book. The assets land in the
+git-ignored `book_assets/`, which `_config.yml` names as `html_static_path`; a complete folder carries a
+`.complete` marker, so an interrupted fetch is redone and a finished one is never repeated.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+#: npm packages, pinned; what we copy from each tarball's `package/` folder, and where it goes in `book_assets/`.
+PACKAGES = {
+    "requirejs@2.3.8": [("require.js", "require.js")],
+    "@jupyter-widgets/html-manager@1.0.15": [("dist/embed-amd.js", "html-manager/embed-amd.js"),
+                                             ("dist/*.woff2", "html-manager/"), ("dist/*.woff", "html-manager/"),
+                                             ("dist/*.ttf", "html-manager/"), ("dist/*.eot", "html-manager/"),
+                                             ("dist/*.svg", "html-manager/")],
+    "mathjax@3.2.2": [("es5/tex-chtml.js", "mathjax/tex-chtml.js"),
+                      ("es5/input/tex/extensions/*.js", "mathjax/input/tex/extensions/"),
+                      ("es5/output/chtml/fonts/woff-v2/*.woff", "mathjax/output/chtml/fonts/woff-v2/")],
+}
+MARKER = ".complete"
+#: Files of ours served beside them, copied on every call so that edits reach the book.
+LOCAL = {Path(__file__).with_name("widgets_shim.js"): "widgets-shim.js"}
+
+
+def assets_ready(dest: Path) -> bool:
+    "True when `dest` holds a complete set of assets."
+    return (dest / MARKER).exists()
+
+
+def _copy(src_root: Path, pattern: str, target: Path) -> int:
+    "Copy files matching `pattern` under `src_root` to `target` (a folder when it ends with '/'); return the count."
+    files = sorted(src_root.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"npm tarball has no {pattern!r} under {src_root}")
+    for f in files:
+        out = target / f.name if str(target).endswith("/") or len(files) > 1 else target
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, out)
+    return len(files)
+
+
+def fetch_assets(dest: Path) -> None:
+    "Download the pinned npm tarballs with `npm pack` and lay out the files the book serves in `dest`."
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        subprocess.run(["npm", "pack", "--silent", *PACKAGES], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+        staging = tmp / "book_assets"
+        for tgz in tmp.glob("*.tgz"):
+            with tarfile.open(tgz) as tar:
+                tar.extractall(tmp / tgz.stem, filter="data")
+        for spec, copies in PACKAGES.items():
+            name = spec.rsplit("@", 1)[0].lstrip("@").replace("/", "-")
+            (src,) = [p / "package" for p in tmp.iterdir() if p.is_dir() and p.name.startswith(name + "-")]
+            for pattern, target in copies:
+                _copy(src, pattern, Path(str(staging / target) + ("/" if target.endswith("/") else "")))
+        (staging / MARKER).write_text("\n".join(PACKAGES) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.move(str(staging), dest)
+
+
+def ensure_assets(dest: Path) -> bool:
+    "Make sure `dest` holds the assets; False (after one message) when npm is missing and the CDNs must serve."
+    if assets_ready(dest):
+        for src, name in LOCAL.items():
+            shutil.copyfile(src, dest / name)
+        return True
+    if shutil.which("npm") is None:
+        print("npm not found: the book will load MathJax and the widget scripts from public CDNs "
+              "(install Node.js/npm and rerun for a book that works offline).", flush=True)
+        return False
+    print(f"==> fetching book assets with npm into {dest}/ ({', '.join(PACKAGES)})", flush=True)
+    fetch_assets(dest)
+    return ensure_assets(dest)

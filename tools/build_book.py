@@ -1,0 +1,203 @@
+"""The main job: execute every chapter of the book with papermill on a parameter profile, then build the book.
+
+    python tools/build_book.py [--profile embedded|paper] [--param data_root=/data] [--force]
+
+1. Reads `params/<profile>.yaml`; each notebook receives only the parameters its `parameters` cell declares.
+2. Executes `nbs/NAME.ipynb` for every `executed/NAME` entry of `_toc.yml` into `executed/NAME.ipynb` (git-ignored).
+   A copy whose notebook, parameters, package and pins are unchanged since its last run is kept (`--force` redoes it).
+3. Builds the Jupyter Book with warnings as errors into `_build/staging`, and only on success moves it to
+   `_build/html`, so a failed run never leaves a book that looks good. Timings go to `_build/timings-<profile>.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from book_assets import ensure_assets  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXECUTED = "executed"  # toc entries `executed/NAME` are papermill copies of `nbs/NAME.ipynb`
+ASSET_KEYS = ("html_static_path", "mathjax_path", "nb_ipywidgets_js")  # dropped for the CDN fallback
+
+
+class BuildError(Exception):
+    "A failure the user can act on; its message says what went wrong and what to do. Exit status 1."
+    status = 1
+
+
+class UsageError(BuildError):
+    "Bad input on the command line or in the profile; nothing was built. Exit status 2."
+    status = 2
+
+
+def profiles(root: Path) -> list[str]:
+    return sorted(p.stem for p in (root / "params").glob("*.yaml"))
+
+
+def load_profile(root: Path, name: str, overrides: dict[str, str]) -> dict:
+    "The parameters of profile `name`, with `overrides` applied; every null must be given by an override."
+    known = profiles(root)
+    if name not in known:
+        raise UsageError(f"unknown profile {name!r}: choose one of {', '.join(known)} (files in params/)")
+    params = yaml.safe_load((root / "params" / f"{name}.yaml").read_text()) or {}
+    for key, value in overrides.items():
+        if key not in params:
+            raise UsageError(f"unknown parameter {key!r} for profile {name!r}: known are {', '.join(params)}")
+        params[key] = yaml.safe_load(value) if value else value
+    missing = [k for k, v in params.items() if v is None]
+    if missing:
+        flags = " ".join(f"{k.upper()}=..." for k in missing)
+        raise UsageError(f"profile {name!r} needs {', '.join(missing)}: run e.g. `make book PROFILE={name} {flags}`")
+    return params
+
+
+def toc_chapters(root: Path) -> list[str]:
+    "Names of the notebooks the book lists, in reading order (`executed/NAME` entries of `_toc.yml`)."
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    names: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key in ("root", "file"):
+                if isinstance(node.get(key), str):
+                    names.append(node[key])
+            for value in node.values():
+                if isinstance(value, (list, dict)):
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(toc)
+    chapters = [n.split("/", 1)[1] for n in names if n.startswith(EXECUTED + "/")]
+    missing = [c for c in chapters if not (root / "nbs" / f"{c}.ipynb").exists()]
+    if missing:
+        raise BuildError(f"_toc.yml lists {', '.join(missing)} but nbs/ has no such notebook: add it or fix _toc.yml")
+    return chapters
+
+
+def build_key(root: Path, nb: Path, params: dict) -> str:
+    "A hash of everything an executed copy depends on: notebook, parameters, package code, pins."
+    h = hashlib.sha256(nb.read_bytes())
+    h.update(json.dumps(params, sort_keys=True).encode())
+    for f in sorted((root / "contrastive_explanations").glob("*.py")) + [root / "constraints.txt"]:
+        if f.exists():
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def execute(root: Path, chapter: str, profile: dict, force: bool) -> tuple[float, bool]:
+    "Run one chapter with papermill; return (seconds, whether it ran). Raises BuildError naming the failing cell."
+    src, out = root / "nbs" / f"{chapter}.ipynb", root / EXECUTED / f"{chapter}.ipynb"
+    declared = pm.inspect_notebook(str(src))
+    params = {k: v for k, v in profile.items() if k in declared}
+    key = build_key(root, src, params)
+    if not force and out.exists():
+        if nbformat.read(out, as_version=4).metadata.get("book", {}).get("build_key") == key:
+            return 0.0, False
+    partial, failed = out.with_suffix(".partial.ipynb"), out.with_suffix(".failed.ipynb")
+    out.unlink(missing_ok=True)
+    failed.unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(src), str(partial), parameters=params, cwd=str(root / "nbs"), kernel_name="python3",
+                            progress_bar=False, log_output=False, report_mode=False,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-encryption notice
+    except pm.PapermillExecutionError as e:
+        partial.rename(failed)
+        raise BuildError(f"{src.relative_to(root)} failed at cell {e.cell_index} (execution count {e.exec_count}): "
+                         f"{e.ename}: {e.evalue}\n  the executed copy with the traceback is {failed.relative_to(root)}")
+    nb = nbformat.read(partial, as_version=4)
+    visible = _parameter_cell_tags(nb)
+    for cell in nb.cells:  # papermill's injected cell gets the source parameters cell's display tags
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.metadata["tags"] = ["injected-parameters", *visible]
+    nb.metadata["book"] = {"build_key": key, "parameters": params}
+    nbformat.write(nb, partial)
+    partial.rename(out)
+    return time.perf_counter() - start, True
+
+
+def _parameter_cell_tags(nb) -> list[str]:
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if "parameters" in tags:
+            return [t for t in tags if t != "parameters"]
+    return []
+
+
+def jupyter_book(root: Path, staging: Path, offline: bool) -> None:
+    "Build the book into `staging` with warnings as errors; CDN assets when `offline` is False."
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--path-output", str(staging),
+           "--all", "-W", "-n", "--keep-going"]
+    if not offline:
+        config = yaml.safe_load((root / "_config.yml").read_text())
+        for key in ASSET_KEYS:
+            config.get("sphinx", {}).get("config", {}).pop(key, None)
+        cdn = staging / "_config.cdn.yml"
+        cdn.parent.mkdir(parents=True, exist_ok=True)
+        cdn.write_text(yaml.safe_dump(config, sort_keys=False))
+        cmd += ["--config", str(cdn)]
+    result = subprocess.run(cmd, cwd=root)
+    if result.returncode != 0:
+        raise BuildError(f"jupyter-book failed (exit {result.returncode}); see the warnings above. "
+                         f"Partial output: {(staging / '_build' / 'html').relative_to(root)}")
+
+
+def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default=os.environ.get("PROFILE") or "embedded",
+                        help="parameter profile: a file params/NAME.yaml (default: embedded)")
+    parser.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter of the profile, e.g. -p data_root=/data")
+    parser.add_argument("--force", action="store_true", help="re-execute chapters whose inputs did not change")
+    parser.add_argument("--no-html", action="store_true", help="execute the chapters only, do not build the book")
+    args = parser.parse_args(argv)
+    html, staging = root / "_build" / "html", root / "_build" / "staging"
+    try:
+        overrides = dict(p.split("=", 1) if "=" in p else (p, "") for p in args.param)
+        profile = load_profile(root, args.profile, overrides)
+        chapters = toc_chapters(root)
+        if html.exists():  # from now on the old book no longer matches the sources
+            shutil.rmtree(html)
+        (root / EXECUTED).mkdir(exist_ok=True)
+        timings = {}
+        print(f"==> executing {len(chapters)} chapters with papermill, profile {args.profile!r}", flush=True)
+        for i, chapter in enumerate(chapters, 1):
+            print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb ...", end=" ", flush=True)
+            seconds, ran = execute(root, chapter, profile, args.force)
+            timings[chapter] = round(seconds, 2) if ran else None
+            print(f"{seconds:.1f} s" if ran else "unchanged, kept", flush=True)
+        (root / "_build").mkdir(exist_ok=True)
+        (root / "_build" / f"timings-{args.profile}.json").write_text(json.dumps(timings, indent=1))
+        if args.no_html:
+            return 0
+        offline = ensure_assets(root / "book_assets")
+        print("==> building the book with Jupyter Book (warnings are errors)", flush=True)
+        start = time.perf_counter()
+        jupyter_book(root, staging, offline)
+        shutil.move(str(staging / "_build" / "html"), html)
+        (html / f".built-{args.profile}").write_text(json.dumps(profile))
+        print(f"==> book built in {time.perf_counter() - start:.0f} s: {html / 'index.html'}\n"
+              f"    open it with: .venv/bin/python -m http.server -d {html.relative_to(root)} 8000"
+              f"  and browse http://127.0.0.1:8000", flush=True)
+        return 0
+    except BuildError as e:
+        print(f"\nerror: {e}", file=sys.stderr, flush=True)
+        return e.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
