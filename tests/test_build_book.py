@@ -113,3 +113,33 @@ def test_toc_entry_without_a_notebook_is_reported(book, capsys):
 def test_the_real_toc_lists_existing_notebooks():
     chapters = build_book.toc_chapters(ROOT)
     assert chapters[0] == "index" and "00_contrast" in chapters
+
+
+def test_without_npm_the_book_falls_back_to_the_cdns_and_says_so_once(tmp_path, monkeypatch, capsys):
+    import book_assets
+
+    monkeypatch.setattr(book_assets.shutil, "which", lambda name: None)
+    assert book_assets.ensure_assets(tmp_path / "book_assets") is False
+    assert capsys.readouterr().out.count("npm not found") == 1
+    assert not (tmp_path / "book_assets").exists()
+    import yaml
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    cdn = build_book.cdn_config(config, ROOT)
+    assert not set(build_book.ASSET_KEYS) & set(cdn["sphinx"]["config"])
+    assert set(build_book.ASSET_KEYS) <= set(config["sphinx"]["config"]), "the original config is left alone"
+    assert cdn["sphinx"]["extra_extensions"] == config["sphinx"]["extra_extensions"]
+    assert all(Path(p).is_absolute() and Path(p).is_dir() for p in cdn["sphinx"]["local_extensions"].values())
+
+
+def test_assets_named_in_the_config_are_the_ones_fetched():
+    "Every local path that _config.yml serves is produced by tools/book_assets.py."
+    import book_assets
+    import yaml
+
+    sphinx = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]
+    produced = {target for copies in book_assets.PACKAGES.values() for _, target in copies}
+    produced |= set(book_assets.LOCAL.values())
+    for path in [sphinx["mathjax_path"], *sphinx["nb_ipywidgets_js"]]:
+        assert path in produced, f"{path} is served by the book but never fetched"
+    assert sphinx["html_static_path"] == ["book_assets"]

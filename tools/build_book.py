@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -138,16 +139,25 @@ def _parameter_cell_tags(nb) -> list[str]:
     return []
 
 
+def cdn_config(config: dict, root: Path) -> dict:
+    "A copy of the book's config without the local assets, so that Sphinx and myst-nb use their CDN defaults."
+    config = copy.deepcopy(config)
+    sphinx = config.get("sphinx", {})
+    for key in ASSET_KEYS:
+        sphinx.get("config", {}).pop(key, None)
+    for name, folder in sphinx.get("local_extensions", {}).items():  # relative to the config file's folder
+        sphinx["local_extensions"][name] = str((root / folder).resolve())
+    return config
+
+
 def jupyter_book(root: Path, staging: Path, offline: bool) -> None:
     "Build the book into `staging` with warnings as errors; CDN assets when `offline` is False."
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--path-output", str(staging),
            "--all", "-W", "-n", "--keep-going"]
     if not offline:
-        config = yaml.safe_load((root / "_config.yml").read_text())
-        for key in ASSET_KEYS:
-            config.get("sphinx", {}).get("config", {}).pop(key, None)
         cdn = staging / "_config.cdn.yml"
         cdn.parent.mkdir(parents=True, exist_ok=True)
+        config = cdn_config(yaml.safe_load((root / "_config.yml").read_text()), root)
         cdn.write_text(yaml.safe_dump(config, sort_keys=False))
         cmd += ["--config", str(cdn)]
     result = subprocess.run(cmd, cwd=root)
