@@ -11,6 +11,8 @@ PROFILE ?= embedded
 DATA_ROOT ?=
 DEVICE ?=
 FORCE ?=
+PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
+PIP_NOISE := WARNING: Location .* is ignored
 BOOK_ARGS := --profile $(PROFILE) $(if $(DATA_ROOT),--param data_root=$(DATA_ROOT)) $(if $(DEVICE),--param device=$(DEVICE)) $(if $(FORCE),--force)
 
 .PHONY: book test setup sync nbdev-test pytest chromium lab clean
@@ -28,8 +30,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@echo "==> setting up $(VENV) with $(PYTHON) (pinned packages; the first time takes a few minutes)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check --progress-bar off -q -r requirements.txt -c constraints.txt
-	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install $(PIP_FLAGS) -r requirements.txt -c constraints.txt 2> >(grep -v "$(PIP_NOISE)" >&2)
+	$(PY) -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e . 2> >(grep -v "$(PIP_NOISE)" >&2)
 	@touch $@
 
 sync: setup

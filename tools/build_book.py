@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,8 +107,9 @@ def execute(root: Path, chapter: str, profile: dict, force: bool) -> tuple[float
     params = {k: v for k, v in profile.items() if k in declared}
     key = build_key(root, src, params)
     if not force and out.exists():
-        if nbformat.read(out, as_version=4).metadata.get("book", {}).get("build_key") == key:
-            return 0.0, False
+        previous = nbformat.read(out, as_version=4).metadata.get("book", {})
+        if previous.get("build_key") == key:
+            return previous.get("seconds", 0.0), False
     partial, failed = out.with_suffix(".partial.ipynb"), out.with_suffix(".failed.ipynb")
     out.unlink(missing_ok=True)
     failed.unlink(missing_ok=True)
@@ -125,10 +127,11 @@ def execute(root: Path, chapter: str, profile: dict, force: bool) -> tuple[float
     for cell in nb.cells:  # papermill's injected cell gets the source parameters cell's display tags
         if "injected-parameters" in cell.metadata.get("tags", []):
             cell.metadata["tags"] = ["injected-parameters", *visible]
-    nb.metadata["book"] = {"build_key": key, "parameters": params}
+    seconds = round(time.perf_counter() - start, 2)
+    nb.metadata["book"] = {"build_key": key, "parameters": params, "seconds": seconds}
     nbformat.write(nb, partial)
     partial.rename(out)
-    return time.perf_counter() - start, True
+    return seconds, True
 
 
 def _parameter_cell_tags(nb) -> list[str]:
@@ -153,16 +156,22 @@ def cdn_config(config: dict, root: Path) -> dict:
 def jupyter_book(root: Path, staging: Path, offline: bool) -> None:
     "Build the book into `staging` with warnings as errors; CDN assets when `offline` is False."
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--path-output", str(staging),
-           "--all", "-W", "-n", "--keep-going"]
+           "--all", "-W", "-n", "--keep-going", "--quiet"]
     if not offline:
         cdn = staging / "_config.cdn.yml"
         cdn.parent.mkdir(parents=True, exist_ok=True)
         config = cdn_config(yaml.safe_load((root / "_config.yml").read_text()), root)
         cdn.write_text(yaml.safe_dump(config, sort_keys=False))
         cmd += ["--config", str(cdn)]
-    result = subprocess.run(cmd, cwd=root)
-    if result.returncode != 0:
-        raise BuildError(f"jupyter-book failed (exit {result.returncode}); see the warnings above. "
+    with subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True) as process:
+        for line in process.stdout:  # its closing box names the staging folder, not where the book ends up
+            if "Finished generating HTML" in line or "Your book's HTML pages are here" in line:
+                break
+            if re.sub(r"\x1b\[[0-9;]*m|=", "", line).strip():  # skip its blank and ==== lines
+                print("    " + line.rstrip(), flush=True)
+        process.stdout.read()
+    if process.returncode != 0:
+        raise BuildError(f"jupyter-book failed (exit {process.returncode}); see the warnings above. "
                          f"Partial output: {(staging / '_build' / 'html').relative_to(root)}")
 
 
@@ -188,17 +197,17 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         for i, chapter in enumerate(chapters, 1):
             print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb ...", end=" ", flush=True)
             seconds, ran = execute(root, chapter, profile, args.force)
-            timings[chapter] = round(seconds, 2) if ran else None
-            print(f"{seconds:.1f} s" if ran else "unchanged, kept", flush=True)
-        (root / "_build").mkdir(exist_ok=True)
-        (root / "_build" / f"timings-{args.profile}.json").write_text(json.dumps(timings, indent=1))
+            timings[chapter] = {"seconds": seconds, "reused": not ran}
+            print(f"{seconds:.1f} s" if ran else f"unchanged, kept (it ran in {seconds:.1f} s)", flush=True)
         if args.no_html:
             return 0
         offline = ensure_assets(root / "book_assets")
         print("==> building the book with Jupyter Book (warnings are errors)", flush=True)
         start = time.perf_counter()
         jupyter_book(root, staging, offline)
+        timings["jupyter-book"] = {"seconds": round(time.perf_counter() - start, 2), "reused": False}
         shutil.move(str(staging / "_build" / "html"), html)
+        (root / "_build" / f"timings-{args.profile}.json").write_text(json.dumps(timings, indent=1) + "\n")
         (html / f".built-{args.profile}").write_text(json.dumps(profile))
         print(f"==> book built in {time.perf_counter() - start:.0f} s: {html / 'index.html'}\n"
               f"    open it with: .venv/bin/python -m http.server -d {html.relative_to(root)} 8000"
