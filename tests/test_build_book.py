@@ -71,7 +71,8 @@ def test_a_failing_chapter_stops_the_job_and_names_notebook_and_cell(book, capsy
     notebook(book / "nbs" / "01_ok.ipynb", "x = 1", "raise RuntimeError('boom in chapter one')", "y = 2")
     status, _, err = run(book, capsys=capsys)
     assert status == 1
-    assert "nbs/01_ok.ipynb failed at cell 1" in err and "RuntimeError: boom in chapter one" in err
+    assert "nbs/01_ok.ipynb failed at cell 1 (`raise RuntimeError('boom in chapter one')`)" in err
+    assert "RuntimeError: boom in chapter one" in err
     assert (book / "executed" / "01_ok.failed.ipynb").exists()
     assert not (book / "executed" / "01_ok.ipynb").exists()
     assert not (book / "executed" / "01_ok.partial.ipynb").exists()

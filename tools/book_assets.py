@@ -29,20 +29,25 @@ LOCAL = {Path(__file__).with_name("widgets_shim.js"): "widgets-shim.js"}
 
 
 def assets_ready(dest: Path) -> bool:
-    "True when `dest` holds a complete set of assets."
-    return (dest / MARKER).exists()
+    "True when `dest` holds a complete set of the assets pinned above (a changed pin means a new fetch)."
+    marker = dest / MARKER
+    return marker.exists() and marker.read_text() == _marker_text()
 
 
-def _copy(src_root: Path, pattern: str, target: Path) -> int:
-    "Copy files matching `pattern` under `src_root` to `target` (a folder when it ends with '/'); return the count."
-    files = sorted(src_root.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"npm tarball has no {pattern!r} under {src_root}")
+def _marker_text() -> str:
+    return "\n".join(PACKAGES) + "\n"
+
+
+def _copy(package: Path, pattern: str, staging: Path, target: str) -> None:
+    "Copy the files matching `pattern` in an unpacked npm package to `target` under `staging` (a folder if it ends in /)."
+    files = sorted(package.glob(pattern))
+    if not files or (len(files) > 1 and not target.endswith("/")):
+        raise FileNotFoundError(f"expected {'files' if target.endswith('/') else 'one file'} matching {pattern!r} "
+                                f"in {package}, found {len(files)}: update PACKAGES in {__file__}")
     for f in files:
-        out = target / f.name if str(target).endswith("/") or len(files) > 1 else target
+        out = staging / target / f.name if target.endswith("/") else staging / target
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, out)
-    return len(files)
 
 
 def fetch_assets(dest: Path) -> None:
@@ -59,8 +64,8 @@ def fetch_assets(dest: Path) -> None:
             name = spec.rsplit("@", 1)[0].lstrip("@").replace("/", "-")
             (src,) = [p / "package" for p in tmp.iterdir() if p.is_dir() and p.name.startswith(name + "-")]
             for pattern, target in copies:
-                _copy(src, pattern, Path(str(staging / target) + ("/" if target.endswith("/") else "")))
-        (staging / MARKER).write_text("\n".join(PACKAGES) + "\n")
+                _copy(src, pattern, staging, target)
+        (staging / MARKER).write_text(_marker_text())
         if dest.exists():
             shutil.rmtree(dest)
         shutil.move(str(staging), dest)

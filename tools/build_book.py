@@ -118,10 +118,16 @@ def execute(root: Path, chapter: str, profile: dict, force: bool) -> tuple[float
         pm.execute_notebook(str(src), str(partial), parameters=params, cwd=str(root / "nbs"), kernel_name="python3",
                             progress_bar=False, log_output=False, report_mode=False,
                             extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-encryption notice
-    except pm.PapermillExecutionError as e:
-        partial.rename(failed)
-        raise BuildError(f"{src.relative_to(root)} failed at cell {e.cell_index} (execution count {e.exec_count}): "
-                         f"{e.ename}: {e.evalue}\n  the executed copy with the traceback is {failed.relative_to(root)}")
+    except Exception as e:  # a cell raised (PapermillExecutionError), the kernel died, or it could not start
+        kept = ""
+        if partial.exists():
+            partial.rename(failed)
+            kept = f"\n  the executed copy with the traceback is {failed.relative_to(root)}"
+        if isinstance(e, pm.PapermillExecutionError):
+            first_line = e.source.strip().splitlines()[0] if e.source.strip() else ""
+            raise BuildError(f"{src.relative_to(root)} failed at cell {e.cell_index} (`{first_line}`): "
+                             f"{e.ename}: {e.evalue}{kept}") from None
+        raise BuildError(f"{src.relative_to(root)} failed: {type(e).__name__}: {e}{kept}") from e
     nb = nbformat.read(partial, as_version=4)
     visible = _parameter_cell_tags(nb)
     for cell in nb.cells:  # papermill's injected cell gets the source parameters cell's display tags
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
                         help="parameter profile: a file params/NAME.yaml (default: embedded)")
     parser.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter of the profile, e.g. -p data_root=/data")
-    parser.add_argument("--force", action="store_true", help="re-execute chapters whose inputs did not change")
+    parser.add_argument("--force", action="store_true", help="re-execute every chapter, even those unchanged")
     parser.add_argument("--no-html", action="store_true", help="execute the chapters only, do not build the book")
     args = parser.parse_args(argv)
     html, staging = root / "_build" / "html", root / "_build" / "staging"
@@ -204,6 +210,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         offline = ensure_assets(root / "book_assets")
         print("==> building the book with Jupyter Book (warnings are errors)", flush=True)
         start = time.perf_counter()
+        shutil.rmtree(staging / "_build" / "html", ignore_errors=True)  # no pages left over from an older toc
         jupyter_book(root, staging, offline)
         timings["jupyter-book"] = {"seconds": round(time.perf_counter() - start, 2), "reused": False}
         shutil.move(str(staging / "_build" / "html"), html)
