@@ -17,7 +17,7 @@ from .contrast import Target, as_classes, get_target
 
 # %% auto #0
 __all__ = ['check_images', 'input_channels', 'as_class_matrix', 'as_targets', 'objectives', 'batched_grad', 'explaining',
-           'find_layer', 'leaf_output', 'Explanation', 'Method', 'ActivationMethod']
+           'find_layer', 'leaf_output', 'Explanation', 'Method', 'default_layer', 'ActivationMethod']
 
 # %% ../nbs/01_explain.ipynb #6be0fb71
 def check_images(x: Tensor, # (B, C, H, W) images in [0, 1]
@@ -169,7 +169,7 @@ class Explanation:
         up = F.interpolate(self.maps.reshape(B, K * T, h, w).float(), size=size, mode="bilinear", align_corners=False)
         return up.reshape(B, K, T, *size).to(self.maps.dtype)
 
-# %% ../nbs/01_explain.ipynb #11aad6c3
+# %% ../nbs/01_explain.ipynb #e9b1d13c
 class Method:
     "A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity."
     name: str = ""
@@ -212,12 +212,27 @@ class Method:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
 
+def default_layer(model: nn.Module) -> str:
+    "The layer activation methods use unless told otherwise: the model's own choice, else one per known architecture."
+    from torchvision.models import VGG, ResNet
+
+    if isinstance(getattr(model, "default_layer", None), str):
+        return model.default_layer
+    if isinstance(model, ResNet):
+        return "layer4"
+    if isinstance(model, VGG):  # the last convolution (before its BatchNorm in vgg16_bn), as the paper's code used
+        last = max(i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d))
+        return f"features.{last}"
+    raise ValueError(f"no default layer for a {type(model).__name__}: pass layer=... (a module of the model or "
+                     "a dotted name from model.named_modules())")
+
+
 class ActivationMethod(Method):
     "A method that differentiates with respect to the output A of one layer (B, K, h, w)."
 
-    def __init__(self, model: nn.Module, layer: nn.Module | str):
+    def __init__(self, model: nn.Module, layer: nn.Module | str | None = None):
         super().__init__(model)
-        self.layer = find_layer(model, layer)
+        self.layer = find_layer(model, default_layer(model) if layer is None else layer)
 
     def _forward(self, x):
         with leaf_output(self.layer) as captured:

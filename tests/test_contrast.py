@@ -155,3 +155,18 @@ def test_explicit_contrast_checks_shapes():
 def test_as_classes_broadcasts_an_int():
     assert as_classes(3, torch.randn(4, 5)).tolist() == [3, 3, 3, 3]
     assert isinstance(TARGETS["max"], Target)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_logit_gap_of_100_keeps_the_target_class_in_the_contrast(dtype):
+    "1 - p_t ~ 5e-44 rounds to 0 as 1 - softmax; the margin form keeps it, so grad y_t stays in the contrast."
+    y = torch.tensor([[100.0, 0.0, -1.0]], dtype=dtype, requires_grad=True)
+    rest = torch.tensor([0.0, -1.0], dtype=torch.float64).sub(100).exp()  # exp(y_s - y_t), s != t
+    one_minus_p = (rest.sum() / (1 + rest.sum())).item()
+    assert 1 - y.detach().double().softmax(1)[0, 0].item() == 0  # the cancellation this guards against
+    (g,) = torch.autograd.grad(WeightedLogTarget()(y, 0).sum(), y)
+    assert torch.isfinite(g).all()
+    rel = 0.05 if dtype == torch.float32 else 1e-9  # float32 holds 5e-44 only as a subnormal, with few bits
+    assert g[0, 0].item() == pytest.approx(one_minus_p, rel=rel, abs=0)
+    assert g[0, 1:].double().tolist() == pytest.approx((-rest / (1 + rest.sum())).tolist(), rel=rel, abs=0)
+    assert WeightedLogTarget().scale(y.detach(), 0).item() == pytest.approx(one_minus_p, rel=rel, abs=0)
