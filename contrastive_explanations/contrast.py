@@ -139,7 +139,7 @@ def rival_margin(logits: Tensor, t: Tensor) -> Tensor:
     "L = log sum_{s != t} exp(y_s - y_t), so that p_t = sigmoid(-L), log p_t = -softplus(L), 1 - p_t = sigmoid(L)."
     return logits.scatter(1, t[:, None], float("-inf")).logsumexp(dim=1) - logits.gather(1, t[:, None])[:, 0]
 
-# %% ../nbs/00_contrast.ipynb #6c77c584
+# %% ../nbs/00_contrast.ipynb #065e3b9c
 TARGETS: dict[str, Target] = {T.name: T() for T in (OriginalTarget, MeanTarget, MaxTarget, WeightedTarget,
                                                      WeightedLogTarget)}
 
@@ -148,6 +148,9 @@ def get_target(name: str | Target) -> Target:
     "The target called `name` (one of `TARGETS`); a `Target` passes through."
     if isinstance(name, Target):
         return name
+    if not isinstance(name, str):
+        raise TypeError(f"a target is a Target or one of the names {', '.join(TARGETS)}; got a {type(name).__name__}: "
+                        "to back-propagate from your own objective, subclass Target")
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}: choose one of {', '.join(TARGETS)}")
     return TARGETS[name]

@@ -43,7 +43,7 @@ def input_channels(model: nn.Module) -> int | None:
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return conv.in_channels if conv is not None else None
 
-# %% ../nbs/01_explain.ipynb #af9b2712
+# %% ../nbs/01_explain.ipynb #283ba794
 def as_class_matrix(classes: Tensor | int | Sequence[int] | None, # None, an int, (B,) or (B, K) class indices
                     logits: Tensor, # (B, C), used for None (the predicted class) and for checking
                    ) -> Tensor: # (B, K) int64
@@ -61,7 +61,7 @@ def as_class_matrix(classes: Tensor | int | Sequence[int] | None, # None, an int
 
 def as_targets(targets: Target | str | Sequence[Target | str]) -> tuple[Target, ...]:
     "One or several targets, given as objects or names."
-    items = [targets] if isinstance(targets, (Target, str)) else list(targets)
+    items = list(targets) if isinstance(targets, Sequence) and not isinstance(targets, str) else [targets]
     if not items:
         raise ValueError("targets is empty: pass at least one target, e.g. 'weighted'")
     return tuple(get_target(t) for t in items)

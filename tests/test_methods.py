@@ -244,3 +244,20 @@ def test_bad_layers():
         GradCAM(twice, shared)(torch.rand(1, 3, 4, 4), 0)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         Gradient(lambda x: x)
+
+
+def test_linear_approximation_at_the_input_agrees_with_captum_input_x_gradient():
+    "LA at a layer that passes the input through unchanged is input x gradient, summed over the channels."
+    from captum.attr import InputXGradient
+
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Identity(), *tiny_cnn(4, 9)).eval()
+    x, t = torch.rand(2, 3, 6, 6, dtype=torch.float64), torch.tensor([1, 3])
+    ours = LinearApproximation(net, "0")(x, t, "weighted").maps[:, 0, 0]
+    theirs = InputXGradient(Softmax(net)).attribute(x.clone().requires_grad_(True), target=t)
+    torch.testing.assert_close(ours, theirs.sum(1))
+
+
+def test_a_target_that_is_neither_a_target_nor_a_name_is_refused():
+    with pytest.raises(TypeError, match="a target is a Target or one of the names.*subclass Target"):
+        Gradient(tiny_cnn(3, 0))(torch.rand(1, 3, 6, 6, dtype=torch.float64), 0, lambda logits, t: logits[:, 0])
