@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
 
 # %% auto #0
-__all__ = ['small_cnn', 'small_vit', 'TrainConfig', 'predict', 'train', 'cache_dir', 'fingerprint', 'cached_training']
+__all__ = ['EMBEDDED_EPOCHS', 'SMALL_MODELS', 'small_cnn', 'small_vit', 'TrainConfig', 'predict', 'train', 'cache_dir',
+           'fingerprint', 'cached_training', 'small_model_key', 'small_model']
 
 # %% ../nbs/09_training.ipynb #1926bc00
 def small_cnn(num_classes: int, widths: tuple[int, ...] = (24, 48, 96, 128)) -> nn.Sequential:
@@ -142,3 +143,32 @@ def cached_training(name: str, make: Callable[[], nn.Module], fit: Callable[[nn.
     torch.save({"state_dict": net.state_dict(), "history": json.dumps(history)}, tmp)
     tmp.replace(path)
     return net.eval(), history
+
+# %% ../nbs/09_training.ipynb #551e70ff
+EMBEDDED_EPOCHS = {"small_cnn": 4, "small_vit": 5}  # the embedded profile's training lengths (this chapter's parameters)
+SMALL_MODELS: dict[str, Callable[[int], nn.Module]] = {"small_cnn": small_cnn, "small_vit": small_vit}
+
+
+def small_model_key(name: str, config: TrainConfig, data_key: dict) -> str:
+    "The cache fingerprint of a small model: its architecture's and `train`'s source, the config, the data."
+    return fingerprint(SMALL_MODELS[name], train, asdict(config), data_key)
+
+
+def small_model(name: str, # 'small_cnn' or 'small_vit'
+                seed: int = 0, # the birds' seed and the training seed
+                epochs: int | None = None, # None: the embedded profile's `EMBEDDED_EPOCHS[name]`
+                birds: dict | None = None, # `birds_splits(seed)`, when the caller already has it
+                log: Callable[[str], None] | None = print,
+               ) -> tuple[nn.Module, dict]:
+    "A small model trained on the generated birds, from the cache when there (trained and cached otherwise)."
+    if name not in SMALL_MODELS:
+        raise ValueError(f"unknown small model {name!r}: choose one of {', '.join(SMALL_MODELS)}")
+    if birds is None:
+        from .birds import birds_splits
+        birds = birds_splits(seed)
+    config = TrainConfig(epochs=epochs or EMBEDDED_EPOCHS[name], seed=seed)
+    key = small_model_key(name, config, {split: b.fingerprint() for split, b in birds.items()})
+    classes = len(birds["train"].class_names)
+    fit = lambda net: train(net, (birds["train"].images, birds["train"].labels),
+                            (birds["val"].images, birds["val"].labels), config, log)
+    return cached_training(name, lambda: SMALL_MODELS[name](classes), fit, key)
