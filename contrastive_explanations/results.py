@@ -287,6 +287,8 @@ def load_results(out: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
 EXPERIMENTS: dict[str, str] = {  # name -> "module:Class", one per experiment chapter
     "perturbation": "contrastive_explanations.perturbation:Perturbation",
     "feature_masking": "contrastive_explanations.masking:FeatureMasking",
+    "contrasts": "contrastive_explanations.contrasts:Contrasts",
+    "vit_maps": "contrastive_explanations.vit_maps:ViTMaps",
     "norm_logit": "contrastive_explanations.norms:NormLogit",
     "localisation": "contrastive_explanations.localisation:Localisation",
 }
