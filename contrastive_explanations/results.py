@@ -262,12 +262,19 @@ def run(experiment: Experiment,
         shards: Iterable[int] | None = None, # which shards this process computes (default: all)
         force: bool = False, # delete earlier results in `out` first
         progress: bool = True,
+        on_stale: str = "raise", # earlier results of another run in `out`: 'raise' (say why), or 'recompute' them
        ) -> pd.DataFrame | None:
     "Compute the missing shards, then merge them when all are there (returns the table, or None if some are not)."
+    if on_stale not in ("raise", "recompute"):
+        raise ValueError(f"on_stale must be 'raise' or 'recompute', got {on_stale!r}")
     out = Path(out)
     prov = experiment.provenance()
-    if force and out.exists():
+    stale = on_stale == "recompute" and out.exists() and any(
+        _read_shard(p).get("key") != prov["key"] for p in out.glob("shard-*.json"))
+    if (force or stale) and out.exists():
         import shutil
+        if stale and progress:
+            print(f"{out}: earlier results come from other code or parameters; recomputing")
         shutil.rmtree(out)
     for i in (range(count) if shards is None else shards):
         compute_shard(experiment, out, i, count, prov, progress)
