@@ -405,4 +405,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__" and "__file__" in globals():  # run as a module, not in the notebook
-    sys.exit(main())
+    from contrastive_explanations.results import main as _main  # the importable module's classes, not __main__'s
+    sys.exit(_main())
