@@ -163,10 +163,16 @@ def finetuned_classifier(name: str, num_classes: int, checkpoint: str | Path | N
     return model
 
 # %% ../nbs/06_models.ipynb #bb80ccc0
+def _squared(model: ImageClassifier, size: int = 224) -> ImageClassifier:
+    "The original CUB code's test transform: resize to size x size, no crop (its VGG was fine-tuned and tested so)."
+    model.preprocess = T.Compose([T.ToImage(), T.Resize((size, size), antialias=True), T.ToDtype(torch.float32, scale=True)])
+    return model
+
+
 MODELS: dict[str, Callable[..., ImageClassifier]] = {
     "efficientnet_lite0": efficientnet_lite0,
     **{name: (lambda name=name, **kw: torchvision_classifier(name, **kw)) for name in TORCHVISION_IMAGENET},
-    "vgg16_bn_cub": lambda checkpoint=None: finetuned_classifier("vgg16_bn", 200, checkpoint, "features.40"),
+    "vgg16_bn_cub": lambda checkpoint=None: _squared(finetuned_classifier("vgg16_bn", 200, checkpoint, "features.40")),
     "vit_b_16_food101": lambda checkpoint=None: finetuned_classifier("vit_b_16", 101, checkpoint),
 }
 

@@ -10,8 +10,8 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,8 +20,10 @@ from torch import Tensor, nn
 from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
 
 # %% auto #0
-__all__ = ['EMBEDDED_EPOCHS', 'SMALL_MODELS', 'small_cnn', 'small_vit', 'TrainConfig', 'predict', 'train', 'cache_dir',
-           'fingerprint', 'cached_training', 'small_model_key', 'small_model']
+__all__ = ['EMBEDDED_EPOCHS', 'SMALL_MODELS', 'CUB_FINETUNE', 'FOOD101_FINETUNE', 'small_cnn', 'small_vit', 'TrainConfig',
+           'predict', 'train', 'cache_dir', 'fingerprint', 'cached_training', 'small_model_key', 'small_model',
+           'FinetuneConfig', 'cub_train_transform', 'cub_eval_transform', 'food101_train_transform', 'stratified_split',
+           'with_new_head', 'finetune']
 
 # %% ../nbs/09_training.ipynb #1926bc00
 def small_cnn(num_classes: int, widths: tuple[int, ...] = (24, 48, 96, 128)) -> nn.Sequential:
@@ -172,3 +174,168 @@ def small_model(name: str, # 'small_cnn' or 'small_vit'
     fit = lambda net: train(net, (birds["train"].images, birds["train"].labels),
                             (birds["val"].images, birds["val"].labels), config, log)
     return cached_training(name, lambda: SMALL_MODELS[name](classes), fit, key)
+
+# %% ../nbs/09_training.ipynb #f12af112
+@dataclass(frozen=True)
+class FinetuneConfig:
+    "How a pretrained network is fine-tuned; stored in its checkpoint."
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    optimizer: str = "sgd" # 'sgd' (with momentum) or 'adamw'
+    momentum: float = 0.9
+    schedule: str = "constant" # 'constant' or 'cosine' (with `warmup_epochs` of linear warm-up)
+    warmup_epochs: int = 0
+    val_fraction: float = 0.1 # share of each class's training images held out for choosing the best epoch
+    seed: int = 0
+    num_workers: int = 8
+
+
+CUB_FINETUNE = FinetuneConfig(epochs=200, batch_size=128, lr=1e-3, weight_decay=5e-4)  # the original's train.py
+FOOD101_FINETUNE = FinetuneConfig(epochs=10, batch_size=64, lr=1e-4, weight_decay=0.05, optimizer="adamw",
+                                  schedule="cosine", warmup_epochs=1)  # our choice: the review does not record one
+
+
+def cub_train_transform(size: int = 224):
+    "The original's CUB training augmentations, ending in pixels in [0, 1] (the model normalises)."
+    import torchvision.transforms as T
+    return T.Compose([
+        T.RandomHorizontalFlip(), T.RandomVerticalFlip(), T.RandomRotation(30),
+        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
+        T.RandomAffine(degrees=0, translate=(0.1, 0.1)),
+        T.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BILINEAR),
+        T.RandomPerspective(distortion_scale=0.2, p=0.5, interpolation=T.InterpolationMode.BICUBIC, fill=0),
+        T.RandomGrayscale(p=0.2), T.RandomApply([T.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.2), T.ToTensor()])
+
+
+def cub_eval_transform(size: int = 224):
+    "The original's CUB test transform: resize to size x size (no crop), pixels in [0, 1]."
+    import torchvision.transforms as T
+    return T.Compose([T.Resize((size, size)), T.ToTensor()])
+
+
+def food101_train_transform(size: int = 224):
+    "Random resized crops and horizontal flips, pixels in [0, 1]."
+    import torchvision.transforms as T
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()])
+
+
+def stratified_split(labels: Sequence[int], # one class index per training image
+                     fraction: float, # share of each class to hold out, in [0, 1)
+                     seed: int = 0,
+                    ) -> tuple[list[int], list[int]]:
+    "Indices (train, val): `fraction` of each class's images, at least one when it has two, drawn with `seed`."
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}: it is the share of each class held out")
+    labels = torch.as_tensor(list(labels))
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = min(len(idx) - 1, max(1 if fraction > 0 and len(idx) > 1 else 0, round(fraction * len(idx))))
+        val_idx += idx[:k].tolist()
+        train_idx += idx[k:].tolist()
+    return sorted(train_idx), sorted(val_idx)
+
+
+def with_new_head(model: nn.Module, num_classes: int) -> nn.Module:
+    "`model` (a torchvision network) with its last Linear layer replaced by a fresh `num_classes` one, in place."
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
+    return model
+
+
+def _lr_factor(config: FinetuneConfig, step: int, steps_per_epoch: int) -> float:
+    "The learning-rate multiplier at optimiser step `step`."
+    if config.schedule == "constant":
+        return 1.0
+    warm, total = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _save(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def finetune(model: nn.Module, # an ImageClassifier (pixels in, logits out) with its new head
+             train_set, # a Dataset of (pixels (3, H, W) in [0, 1], label)
+             val_set, # the held-out images, with the evaluation transform
+             config: FinetuneConfig,
+             checkpoint: str | Path, # the best epoch goes here; NAME.last.pt holds the state for resuming
+             device: str = "cuda",
+             categories: Sequence[str] | None = None, # stored in the checkpoint
+             log: Callable[[str], None] | None = print,
+            ) -> dict:
+    "Fine-tune `model` keeping the best epoch by validation accuracy; resumes from NAME.last.pt; returns the history."
+    from torch.utils.data import DataLoader
+    if config.optimizer not in ("sgd", "adamw") or config.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw' and schedule 'constant' or 'cosine', got "
+                         f"{config.optimizer!r} and {config.schedule!r}")
+    checkpoint = Path(checkpoint)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    last = checkpoint.with_name(checkpoint.stem + ".last.pt")
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+           if config.optimizer == "sgd" else torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay))
+    g = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(train_set, config.batch_size, shuffle=True, generator=g, num_workers=config.num_workers,
+                        drop_last=len(train_set) > config.batch_size, pin_memory=device != "cpu")
+    val_loader = DataLoader(val_set, config.batch_size, num_workers=config.num_workers)
+    history = {"epoch": [], "train_loss": [], "val_accuracy": [], "seconds": [], "config": asdict(config)}
+    start_epoch, best = 0, -1.0
+    if last.exists():
+        state = torch.load(last, map_location=device, weights_only=True)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{last} was written with another configuration ({state['config']}); delete it to "
+                             "start again, or fine-tune with that configuration")
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        history, best, start_epoch = json.loads(state["history"]), state["best"], state["epoch"]
+        g.set_state(state["generator"])
+        if log:
+            log(f"resuming from {last} after epoch {start_epoch}")
+    autocast = torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
+    start = time.perf_counter() - (history["seconds"][-1] if history["seconds"] else 0.0)
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        total, seen = 0.0, 0
+        for i, (x, y) in enumerate(loader):
+            for group in opt.param_groups:
+                group["lr"] = config.lr * _lr_factor(config, epoch * len(loader) + i, len(loader))
+            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+            with autocast:
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, seen = total + loss.item() * len(y), seen + len(y)
+        model.eval()
+        correct = 0
+        with torch.no_grad(), autocast:
+            for x, y in val_loader:
+                correct += (model(x.to(device)).argmax(1).cpu() == torch.as_tensor(y)).sum().item()
+        accuracy = correct / max(1, len(val_set))
+        for key, value in (("epoch", epoch + 1), ("train_loss", total / max(1, seen)), ("val_accuracy", accuracy),
+                           ("seconds", time.perf_counter() - start)):
+            history[key].append(value)
+        net_state = {k: v.detach().cpu() for k, v in getattr(model, "net", model).state_dict().items()}
+        if accuracy > best:
+            best = accuracy
+            _save(checkpoint, {"state_dict": net_state, "categories": list(categories or []),
+                               "history": json.dumps(history)})
+        _save(last, {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                     "best": best, "history": json.dumps(history), "config": asdict(config),
+                     "generator": g.get_state()})
+        if log:
+            log(f"epoch {epoch + 1}/{config.epochs}: loss {history['train_loss'][-1]:.3f}, "
+                f"val accuracy {accuracy:.3f} (best {best:.3f}), {history['seconds'][-1]:.0f} s")
+    history["best_val_accuracy"] = best
+    return history

@@ -113,3 +113,10 @@ def test_unknown_model_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown model 'resnet50': choose one of efficientnet_lite0, resnet18"):
         build_model("resnet50")
     assert {"efficientnet_lite0", "vgg16_bn_cub", "vit_b_16_food101", *TORCHVISION_IMAGENET} == set(MODELS)
+
+
+def test_cub_vgg_uses_the_original_square_resize():
+    from PIL import Image
+    x = build_model("vgg16_bn_cub").preprocess(Image.new("RGB", (300, 200), (255, 0, 0)))
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32  # squashed, not cropped: the whole image is kept
+    assert x[0].min() == 1.0 and x[1:].max() == 0.0

@@ -1,7 +1,11 @@
 """Training and caching of the small models (nbs/09_training.ipynb), on tiny data so that it runs in seconds."""
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
+from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from contrastive_explanations.training import (TrainConfig, cache_dir, cached_training, fingerprint, predict,
@@ -75,3 +79,91 @@ def test_cache_dir(monkeypatch, tmp_path):
     (tmp_path / "nbs").mkdir()
     monkeypatch.chdir(tmp_path / "nbs")
     assert cache_dir() == tmp_path / ".cache" / "models"
+
+
+# ---- fine-tuning at the paper's scale (run here on fixtures, a stand-in network and the CPU)
+from contrastive_explanations.training import (CUB_FINETUNE, FinetuneConfig, cub_eval_transform, cub_train_transform,
+                                               finetune, food101_train_transform, stratified_split, with_new_head)
+from hypothesis import given, settings, strategies as st
+
+
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=80), st.floats(0, 0.9), st.integers(0, 3))
+@settings(max_examples=50, deadline=None)
+def test_stratified_split_partitions_each_class(labels, fraction, seed):
+    tr, va = stratified_split(labels, fraction, seed)
+    assert sorted(tr + va) == list(range(len(labels))) and not set(tr) & set(va)
+    for c in set(labels):
+        n = labels.count(c)
+        held = sum(labels[i] == c for i in va)
+        assert held < n or n == 0  # every class keeps a training image
+        if fraction > 0 and n > 1:
+            assert held >= 1
+    assert stratified_split(labels, fraction, seed) == (tr, va)
+
+
+def test_stratified_split_bad_fraction():
+    with pytest.raises(ValueError, match="fraction"):
+        stratified_split([0, 1], 1.0)
+
+
+def test_original_cub_hyperparameters_and_transforms():
+    assert (CUB_FINETUNE.lr, CUB_FINETUNE.momentum, CUB_FINETUNE.weight_decay, CUB_FINETUNE.batch_size,
+            CUB_FINETUNE.epochs, CUB_FINETUNE.optimizer) == (1e-3, 0.9, 5e-4, 128, 200, "sgd")
+    from PIL import Image
+    im = Image.new("RGB", (300, 260), (200, 30, 30))
+    for tf in (cub_train_transform(), cub_eval_transform(), food101_train_transform()):
+        x = tf(im)
+        assert x.shape == (3, 224, 224) and 0 <= x.min() and x.max() <= 1
+
+
+def test_with_new_head_replaces_the_last_linear():
+    import torchvision
+    net = with_new_head(torchvision.models.vgg11(weights=None, num_classes=1000), 7)
+    assert net.classifier[6].out_features == 7 and net.classifier[0].out_features == 4096
+    vit = with_new_head(torchvision.models.VisionTransformer(32, 16, 1, 2, 16, 32, num_classes=1000), 5)
+    assert vit.heads.head.out_features == 5
+
+
+class _Stop(Exception):
+    pass
+
+
+def _fixture_run(tmp_path, config, log=None):
+    from contrastive_explanations.datasets import cub200, write_fixture
+    root = tmp_path / "data"
+    if not root.exists():
+        write_fixture("cub200", root, n_classes=3, per_class=6, size=(40, 40))
+    full = cub200(root, "train", cub_eval_transform(24))
+    tr, va = stratified_split(full.targets, 0.25)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    h = finetune(net, torch.utils.data.Subset(full, tr), torch.utils.data.Subset(full, va), config,
+                 tmp_path / "ckpt" / "net.pt", device="cpu", log=log)
+    return net, h
+
+
+def test_finetune_resumes_to_the_same_weights_and_keeps_the_best(tmp_path):
+    config = FinetuneConfig(epochs=3, batch_size=4, lr=0.05, weight_decay=1e-4, num_workers=0)
+    straight, h = _fixture_run(tmp_path / "a", config)
+    def stop_after_first(line):
+        if line.startswith("epoch 1/"):
+            raise _Stop
+    with pytest.raises(_Stop):
+        _fixture_run(tmp_path / "b", config, log=stop_after_first)
+    resumed, h2 = _fixture_run(tmp_path / "b", config, log=None)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert h["val_accuracy"] == h2["val_accuracy"] and h2["epoch"] == [1, 2, 3]
+    saved = torch.load(tmp_path / "a" / "ckpt" / "net.pt", weights_only=True)
+    assert json.loads(saved["history"])["val_accuracy"][-1] == max(h["val_accuracy"][:len(json.loads(saved["history"])["epoch"])])
+    assert h["best_val_accuracy"] == max(h["val_accuracy"])
+    assert not list((tmp_path / "a" / "ckpt").glob("*.tmp"))
+
+
+def test_finetune_refuses_to_resume_with_another_config(tmp_path):
+    config = FinetuneConfig(epochs=1, batch_size=4, lr=0.05, weight_decay=0.0, num_workers=0)
+    _fixture_run(tmp_path, config)
+    with pytest.raises(ValueError, match="another configuration"):
+        _fixture_run(tmp_path, FinetuneConfig(epochs=2, batch_size=4, lr=0.05, weight_decay=0.0, num_workers=0))
+    with pytest.raises(ValueError, match="optimizer"):
+        _fixture_run(tmp_path / "c", FinetuneConfig(epochs=1, batch_size=4, lr=0.05, weight_decay=0.0, optimizer="lion"))
