@@ -5,14 +5,22 @@
 # %% ../nbs/90_explorer.ipynb #8b76c592
 from __future__ import annotations
 
+import argparse
+import html
 import io
+import os
+import sys
+from pathlib import Path
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from PIL import Image
 
 # %% auto #0
-__all__ = ['figure_png', 'static_switcher']
+__all__ = ['METHODS', 'CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'figure_png', 'static_switcher', 'class_choices',
+           'comparison_figure', 'static_grid', 'grid_bytes', 'explain_all', 'static_explorer', 'parse_classes',
+           'explain_image', 'top_classes', 'LiveExplorer', 'main']
 
 # %% ../nbs/90_explorer.ipynb #969f2a41
 def figure_png(fig: Figure, # a matplotlib figure; it is closed afterwards
@@ -42,3 +50,328 @@ def static_switcher(pages: dict[str, bytes | widgets.Widget], # menu label -> PN
     stack = widgets.Stack(children, selected_index=0)
     widgets.jslink((menu, "index"), (stack, "selected_index"))
     return widgets.VBox([menu, stack])
+
+# %% ../nbs/90_explorer.ipynb #fe38d9e4
+from collections.abc import Callable, Sequence
+
+import torch
+from matplotlib.colors import CenteredNorm
+from torch import Tensor, nn
+
+from .cam import GradCAM, LinearApproximation, XGradCAM
+from .explain import Explanation, Method
+from .fullgrad import FullGrad
+from .gradient import Gradient
+from .vit import AttentionRollout, ViTGradCAM
+
+METHODS: dict[str, type[Method]] = {  # command-line name -> method; the menus show Method.name or the key
+    "gradient": Gradient, "linear_approximation": LinearApproximation, "gradcam": GradCAM, "xgradcam": XGradCAM,
+    "fullgrad": FullGrad, "vit_gradcam": ViTGradCAM, "rollout": AttentionRollout}
+CNN_METHODS = ("gradient", "linear_approximation", "gradcam", "xgradcam", "fullgrad")
+VIT_METHODS = ("gradient", "vit_gradcam", "rollout")
+COMPARED_TARGETS = ("original", "weighted", "mean", "max")
+
+
+def class_choices(k: int) -> dict[str, tuple[int, ...]]:
+    "Menu label -> ranks among the top k: each class alone, then the first two together."
+    ordinal = ["1st", "2nd", "3rd"] + [f"{i}th" for i in range(4, k + 1)]
+    choices = {f"{ordinal[i]} class": (i,) for i in range(k)}
+    if k >= 2:
+        choices["1st and 2nd"] = (0, 1)
+    return choices
+
+
+def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
+                      explanation: Explanation, # of this one image (batch of 1), classes (1, K), all targets
+                      ranks: Sequence[int] = (0,), # which of the K explained classes to draw, one row each
+                      class_names: Sequence[str] | None = None,
+                      title: str = "",
+                      size: float = 1.9, # inches per panel
+                     ) -> Figure:
+    "The image, then one signed map per target for each chosen class (bwr, centred on zero, over the image)."
+    maps = explanation.upsampled(tuple(image.shape[-2:]))[0].float()  # (K, T, H, W)
+    probs = explanation.logits[0].float().softmax(-1)
+    T = len(explanation.targets)
+    fig, axes = plt.subplots(len(ranks), T + 1, figsize=(size * (T + 1), size * len(ranks) + 0.3 * bool(title)),
+                             squeeze=False)
+    picture = image.permute(1, 2, 0).float().clamp(0, 1).numpy()
+    for row, k in zip(axes, ranks):
+        c = int(explanation.classes[0, k])
+        name = class_names[c] if class_names is not None else f"class {c}"
+        row[0].imshow(picture)
+        row[0].set_title(f"{name[:22]}\np = {probs[c]:.2f}", fontsize=8)
+        for ax, t, target in zip(row[1:], range(T), explanation.targets):
+            m = maps[k, t].numpy()
+            ax.imshow(picture)
+            ax.imshow(m, cmap="bwr", norm=CenteredNorm(halfrange=float(abs(m).max()) or 1.0), alpha=0.5)
+            ax.set_title(target, fontsize=8)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/90_explorer.ipynb #c9b223dc
+def static_grid(menus: dict[str, Sequence[str]], # menu label -> its options, in order
+                render: Callable[..., bytes], # render(**{menu: option}) -> PNG bytes, called once per combination
+               ) -> widgets.VBox:
+    "Menus linked in the browser to nested stacks of precomputed pictures, one per combination of options."
+    if not menus or any(len(options) == 0 for options in menus.values()):
+        raise ValueError(f"static_grid needs menus with at least one option each, got {dict(menus)!r}")
+    names = list(menus)
+    dropdowns = {n: widgets.Dropdown(options=list(menus[n]), index=0, description=n,
+                                     layout=widgets.Layout(width="auto")) for n in names}
+
+    def level(i: int, chosen: dict) -> widgets.Widget:
+        if i == len(names):
+            return widgets.Image(value=render(**chosen), format="png", layout=widgets.Layout(max_width="100%"))
+        stack = widgets.Stack([level(i + 1, {**chosen, names[i]: o}) for o in menus[names[i]]], selected_index=0)
+        widgets.jslink((dropdowns[names[i]], "index"), (stack, "selected_index"))
+        return stack
+
+    return widgets.VBox([widgets.HBox(list(dropdowns.values())), level(0, {})])
+
+
+def grid_bytes(grid: widgets.VBox) -> int:
+    "The total size of the PNGs a static_grid holds (its share of the page weight)."
+    def walk(w):
+        if isinstance(w, widgets.Image):
+            return len(w.value)
+        return sum(walk(c) for c in getattr(w, "children", ()))
+    return walk(grid.children[1])
+
+
+def explain_all(model: nn.Module, images: Tensor, # (B, 3, H, W) in [0, 1]
+                methods: Sequence[str], # keys of METHODS
+                k: int = 3, targets: Sequence[str] = COMPARED_TARGETS) -> dict[str, Explanation]:
+    "Each method's explanation of the top-k classes of every image under every target: one call per method."
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}: choose among {', '.join(METHODS)}")
+    with torch.no_grad():
+        top = model(images).topk(k, dim=1).indices
+    return {m: METHODS[m](model)(images, top, list(targets)) for m in methods}
+
+
+def static_explorer(images: Tensor, # (B, 3, H, W) in [0, 1]
+                    explanations: dict[str, Explanation], # method label -> explanation of all B images (see explain_all)
+                    image_labels: Sequence[str], # one menu entry per image
+                    class_names: Sequence[str] | None = None,
+                    dpi: int = 60,
+                   ) -> widgets.VBox:
+    "Menus for image, method and classes over precomputed comparison figures; works in the static book."
+    if len(image_labels) != len(images):
+        raise ValueError(f"image_labels has {len(image_labels)} entries for {len(images)} images: give one each")
+    k = next(iter(explanations.values())).classes.shape[1]
+    choices = class_choices(k)
+    index = {label: i for i, label in enumerate(image_labels)}
+
+    def render(Image, Method, Classes):
+        b, e = index[Image], explanations[Method]
+        one = Explanation(e.maps[b:b + 1], e.logits[b:b + 1], e.classes[b:b + 1], e.targets)
+        return figure_png(comparison_figure(images[b], one, choices[Classes], class_names), dpi=dpi)
+
+    return static_grid({"Image": list(image_labels), "Method": list(explanations), "Classes": list(choices)}, render)
+
+# %% ../nbs/90_explorer.ipynb #4e25cd69
+def _read_image(source: str | os.PathLike | bytes) -> Image.Image:
+    "An RGB PIL image from a path or file bytes; clear errors for a missing path or a file that is not an image."
+    from contrastive_explanations.datasets import ImageReadError, read_rgb
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        try:
+            return read_rgb(io.BytesIO(bytes(source)))
+        except ImageReadError as e:
+            raise ValueError(f"the uploaded file is not an image PIL can read ({e}): upload a PNG or JPEG") from None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no image at {path}: give the path of a PNG or JPEG file")
+    try:
+        return read_rgb(path)
+    except ImageReadError as e:
+        raise ValueError(f"{path} is not an image PIL can read ({e}): give a PNG or JPEG file") from None
+
+
+def parse_classes(text: str, num_classes: int) -> list[int] | None:
+    "'' or 'top' -> None (the top-k); '281, 285' -> [281, 285], each checked against the number of classes."
+    text = text.strip()
+    if text in ("", "top"):
+        return None
+    try:
+        classes = [int(c) for c in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"classes must be class indices separated by commas, e.g. '281, 285', got {text!r}") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"class indices {bad} are outside [0, {num_classes}): the model has {num_classes} classes")
+    return classes
+
+
+def explain_image(model: nn.Module, # an ImageClassifier (with .preprocess and .categories)
+                  image: Image.Image,
+                  method: str = "gradcam",
+                  targets: Sequence[str] = COMPARED_TARGETS,
+                  classes: Sequence[int] | None = None, # None: the top-k
+                  k: int = 3,
+                 ) -> tuple[Tensor, Explanation]:
+    "Preprocess one image and explain the chosen (or top-k) classes under each target: (x (3, H, W), explanation)."
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose among {', '.join(METHODS)}")
+    x = model.preprocess(image)[None]
+    if classes is None:
+        with torch.no_grad():
+            classes = model(x).topk(k, dim=1).indices[0].tolist()
+    return x[0], METHODS[method](model)(x, torch.tensor([list(classes)]), list(targets))
+
+
+def top_classes(explanation: Explanation, class_names: Sequence[str], k: int = 5) -> list[dict]:
+    "The k most probable classes of the (single) explained image, with names and probabilities."
+    p = explanation.logits[0].float().softmax(-1)
+    values, indices = p.topk(min(k, len(p)))
+    return [{"class": int(i), "name": class_names[int(i)], "probability": round(float(v), 6)}
+            for v, i in zip(values, indices)]
+
+
+class LiveExplorer:
+    "Explain any image with any registered model, method and targets, live in Jupyter; save the figure."
+
+    def __init__(self, models: dict[str, Callable[[], nn.Module]] | None = None, # name -> model factory
+                 k: int = 3):
+        from contrastive_explanations.models import MODELS
+        self.factories = dict(models) if models is not None else {"efficientnet_lite0": MODELS["efficientnet_lite0"]}
+        self.k, self._models, self.figure, self.result = k, {}, None, None
+        self.upload = widgets.FileUpload(accept="image/*", multiple=False, description="Upload")
+        self.path = widgets.Text(placeholder="or a path: photos/cat.jpg", description="Image")
+        self.model = widgets.Dropdown(options=list(self.factories), description="Model")
+        self.method = widgets.Dropdown(options=list(METHODS), value="gradcam", description="Method")
+        self.targets = widgets.SelectMultiple(options=list(COMPARED_TARGETS) + ["weighted_log"],
+                                              value=list(COMPARED_TARGETS), description="Targets")
+        self.classes = widgets.Text(value="top", description="Classes", placeholder="top, or 281, 285")
+        self.run = widgets.Button(description="Explain", button_style="primary")
+        self.save_path = widgets.Text(value="explanation.png", description="Save as")
+        self.save = widgets.Button(description="Save figure")
+        self.status = widgets.HTML()
+        self.output = widgets.Output()
+        self.run.on_click(lambda _: self.explain())
+        self.save.on_click(lambda _: self.save_figure())
+        self.widget = widgets.VBox([widgets.HBox([self.upload, self.path]), widgets.HBox([self.model, self.method]),
+                                    widgets.HBox([self.targets, self.classes]), widgets.HBox([self.run]),
+                                    self.status, self.output, widgets.HBox([self.save_path, self.save])])
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
+    def get_model(self, name: str) -> nn.Module:
+        if name not in self._models:
+            self._models[name] = self.factories[name]().eval()
+        return self._models[name]
+
+    def _source(self):
+        if self.upload.value:
+            return bytes(self.upload.value[0]["content"])
+        if self.path.value.strip():
+            return self.path.value.strip()
+        raise ValueError("no image: upload one, or type its path in the Image box")
+
+    def explain(self) -> Figure | None:
+        "Compute and show the figure for the current settings; errors are shown in the status line."
+        try:
+            model = self.get_model(self.model.value)
+            image = _read_image(self._source())
+            if not self.targets.value:
+                raise ValueError("no target selected: pick at least one in the Targets list")
+            classes = parse_classes(self.classes.value, len(model.categories))
+            x, e = explain_image(model, image, self.method.value, self.targets.value, classes, self.k)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            self.status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            return None
+        if self.figure is not None:
+            plt.close(self.figure)
+        self.figure = comparison_figure(x, e, range(e.classes.shape[1]), model.categories,
+                                        f"{self.model.value}, {self.method.value}")
+        self.result = top_classes(e, model.categories)
+        self.status.value = "top classes: " + ", ".join(f"{r['name']} ({r['probability']:.2f})" for r in self.result)
+        self.output.clear_output(wait=True)
+        with self.output:
+            from IPython.display import display
+            display(self.figure)
+        return self.figure
+
+    def save_figure(self) -> Path | None:
+        "Save the last figure as PNG at the 'Save as' path (atomically)."
+        if self.figure is None:
+            self.status.value = "nothing to save yet: press Explain first"
+            return None
+        path = Path(self.save_path.value).expanduser()
+        _save_png(self.figure, path)
+        self.status.value = f"saved {html.escape(str(path))}"
+        return path
+
+
+def _save_png(fig: Figure, path: Path, dpi: int = 120) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+# %% ../nbs/90_explorer.ipynb #f4081493
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="contrastive-explain",
+        description="Explain why a classifier picks a class over the others: for each image, one figure with the "
+                    "original (logit) and contrastive (softmax: weighted, mean, max) maps of the chosen classes, "
+                    "and a JSON file with the top classes.",
+        epilog="Example: contrastive-explain cat.jpg --method gradcam --top-k 2 --out-dir out/")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--model", default="efficientnet_lite0",
+                   help="a registered model (default: efficientnet_lite0, offline); see contrastive_explanations.models")
+    p.add_argument("--checkpoint", help="checkpoint file for the fine-tuned models (vgg16_bn_cub, vit_b_16_food101)")
+    p.add_argument("--method", default="gradcam", choices=list(METHODS), help="explanation method (default: gradcam)")
+    p.add_argument("--targets", nargs="+", default=list(COMPARED_TARGETS), metavar="TARGET",
+                   help="targets to compare (default: original weighted mean max)")
+    p.add_argument("--classes", nargs="+", type=int, metavar="C", help="class indices to explain (default: top-k)")
+    p.add_argument("--top-k", type=int, default=2, help="how many top classes to explain (default 2)")
+    p.add_argument("--out-dir", default=".", help="where to write NAME.png and NAME.json (default: here)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    "Command-line entry point; returns the exit status (2 for bad input)."
+    args = _parser().parse_args(argv)
+    from contrastive_explanations.contrast import TARGETS
+    from contrastive_explanations.models import MODELS, build_model
+    try:
+        bad = [t for t in args.targets if t not in TARGETS]
+        if bad:
+            raise ValueError(f"unknown target(s) {bad}: choose among {', '.join(TARGETS)}")
+        if args.top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+        images = [(Path(p), _read_image(p)) for p in args.images]  # every input checked before any output
+        kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+        model = build_model(args.model, **kwargs)
+        if args.classes is not None:
+            parse_classes(" ".join(map(str, args.classes)), len(model.categories))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out_dir)
+    for path, image in images:
+        x, e = explain_image(model, image, args.method, args.targets, args.classes, args.top_k)
+        fig = comparison_figure(x, e, range(e.classes.shape[1]), model.categories, f"{path.name}: {args.model}, {args.method}")
+        _save_png(fig, out / f"{path.stem}.png")
+        plt.close(fig)
+        report = {"image": str(path), "model": args.model, "method": args.method, "targets": list(args.targets),
+                  "explained": e.classes[0].tolist(), "top": top_classes(e, model.categories)}
+        from contrastive_explanations.results import write_json
+        write_json(out / f"{path.stem}.json", report)
+        print(f"{path}: {report['top'][0]['name']} ({report['top'][0]['probability']:.2f}) -> {out / path.stem}.png")
+    return 0
+
+
+if __name__ == "__main__" and "__file__" in globals():  # run as a module, not in the notebook
+    from contrastive_explanations.explorer import main as _main
+    sys.exit(_main())

@@ -51,3 +51,155 @@ def test_switcher_refuses_bad_pages():
         static_switcher({})
     with pytest.raises(TypeError, match="page 'x' is a str: pass PNG bytes"):
         static_switcher({"x": "picture.png"})
+
+
+# ---- the static grid, the live explorer and the command line
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+
+from contrastive_explanations.explorer import (LiveExplorer, class_choices, comparison_figure,  # noqa: E402
+                                               explain_all, grid_bytes, main, parse_classes, static_explorer,
+                                               static_grid)
+from contrastive_explanations.models import ImageClassifier, pixel_preprocess  # noqa: E402
+
+
+def tiny_classifier(classes: int = 5) -> ImageClassifier:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+    return ImageClassifier("tiny", net, [0.5] * 3, [0.25] * 3, [f"c{i}" for i in range(classes)],
+                           pixel_preprocess(24, 24), default_layer="net.2").eval()
+
+
+def links(box) -> list:
+    from ipywidgets.widgets.widget_link import Link
+    from ipywidgets.widgets.widget import _instances
+    return [w for w in list(_instances.values()) if isinstance(w, Link)
+            and any(w.source[0] is d for d in box.children[0].children)]
+
+
+def test_static_grid_one_picture_per_combination_each_menu_linked():
+    calls = []
+    def render(A, B):
+        calls.append((A, B))
+        return png(["red", "blue", "green"][len(calls) % 3])
+    grid = static_grid({"A": ["a1", "a2"], "B": ["b1", "b2", "b3"]}, render)
+    assert sorted(calls) == [(a, b) for a in ("a1", "a2") for b in ("b1", "b2", "b3")]
+    menus, stack = grid.children
+    assert [m.description for m in menus.children] == ["A", "B"] and len(stack.children) == 2
+    assert all(len(s.children) == 3 for s in stack.children)
+    assert len(links(grid)) == 1 + 2  # the first menu to the outer stack, the second to each inner stack
+    assert grid_bytes(grid) == sum(len(i.value) for s in stack.children for i in s.children)
+    with pytest.raises(ValueError, match="at least one option"):
+        static_grid({"A": []}, render)
+
+
+def test_class_choices():
+    assert class_choices(3) == {"1st class": (0,), "2nd class": (1,), "3rd class": (2,), "1st and 2nd": (0, 1)}
+    assert class_choices(1) == {"1st class": (0,)}
+
+
+def test_static_explorer_on_a_tiny_model():
+    model = tiny_classifier()
+    x = torch.rand(2, 3, 24, 24)
+    e = explain_all(model, x, ["gradcam", "gradient"], k=2)
+    assert e["gradcam"].maps.shape == (2, 2, 4, 24, 24) and e["gradient"].targets == ("original", "weighted", "mean", "max")
+    box = static_explorer(x, e, ["one", "two"], model.categories, dpi=30)
+    menus, stack = box.children
+    assert [list(m.options) for m in menus.children] == [["one", "two"], ["gradcam", "gradient"],
+                                                        list(class_choices(2))]
+    pictures = [bytes(i.value) for s in stack.children for m in s.children for i in m.children]
+    assert len(pictures) == 2 * 2 * 3 and len(set(pictures)) == len(pictures), "every choice draws another picture"
+    with pytest.raises(ValueError, match="image_labels"):
+        static_explorer(x, e, ["one"])
+    with pytest.raises(ValueError, match="unknown method"):
+        explain_all(model, x, ["gradcamm"])
+
+
+def test_comparison_figure_rows_and_titles():
+    model = tiny_classifier()
+    x = torch.rand(1, 3, 24, 24)
+    e = explain_all(model, x, ["gradcam"], k=3)["gradcam"]
+    fig = comparison_figure(x[0], e, (0, 2), model.categories)
+    titles = [ax.get_title() for ax in fig.axes]
+    p = e.logits[0].softmax(-1)
+    c0 = int(e.classes[0, 0])
+    assert len(fig.axes) == 2 * 5 and titles[0] == f"c{c0}\np = {p[c0]:.2f}" and titles[1:5] == list(e.targets)
+    plt.close(fig)
+
+
+def test_parse_classes():
+    assert parse_classes("top", 10) is None and parse_classes(" ", 10) is None
+    assert parse_classes("3, 7 1", 10) == [3, 7, 1]
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        parse_classes("3, 10", 10)
+    with pytest.raises(ValueError, match="separated by commas"):
+        parse_classes("cat", 10)
+
+
+def _png_file(path, size=(30, 20)):
+    Image.new("RGB", size, (200, 40, 40)).save(path)
+    return path
+
+
+def test_live_explorer_driven_from_python(tmp_path):
+    live = LiveExplorer({"tiny": tiny_classifier}, k=2)
+    assert live.explain() is None and "no image" in live.status.value
+    live.path.value = str(tmp_path / "missing.png")
+    assert live.explain() is None and "no image at" in live.status.value
+    (tmp_path / "notes.txt").write_text("not an image")
+    live.path.value = str(tmp_path / "notes.txt")
+    assert live.explain() is None and "not an image" in live.status.value
+    live.path.value = str(_png_file(tmp_path / "red.png"))
+    live.classes.value = "1, 4"
+    live.targets.value = ("original", "weighted")
+    fig = live.explain()
+    assert fig is not None and len(fig.axes) == 2 * 3 and "top classes" in live.status.value
+    first = bytes(figure_png(fig))
+    live.method.value = "gradient"
+    assert bytes(figure_png(live.explain())) != first
+    live.save_path.value = str(tmp_path / "out" / "fig.png")
+    assert live.save_figure() == tmp_path / "out" / "fig.png"
+    assert (tmp_path / "out" / "fig.png").read_bytes().startswith(b"\x89PNG")
+    buffer = __import__("io").BytesIO()
+    Image.new("RGB", (16, 16), (0, 90, 200)).save(buffer, format="PNG")
+    live.upload.value = ({"name": "up.png", "type": "image/png", "size": len(buffer.getvalue()),
+                          "content": memoryview(buffer.getvalue()),
+                          "last_modified": __import__("datetime").datetime(2026, 1, 1)},)
+    live.classes.value = "top"
+    assert live.explain() is not None and len(live.result) == 5
+    live.classes.value = "9"
+    assert live.explain() is None and "outside" in live.status.value
+
+
+def test_cli_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--method" in out and "original (logit) and contrastive" in out
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    good = _png_file(tmp_path / "good.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    for args, word in (([str(good), str(tmp_path / "nope.jpg")], "no image at"),
+                       ([str(good), str(tmp_path / "notes.txt")], "not an image"),
+                       ([str(good), "--targets", "weighted", "banana"], "unknown target"),
+                       ([str(good), "--model", "resnet1"], "unknown model"),
+                       ([str(good), "--classes", "1000"], "outside [0, 1000)")):
+        assert main([*args, "--out-dir", str(tmp_path / "out")]) == 2, args
+        assert word in capsys.readouterr().err, args
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_writes_a_figure_and_the_top_classes(tmp_path, capsys):
+    import skimage.data
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "chelsea.jpg")
+    assert main([str(tmp_path / "chelsea.jpg"), "--top-k", "2", "--out-dir", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "chelsea.json").read_text())
+    assert (tmp_path / "out" / "chelsea.png").read_bytes().startswith(b"\x89PNG")
+    assert report["explained"] == [t["class"] for t in report["top"][:2]] and "cat" in report["top"][0]["name"]
+    assert abs(sum(t["probability"] for t in report["top"])) <= 1.0 + 1e-6
