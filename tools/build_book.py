@@ -5,6 +5,7 @@
 1. Reads `params/<profile>.yaml`; each notebook receives only the parameters its `parameters` cell declares.
 2. Executes `nbs/NAME.ipynb` for every `executed/NAME` entry of `_toc.yml` into `executed/NAME.ipynb` (git-ignored).
    A copy whose notebook, parameters, package and pins are unchanged since its last run is kept (`--force` redoes it).
+   Chapters whose notebook metadata says `book: {reads_results: true}` run last, and again whenever another ran.
 3. Builds the Jupyter Book with warnings as errors into `_build/staging`, and only on success moves it to
    `_build/html`, so a failed run never leaves a book that looks good. Timings go to `_build/timings-<profile>.json`.
 """
@@ -88,6 +89,15 @@ def toc_chapters(root: Path) -> list[str]:
     if missing:
         raise BuildError(f"_toc.yml lists {', '.join(missing)} but nbs/ has no such notebook: add it or fix _toc.yml")
     return chapters
+
+
+def reads_results(root: Path, chapter: str) -> bool:
+    "Whether a chapter quotes other chapters' results (notebook metadata `book: reads_results: true`).
+
+    Such chapters (the first page's provenance, the claims table) run after all the others, and again whenever
+    any other chapter ran."
+    meta = json.loads((root / "nbs" / f"{chapter}.ipynb").read_text()).get("metadata", {})
+    return bool(meta.get("book", {}).get("reads_results"))
 
 
 def build_key(root: Path, nb: Path, params: dict) -> str:
@@ -200,9 +210,12 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         (root / EXECUTED).mkdir(exist_ok=True)
         timings = {}
         print(f"==> executing {len(chapters)} chapters with papermill, profile {args.profile!r}", flush=True)
-        for i, chapter in enumerate(chapters, 1):
+        readers = [c for c in chapters if reads_results(root, c)]
+        any_ran = False
+        for i, chapter in enumerate([c for c in chapters if c not in readers] + readers, 1):
             print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb ...", end=" ", flush=True)
-            seconds, ran = execute(root, chapter, profile, args.force)
+            seconds, ran = execute(root, chapter, profile, args.force or (chapter in readers and any_ran))
+            any_ran |= ran
             timings[chapter] = {"seconds": seconds, "reused": not ran}
             print(f"{seconds:.1f} s" if ran else f"unchanged, kept (it ran in {seconds:.1f} s)", flush=True)
         if args.no_html:
