@@ -1,6 +1,6 @@
-"The methods on a GPU: the same maps as on the CPU, in float32 and bfloat16, and the model left as it was.
+"""The methods on a GPU: the same maps as on the CPU, in float32 and bfloat16, and the model left as it was.
 
-Skipped where no CUDA device is present (the CI machine has none); run `pytest -m gpu` on a GPU machine."
+Skipped where no CUDA device is present (the CI machine has none); run `pytest -m gpu` on a GPU machine."""
 from __future__ import annotations
 
 import pytest
