@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 __all__ = ['PACKAGES', 'EXPERIMENTS', 'write_atomic', 'write_json', 'write_arrays', 'read_arrays', 'project_root', 'git_commit',
            'package_versions', 'code_version', 'device_name', 'provenance', 'Experiment', 'shard_range', 'shard_path',
            'ResultsMismatchError', 'compute_shard', 'merge', 'run', 'load_results', 'results_dir', 'find_experiment',
-           'profile_params', 'accepted', 'main']
+           'profile_params', 'accepted', 'reference_table', 'main']
 
 # %% ../nbs/10_results.ipynb #bf68bdc9
 def write_atomic(path: str | os.PathLike, # the file to (over)write
@@ -344,6 +344,17 @@ def accepted(cls: type, params: dict) -> dict:
     "The entries of `params` that `cls.__init__` takes."
     names = inspect.signature(cls.__init__).parameters
     return {k: v for k, v in params.items() if k in names}
+
+
+def reference_table(name: str, # e.g. 'review_figure1' (a file in the project's reference/ folder)
+                    root: str | os.PathLike | None = None) -> pd.DataFrame:
+    "The review's published numbers, from reference/NAME.csv in the project (its '#' lines are comments)."
+    root = Path(root) if root else project_root() or Path.cwd()
+    path = root / "reference" / (name if name.endswith(".csv") else f"{name}.csv")
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (root / "reference").glob("*.csv"))) or "none"
+        raise FileNotFoundError(f"no reference table {path}: the project's reference/ folder holds {known}")
+    return pd.read_csv(path, comment="#")
 
 # %% ../nbs/10_results.ipynb #b6ed162e
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,361 @@
+"""Tests of the feature-masking experiment (nbs/12_activation.ipynb): the relative probability, which pixels each rule
+keeps (ours and the review's, off-by-one included), the baselines, one explanation call per method, the paper
+profile's errors, bad arguments, and a sharded, resumed run equal to a single one."""
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision.transforms.v2 as T
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from contrastive_explanations.datasets import DatasetNotFoundError, write_fixture
+from contrastive_explanations.fullgrad import FullGrad
+from contrastive_explanations.masking import (BASELINES, EXPLANATIONS, FEATURES, METHODS, PAPER_CHECKPOINT, VARIANTS,
+                                              FeatureMasking, baseline_images, blur_settings, explain_pairs,
+                                              figure_maps, keep_masks, kept_range, masking_scores, normalised_zero,
+                                              pixel_ranks, relative_probability, sign_counts)
+from contrastive_explanations.results import run
+
+
+def tiny_net(seed: int = 0, classes: int = 5) -> nn.Module:
+    "A small random CNN in float64, with batch norm statistics and a sharpened head (some images confident)."
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes)).double().eval()
+    net[1].running_mean.uniform_(-0.3, 0.3)
+    with torch.no_grad():  # larger weights: probabilities that differ from image to image
+        net[0].weight.mul_(5)
+        net[3].weight.mul_(5)
+        net[-1].weight.mul_(4)
+    return net
+
+
+def tiny_images(n: int = 24, size: int = 12, seed: int = 0) -> torch.Tensor:
+    "uint8 images: a random colour each, with noise."
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, 1, 1, generator=g) * 255
+    return (base + 25 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 255).round().to(torch.uint8)
+
+
+def tiny_experiment(**kwargs) -> FeatureMasking:
+    args = dict(model=tiny_net(), images=tiny_images(), layer="3", n_images=3, batch_size=4, threshold=0.1)
+    return FeatureMasking(**(args | kwargs))
+
+
+# --- Eq. eq-relative -------------------------------------------------------------------------------------------
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-40, 40), min_size=3, max_size=8), st.data())
+def test_relative_probability_formula(values, data):
+    logits = torch.tensor([values], dtype=torch.float64)
+    i, j = data.draw(st.lists(st.integers(0, len(values) - 1), min_size=2, max_size=2, unique=True))
+    r = relative_probability(logits, torch.tensor([[i, j]]))
+    y = logits[0]
+    assert torch.allclose(r[0, 0], y[i].exp() / (y[i].exp() + y[j].exp()))
+    assert torch.allclose(r[0, 1], torch.sigmoid(y[j] - y[i]))
+    assert torch.allclose(r.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_relative_probability_batched_and_no_overflow():
+    logits = torch.tensor([[500.0, 499.0, 0.0], [0.0, 1.0, 2.0]])  # exp(500) overflows float32
+    r = relative_probability(logits, torch.tensor([[0, 1], [2, 0]]))
+    assert torch.isfinite(r).all()
+    assert torch.allclose(r[0], torch.sigmoid(torch.tensor([1.0, -1.0])))
+    assert torch.allclose(r[1], torch.sigmoid(torch.tensor([2.0, -2.0])))
+
+
+@pytest.mark.parametrize("pair, match", [(torch.tensor([[0.0, 1.0]]), "pair"), (torch.tensor([[0, 1, 2]]), "pair"),
+                                         (torch.tensor([0, 1]), "pair")])
+def test_relative_probability_bad_pair(pair, match):
+    with pytest.raises(ValueError, match=match):
+        relative_probability(torch.zeros(1, 4), pair)
+    with pytest.raises(TypeError, match="logits"):
+        relative_probability(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[0, 1]]))
+
+
+# --- Eqs. eq-ranks, eq-keep-ours, eq-keep-review -------------------------------------------------------------
+
+ORI = torch.tensor([[[3.0, -1.0, 2.0], [0.5, -2.0, 0.0]]])  # P = 3, M = 2
+WTD = torch.tensor([[[-1.0, 4.0, -3.0], [1.0, -0.5, 0.0]]])  # P = 2, M = 3
+
+
+def masks(features, variant):
+    return [k[0].int().tolist() for k in keep_masks(ORI, WTD, features, variant)]
+
+
+def test_ranks_hand_made():
+    assert pixel_ranks(ORI).tolist() == [[5, 1, 4, 3, 0, 2]]
+    assert pixel_ranks(WTD).tolist() == [[1, 5, 0, 4, 2, 3]]
+    assert pixel_ranks(torch.zeros(1, 2, 2)).tolist() == [[0, 1, 2, 3]]  # ties by position
+
+
+def test_our_rule_hand_made():
+    # n+ = min(3, 2) = 2: the two largest values of each map, all positive
+    assert masks("pos", "ours") == [[[1, 0, 1], [0, 0, 0]], [[0, 1, 0], [1, 0, 0]]]
+    # n- = min(2, 3) = 2: the two smallest values of each map, all negative
+    assert masks("neg", "ours") == [[[0, 1, 0], [0, 1, 0]], [[1, 0, 1], [0, 0, 0]]]
+
+
+def test_review_rule_hand_made():
+    # m+ = min(3, 2) = 2: the review replaces the 2 lowest-ranked pixels and keeps N - m+ = 4, zeros and negatives too
+    assert masks("pos", "review") == [[[1, 0, 1], [1, 0, 1]], [[0, 1, 0], [1, 1, 1]]]
+    # m- = max(2, 3) = 3: it replaces the ranks above N - m- = 3, i.e. m- - 1 = 2 pixels, and keeps N - m- + 1 = 4
+    assert masks("neg", "review") == [[[0, 1, 0], [1, 1, 1]], [[1, 0, 1], [0, 1, 1]]]
+    assert [int(k.sum()) for k in keep_masks(ORI, WTD, "neg", "review")] == [6 - 3 + 1] * 2
+    # no negative pixel at all: m- = 0 and nothing is replaced
+    pos = torch.ones(1, 2, 3)
+    assert all(bool(k.all()) for k in keep_masks(pos, pos, "neg", "review"))
+
+
+def review_equal_blur_masks(s1, s2, mode):
+    "The review's index arithmetic for (H, W) maps: 1 = kept, 0 = replaced (a transcription used as an oracle)."
+    N = s1.numel()
+    count = (lambda s: (s > 0).float().sum()) if mode == "positive" else (lambda s: (s < 0).float().sum())
+    n_mask = min(count(s1), count(s2)) if mode == "positive" else max(count(s1), count(s2))
+    out = []
+    for s in (s1, s2):
+        rank = s.view(-1, N).argsort().argsort()
+        mask = torch.ones_like(rank)
+        mask[(rank < n_mask) if mode == "positive" else (rank > N - n_mask)] = 0
+        out.append(mask.view(s.shape).bool())
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 3), st.integers(1, 6), st.integers(1, 6))
+def test_rules_properties(seed, B, H, W):
+    g = torch.Generator().manual_seed(seed)
+    tied = [torch.randint(-2, 3, (B, H, W), generator=g).double() for _ in range(2)]  # many ties
+    smooth = [torch.randn(B, H, W, generator=g, dtype=torch.float64) for _ in range(2)]  # none
+    N = H * W
+    for (o, w), features in itertools.product((tied, smooth), FEATURES):
+        sign = 1 if features == "pos" else -1
+        count_o, count_w = sign_counts(o, features), sign_counts(w, features)
+        # ours: equal n for both maps, n = the smaller count, every kept pixel of the kept sign
+        keeps = keep_masks(o, w, features, "ours")
+        n = torch.minimum(count_o, count_w)
+        for m, keep in zip((o, w), keeps):
+            assert torch.equal(keep.flatten(1).sum(1), n)
+            assert ((m * sign)[keep] > 0).all()
+        # the review's: equal counts for both maps, N - m+ and min(N, N - m- + 1) (Eq. eq-review-counts)
+        keeps = keep_masks(o, w, features, "review")
+        expected = N - torch.minimum(count_o, count_w) if features == "pos" else \
+            (N - torch.maximum(count_o, count_w) + 1).clamp(max=N)
+        for keep in keeps:
+            assert torch.equal(keep.flatten(1).sum(1), expected)
+        lo, hi = kept_range(o, w, features, "review")
+        assert torch.equal(hi - lo, expected)
+    o, w = smooth  # and the very same pixels as the review's own index arithmetic
+    for features, mode in (("pos", "positive"), ("neg", "negative")):
+        ours = keep_masks(o, w, features, "review")
+        for b in range(B):
+            theirs = review_equal_blur_masks(o[b], w[b], mode)
+            assert torch.equal(ours[0][b], theirs[0]) and torch.equal(ours[1][b], theirs[1])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(features="both"), ValueError, "features"), (dict(variant="paper"), ValueError, "variant"),
+    (dict(wtd=torch.zeros(1, 2, 4)), ValueError, "same shape"), (dict(ori=torch.zeros(2, 3)), ValueError, r"\(B, H, W\)"),
+    (dict(ori=np.zeros((1, 2, 3))), TypeError, "ori")])
+def test_keep_masks_bad_arguments(kwargs, error, match):
+    args = dict(ori=ORI, wtd=WTD, features="pos", variant="ours") | kwargs
+    with pytest.raises(error, match=match):
+        keep_masks(**args)
+
+
+# --- baselines: Eqs. eq-blur-scale, eq-zeros-review -------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.integers(2, 40))
+def test_blur_of_a_constant_image_is_constant(r, g, b, size):
+    x = torch.tensor([r, g, b], dtype=torch.float64).view(1, 3, 1, 1).expand(2, 3, size, size).contiguous()
+    fills = baseline_images(x)
+    assert torch.allclose(fills[:, 0], x)  # blur
+    assert (fills[:, 1] == 0).all()  # zeros: black
+    assert torch.allclose(fills[:, 2], x)  # mean
+
+
+def test_baselines():
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    colour = torch.tensor([0.2, 0.4, 0.6])
+    fills = baseline_images(x, colour)
+    assert fills.shape == (3, len(BASELINES), 3, 16, 16)
+    assert torch.allclose(fills[:, 1], colour.view(1, 3, 1, 1).expand_as(x))
+    assert torch.allclose(fills[:, 2], x.mean((2, 3), keepdim=True).expand_as(x))
+    assert not torch.allclose(fills[:, 0], x) and torch.allclose(fills[:, 0].mean((2, 3)), x.mean((2, 3)), atol=0.05)
+
+
+def test_blur_settings():
+    assert blur_settings(224) == (101, 15.0)
+    k, sigma = blur_settings(64)
+    assert k == 29 and sigma == pytest.approx(15 * 64 / 224)
+    assert blur_settings(112) == (51, 7.5)
+    assert blur_settings(8, (8, 101, 15.0)) == (15, 15.0)  # capped at 2 size - 1: reflection needs padding < size
+    for size in (2, 5, 16, 64, 224, 500):
+        k, _ = blur_settings(size)
+        assert k % 2 == 1 and (k - 1) // 2 < size
+    for bad in (1, 0, 64.0, True, "64"):
+        with pytest.raises(ValueError, match="size"):
+            blur_settings(bad)
+
+
+def test_normalised_zero():
+    class Normalised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+            self.net = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return self.net(self.normalize(x))
+
+    model = Normalised()
+    z = normalised_zero(model)
+    assert torch.allclose(model.normalize(z.view(1, 3, 1, 1).expand(1, 3, 2, 2)), torch.zeros(1, 3, 2, 2), atol=1e-6)
+    images = tiny_images(5, 4)
+    expected = images.double().mean((0, 2, 3)) / 255
+    assert torch.allclose(normalised_zero(tiny_net(), images).double(), expected, atol=1e-6)
+    assert torch.allclose(normalised_zero(tiny_net(), images.double() / 255).double(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="images"):
+        normalised_zero(tiny_net())
+
+
+# --- Eq. eq-perturbed, batched ----------------------------------------------------------------------------------
+
+def test_masking_scores_equal_one_perturbation_at_a_time():
+    net, x = tiny_net(), torch.rand(2, 3, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        pair = net(x).topk(2).indices
+    maps, _ = explain_pairs({"LA": METHODS["LA"](net, "3")}, x, pair)
+    fills = torch.stack([baseline_images(x), baseline_images(x, normalised_zero(net, x))], 1)
+    r, kept = masking_scores(net, x, pair, maps["LA"], fills, forward_batch=7)
+    assert r.shape == (2, 2, len(VARIANTS), len(FEATURES), 2, len(BASELINES)) and kept.shape == (2, 2, 2, 2)
+    for k, v, f, e, j in itertools.product(range(2), range(2), range(2), range(2), range(3)):
+        keep = keep_masks(maps["LA"][:, k, 0], maps["LA"][:, k, 1], FEATURES[f], VARIANTS[v])[e]
+        image = torch.where(keep[:, None], x, fills[:, v, j])
+        with torch.no_grad():
+            expected = relative_probability(net(image), pair)[:, k]
+        assert torch.allclose(r[:, k, v, f, e, j], expected)
+        assert torch.equal(kept[:, k, v, f], keep.flatten(1).sum(1))
+    with pytest.raises(ValueError, match="fills"):
+        masking_scores(net, x, pair, maps["LA"], fills[:, :1])
+
+
+def test_maps_are_computed_once_per_method():
+    experiment = tiny_experiment()
+    calls = {}
+
+    class Counting:
+        def __init__(self, name, method):
+            self.name, self.method = name, method
+
+        def __call__(self, x, classes, targets):
+            calls.setdefault(self.name, []).append((tuple(classes.shape), list(targets)))
+            return self.method(x, classes, targets)
+
+    experiment.methods = {name: Counting(name, m) for name, m in experiment.methods.items()}
+    items = list(range(len(experiment)))
+    rows = experiment.rows(items)
+    B = len(items)
+    assert calls == {name: [((B, 2), list(EXPLANATIONS))] for name in METHODS}
+    assert len(rows) == B * len(METHODS) * 2 * len(VARIANTS) * len(BASELINES) * len(FEATURES)
+    table = pd.DataFrame(rows)
+    assert set(table["variant"]) == set(VARIANTS) and set(table["features"]) == set(FEATURES)
+    assert table[["clean", "ori", "wtd"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert table["kept"].between(0, 1).all()
+
+
+# --- the experiment: selection, errors, shards ------------------------------------------------------------------
+
+def test_selection():
+    experiment = tiny_experiment()
+    groups = [item[-1] for item in experiment.items]
+    assert set(groups) == {"ambiguous", "confident"} and all(groups.count(g) == 3 for g in set(groups))
+    assert groups == sorted(groups)  # ambiguous first
+    for item in experiment.items:
+        index, t1, t2, p1, p2, group = item
+        assert p1 >= p2 and t1 != t2 and (p2 > 0.1) == (group == "ambiguous")
+    assert [i[0] for i in experiment.items] == [i[0] for i in tiny_experiment().items]  # the seed decides
+    picked = experiment.sample("ambiguous", 2)
+    assert len(picked) == 2 and all(experiment.items[i][-1] == "ambiguous" for i in picked)
+    assert picked == experiment.sample("ambiguous", 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(profile="bogus"), "profile"), (dict(n_images=0), "n_images"), (dict(n_images=2.5), "n_images"),
+    (dict(threshold=0.7), "threshold"), (dict(threshold="0.1"), "threshold"), (dict(batch_size=0), "batch_size"),
+    (dict(forward_batch=-1), "forward_batch"), (dict(images=None), "together"),
+    (dict(images=torch.zeros(4, 12, 12)), "images")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_experiment(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_cuda_without_gpu():
+    with pytest.raises(ValueError, match="device"):
+        tiny_experiment(device="cuda")
+
+
+def test_paper_profile_without_data(tmp_path):
+    out = tmp_path / "results"
+    with pytest.raises(DatasetNotFoundError, match="data_root"):
+        run(FeatureMasking(profile="paper", data_root=""), out)
+    with pytest.raises(DatasetNotFoundError, match="CUB"):
+        run(FeatureMasking(profile="paper", data_root=str(tmp_path / "empty")), out)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="CUB_200_2011"):
+        run(FeatureMasking(profile="paper", data_root=str(tmp_path / "bare")), out)
+    assert not out.exists()  # nothing written
+
+
+def test_paper_profile_without_checkpoint(tmp_path):
+    root = write_fixture("cub200", tmp_path / "data")
+    out = tmp_path / "results"
+    with pytest.raises(FileNotFoundError, match=PAPER_CHECKPOINT):
+        run(FeatureMasking(profile="paper", data_root=str(root)), out)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        run(FeatureMasking(profile="paper", data_root=str(root), checkpoint=str(tmp_path / "missing.pt")), out)
+    assert not out.exists()
+
+
+def test_sharded_and_resumed_equals_one_run(tmp_path):
+    one = run(tiny_experiment(), tmp_path / "one", progress=False)
+    assert len(one) == len(tiny_experiment()) * 72
+    experiment = tiny_experiment()
+    assert run(experiment, tmp_path / "sharded", count=3, shards=[1], progress=False) is None  # interrupted
+    first = (tmp_path / "sharded" / "shard-0001-of-0003.json").stat().st_mtime_ns
+    sharded = run(tiny_experiment(), tmp_path / "sharded", count=3, progress=False)  # resumed
+    assert (tmp_path / "sharded" / "shard-0001-of-0003.json").stat().st_mtime_ns == first  # not recomputed
+    pd.testing.assert_frame_equal(one, sharded, check_exact=False, rtol=1e-9)
+
+
+def test_figure_maps():
+    net, x = tiny_net(), torch.rand(2, 3, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        pair = net(x).topk(2).indices
+    maps = figure_maps(net, x, pair, "3")
+    assert set(maps) == {*METHODS, "FG", "logits"}
+    assert all(maps[name].shape == (2, 2, 2, 10, 10) for name in (*METHODS, "FG"))
+    batched = FullGrad(net)(x, pair, list(EXPLANATIONS)).maps  # the stacked FullGrad equals one batched call
+    assert torch.allclose(maps["FG"], batched)
+    assert torch.allclose(maps["GC"], METHODS["GC"](net, "3")(x, pair, list(EXPLANATIONS)).upsampled((10, 10)))
+
+
+def test_full_precision_restores_the_flags():
+    from contrastive_explanations.masking import full_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError):
+            with full_precision():
+                assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+                raise RuntimeError("inside")
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

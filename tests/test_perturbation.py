@@ -1,0 +1,271 @@
+"""Input-space perturbation (nbs/11_perturbation.ipynb): the corrected iteration's bounds and step, the batched
+sources, the first-order ordering, the experiment's errors, and sharded + resumed runs, on tiny networks."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from contrastive_explanations.contrast import WeightedLogTarget, WeightedTarget
+from contrastive_explanations.datasets import DatasetNotFoundError
+from contrastive_explanations.perturbation import (EPSILONS, N_TOTS, SETUPS, SOURCES, ImageSet, Perturbation,
+                                                   check_epsilons, check_n_tots, image_subset, perturb,
+                                                   perturbation_bounds, perturbation_step, resolve_device,
+                                                   sign_targets, step_size, tensor_fingerprint)
+from contrastive_explanations.results import load_results, main, run
+
+
+def tiny_net(seed: int = 0, classes: int = 5) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.AdaptiveAvgPool2d(2),
+                        nn.Flatten(), nn.Linear(16, classes)).double().eval()
+    net[1].running_mean.uniform_(-0.2, 0.2)
+    return net
+
+
+def tiny_setup(data_root: str = "", seed: int = 0, n: int = 11, labels: bool = True):
+    "A random double-precision net and n random 8x8 images: a stand-in for a model and its data."
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64)
+    x[0, 0] = 0.0  # pixels at the ends of the range
+    x[1, 1] = 1.0
+    y = torch.randint(5, (n,), generator=g)
+    return tiny_net(seed), ImageSet(lambda idx: x[list(idx)], n, y if labels else None,
+                                    [f"img {i}" for i in range(n)], tensor_fingerprint(x))
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(SETUPS, "tiny", tiny_setup)
+    monkeypatch.setitem(SETUPS, "tiny_unlabelled", lambda data_root="", seed=0: tiny_setup(data_root, seed, 7, False))
+
+
+# Eq. eq-perturbation-step / eq-perturbation-bounds / Prop. prop-perturbation-box: any gradient, any x0, eps, n_tot
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), eps=st.floats(1e-4, 1.0), n_tot=st.integers(1, 12),
+       edge=st.sampled_from([0.0, 1.0, 0.5]))
+def test_iterates_stay_in_the_box_around_the_clean_image(seed, eps, n_tot, edge):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(2, 3, 5, 5, generator=g, dtype=torch.float64)
+    x0[0, 0, :2] = edge
+    lower, upper = perturbation_bounds(x0, eps)
+    assert torch.equal(lower, (x0 - eps).clamp(min=0)) and torch.equal(upper, (x0 + eps).clamp(max=1))
+    alpha = step_size(eps, n_tot)
+    x = x0.clone()
+    for n in range(n_tot):
+        x = perturbation_step(x, torch.randn(x.shape, generator=g, dtype=torch.float64), alpha, lower, upper)
+        assert (x >= lower).all() and (x <= upper).all() and (x >= 0).all() and (x <= 1).all()
+        assert ((x - x0).abs() <= (n + 1) * alpha + 1e-15).all()  # + rounding of x0 + alpha (ulp of 1: 2e-16)
+    assert (x - x0).abs().max() <= eps + 1e-15
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 1000), eps=st.floats(1e-4, 0.5), n_tot=st.integers(1, 4))
+def test_perturb_stays_in_the_box_on_a_network(seed, eps, n_tot):
+    net, images = tiny_setup(seed=seed, n=3)
+    x0 = images.load(range(3))
+    xp = perturb(net, x0, images.labels, SOURCES, eps, n_tot)  # (3, 4, 1, 3, 8, 8)
+    lower, upper = perturbation_bounds(x0, eps)
+    assert (xp >= lower[:, None, None]).all() and (xp <= upper[:, None, None]).all()
+
+
+# Eq. eq-perturbation-alpha: alpha = eps / n_tot; unclamped steps of a constant sign add up to exactly eps
+@pytest.mark.parametrize("n_tot", N_TOTS)
+def test_step_size_splits_the_budget(n_tot):
+    assert step_size(3e-3, n_tot) == 3e-3 / n_tot
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3, bias=False)).double()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.linspace(-1, 1, 36, dtype=torch.float64).view(3, 12) + 0.05)  # no zero weights
+    x0 = torch.full((1, 3, 2, 2), 0.5, dtype=torch.float64)
+    xp = perturb(net, x0, 0, "original", 3e-3, n_tot)[0, 0, 0]
+    assert torch.allclose(xp - x0[0], 3e-3 * net[1].weight[0].sign().view(3, 2, 2), rtol=0, atol=1e-15)
+
+
+def test_batched_sources_and_budgets_equal_separate_runs():
+    net, images = tiny_setup(n=5)
+    x0, t = images.load(range(5)), images.labels[:5]
+    net.train()
+    batched = perturb(net, x0, t, SOURCES, EPSILONS, 3)
+    assert batched.shape == (5, 4, 2, 3, 8, 8)
+    for s, source in enumerate(SOURCES):
+        for e, eps in enumerate(EPSILONS):
+            alone = perturb(net, x0, t, [source], eps, 3)[:, 0, 0]
+            assert torch.allclose(batched[:, s, e], alone, rtol=0, atol=1e-15), (source, eps)
+    assert net.training and all(p.requires_grad and p.grad is None for p in net.parameters())
+
+
+def hand_linear() -> nn.Module:
+    "y = W vec(x) + b with hand-set weights: 3 classes on 3x2x2 images."
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).double()
+    w = torch.tensor([[1.0, -2, 0.5, 1, 0, 3, -1, 1, 2, -0.5, 1, 1],
+                      [0.5, 1, -1, 2, 1, -1, 0.5, 0.5, -2, 1, 0, -1],
+                      [-1, 0.5, 2, -1, 1, 1, 1, -1, 0.5, 2, -1, 0]], dtype=torch.float64)
+    with torch.no_grad():
+        net[1].weight.copy_(w)
+        net[1].bias.copy_(torch.tensor([0.2, 0.4, -0.1]))
+    return net
+
+
+# Eq. eq-sign-first-order and Prop. prop-perturbation-order on a hand-built linear model
+def test_weighted_sign_step_raises_p_t_most_to_first_order():
+    net = hand_linear()
+    x0 = torch.full((1, 3, 2, 2), 0.5, dtype=torch.float64)
+    eps, t = 1e-4, 0
+    xp = perturb(net, x0, t, SOURCES, eps, 1)[0, :, 0]  # (4, 3, 2, 2)
+    with torch.no_grad():
+        p0, y0 = net(x0).softmax(1)[0, t], net(x0)[0, t]
+        d_pt = net(xp).softmax(1)[:, t] - p0
+        d_yt = net(xp)[:, t] - y0
+    xg = x0.clone().requires_grad_(True)
+    (grad_pt,) = torch.autograd.grad(net(xg).softmax(1)[0, t], xg)
+    weighted, original = SOURCES.index("weighted"), SOURCES.index("original")
+    assert d_pt[weighted] > 0
+    assert math.isclose(d_pt[weighted], eps * grad_pt.abs().sum(), rel_tol=1e-3)  # alpha ||grad p_t||_1
+    assert (d_pt[weighted] >= d_pt - 1e-12).all() and d_pt[weighted] > d_pt[original]
+    assert (d_yt[original] >= d_yt - 1e-12).all() and d_yt[original] > d_yt[weighted]
+    assert math.isclose(d_yt[original], eps * float(net[1].weight[t].detach().abs().sum()), rel_tol=1e-9)  # exact: y_t is linear
+
+
+# Eq. eq-sign-log: the weighted source steps along log p_t, whose sign equals p_t's without fp32 underflow
+def test_weighted_sign_is_the_sign_of_log_p_t():
+    names, targets = sign_targets(SOURCES)
+    assert names == SOURCES and targets[SOURCES.index("weighted")].name == "weighted_log"
+    net = hand_linear()
+    x = torch.rand(4, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    t = torch.tensor([0, 1, 2, 0])
+    (g_p,) = torch.autograd.grad(WeightedTarget()(net(x), t).sum(), x)
+    (g_log,) = torch.autograd.grad(WeightedLogTarget()(net(x), t).sum(), x)
+    assert torch.equal(g_p.sign(), g_log.sign()) and (g_p != 0).all()
+    logits = torch.tensor([[30.0, 0.0, 1.0]], requires_grad=True)  # p_t rounds to 1 in float32
+    (g32,) = torch.autograd.grad(WeightedTarget()(logits, 0).sum(), logits)
+    (glog32,) = torch.autograd.grad(WeightedLogTarget()(logits, 0).sum(), logits)
+    assert torch.equal(g32, torch.zeros_like(g32)) and (glog32[0, 0] > 0)
+
+
+@pytest.mark.parametrize("eps, error, words", [
+    (0.0, ValueError, "(0, 1]"), (-1e-3, ValueError, "(0, 1]"), (2.0, ValueError, "(0, 1]"),
+    (float("nan"), ValueError, "(0, 1]"), ("3e-3", TypeError, "real number"), (True, TypeError, "real number"),
+    ([], ValueError, "epsilons is empty"), ((1e-3, 1e-3), ValueError, "repeated")])
+def test_bad_epsilons(eps, error, words):
+    with pytest.raises(error, match="eps") as e:
+        check_epsilons(eps)
+    assert words in str(e.value) and "pass" in str(e.value) or "once" in str(e.value)
+
+
+@pytest.mark.parametrize("n_tot, error", [(0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError),
+                                          ("10", TypeError)])
+def test_bad_n_tot(n_tot, error):
+    with pytest.raises(error, match=r"n_tot.*pass e\.g\. n_tot=10"):
+        check_n_tots(n_tot)
+    net, images = tiny_setup(n=2)
+    with pytest.raises(error, match="n_tot"):
+        perturb(net, images.load([0, 1]), 0, "weighted", 1e-3, n_tot)
+
+
+@pytest.mark.parametrize("sources, error, words", [
+    ("softmax", ValueError, "unknown source 'softmax'"), ([], ValueError, "sources is empty"),
+    (["original", "original"], ValueError, "repeated"), ([3], TypeError, "sources must hold")])
+def test_bad_sources(sources, error, words):
+    with pytest.raises(error, match=words):
+        sign_targets(sources)
+
+
+def test_bad_images_and_classes():
+    net, images = tiny_setup(n=2)
+    x = images.load([0, 1])
+    with pytest.raises(ValueError, match=r"pixel values in \[0, 1\].*before normalisation"):
+        perturb(net, x * 2 - 1, 0, "original", 1e-3, 1)
+    with pytest.raises(ValueError, match="class indices must lie in"):
+        perturb(net, x, 7, "original", 1e-3, 1)
+
+
+def test_experiment_checks_its_settings_before_loading_anything(monkeypatch):
+    def fail(**kwargs):
+        raise AssertionError("the setup ran before the settings were checked")
+    monkeypatch.setitem(SETUPS, "tiny", fail)
+    for kwargs, error, words in [({"model": "resnet99"}, ValueError, "unknown model 'resnet99'"),
+                                 ({"n_images": 0}, ValueError, "n_images"),
+                                 ({"batch_size": 0}, ValueError, "batch_size"),
+                                 ({"epsilons": (0.1, 5)}, ValueError, "eps must lie in"),
+                                 ({"n_tots": (1, 0)}, ValueError, "n_tot must be at least 1"),
+                                 ({"sources": ("weighted", "softmax")}, ValueError, "unknown source"),
+                                 ({"sources": (WeightedTarget(),)}, TypeError, "must be names")]:
+        with pytest.raises(error, match=words):
+            Perturbation(**{"model": "tiny", **kwargs})
+
+
+def test_missing_imagenet_root_fails_before_any_file_is_written(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    monkeypatch.setenv("CONTRASTIVE_EXPLANATIONS_RESULTS", str(results))
+    empty = tmp_path / "imagenet"
+    empty.mkdir()
+    with pytest.raises(DatasetNotFoundError, match=r"ImageNet at .*missing the folder val/"):
+        Perturbation("resnet18", profile="paper", data_root=str(empty))
+    with pytest.raises(DatasetNotFoundError, match="ImageNet needs a data root"):
+        Perturbation("resnet18", profile="paper", data_root="")
+    out = tmp_path / "cli"
+    code = main(["perturbation", "--profile", "paper", "--param", f"data_root={empty}", "--param", "model=vgg16",
+                 "--param", "device=cpu", "--out", str(out)])
+    assert code == 2
+    assert not results.exists() and not out.exists() and list(empty.iterdir()) == []
+
+
+def test_device_without_gpu():
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(ValueError, match="no GPU: pass device='cpu'"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_image_subset():
+    assert np.array_equal(image_subset(5, None, 0), np.arange(5)) and np.array_equal(image_subset(5, 9, 0), np.arange(5))
+    a = image_subset(1000, 20, 3)
+    assert len(np.unique(a)) == 20 and np.all(np.diff(a) > 0) and np.array_equal(a, image_subset(1000, 20, 3))
+    assert not np.array_equal(a, image_subset(1000, 20, 4))
+
+
+def test_rows_record_every_setting_per_image(tiny):
+    exp = Perturbation("tiny", n_images=4, batch_size=3)
+    rows = pd.DataFrame(exp.rows([0, 1, 2, 3]))
+    assert len(rows) == 4 * len(EPSILONS) * len(N_TOTS) * len(SOURCES)
+    assert set(rows.groupby("item").size()) == {24}
+    assert (rows["linf"] <= rows["eps"] * (1 + 1e-12)).all()  # Prop. prop-perturbation-box
+    assert set(rows["source"]) == set(SOURCES) and set(rows["n_tot"]) == set(N_TOTS)
+    net, images = tiny_setup()
+    with torch.no_grad():
+        p = net(images.load(exp.index[:4].tolist())).softmax(1)
+    first = rows.drop_duplicates("item")
+    assert first["t"].tolist() == images.labels[exp.index[:4]].tolist()
+    assert np.allclose(first["clean_pt"], p[torch.arange(4), images.labels[exp.index[:4]]].numpy())
+    unlabelled = pd.DataFrame(Perturbation("tiny_unlabelled").rows([0, 1, 2]))
+    assert (unlabelled["clean_correct"] == 1).all()  # t = the clean prediction
+
+
+def test_sharded_and_resumed_equals_one_run(tiny, tmp_path):
+    one = run(Perturbation("tiny", batch_size=4), tmp_path / "one", progress=False)
+    interrupted = Perturbation("tiny", batch_size=2)
+    rows = interrupted.rows
+
+    def stop_at_item_seven(indices):
+        if 7 in indices:
+            raise KeyboardInterrupt("interrupted")
+        return rows(indices)
+
+    interrupted.rows = stop_at_item_seven
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupted, tmp_path / "sharded", count=3, progress=False)
+    assert len(list((tmp_path / "sharded").glob("shard-*.json"))) == 2
+    resumed = run(Perturbation("tiny", batch_size=2), tmp_path / "sharded", count=3, progress=False)
+    pd.testing.assert_frame_equal(one, resumed, check_exact=False, rtol=1e-12)
+    table, provenance = load_results(tmp_path / "sharded")
+    assert provenance["experiment"] == "perturbation/tiny" and len(table) == 11 * 24
+    assert provenance["params"]["epsilons"] == list(EPSILONS) and provenance["params"]["sources"] == list(SOURCES)

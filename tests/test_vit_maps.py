@@ -1,0 +1,184 @@
+"""Contrastive maps of a Vision Transformer (nbs/14_vit_maps.ipynb): the block mapping, the chance level of the
+part score, bad input, the paper profile without data, rows against direct computation, sharded + resumed runs."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import TensorDataset
+from torchvision.models.vision_transformer import VisionTransformer
+
+from contrastive_explanations.contrasts import Source, cosine, mask_share
+from contrastive_explanations.datasets import DatasetNotFoundError, write_fixture
+from contrastive_explanations.results import run
+from contrastive_explanations.vit import AttentionRollout, ViTGradCAM
+from contrastive_explanations.vit_maps import MAP_KINDS, ViTMaps, map_block, stand_in_blocks
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eq. eq-vitmaps-block
+
+@SETTINGS
+@given(n=st.integers(2, 40), data=st.data())
+def test_map_block_is_the_identity_between_equal_depths(n, data):
+    b = data.draw(st.integers(0, n - 2))
+    assert map_block(b, n, n) == b
+
+
+@SETTINGS
+@given(n_from=st.integers(2, 40), n_to=st.integers(2, 40))
+def test_map_block_is_monotone_and_stays_below_the_last_block(n_from, n_to):
+    mapped = [map_block(b, n_from, n_to) for b in range(n_from - 1)]
+    assert all(0 <= m <= n_to - 2 for m in mapped)
+    assert mapped == sorted(mapped)
+    for b, m in enumerate(mapped):  # the nearest relative depth, unless capped at the last usable block
+        depth = (b + 1) / n_from * n_to
+        assert m in (0, n_to - 2) or abs((m + 1) - depth) <= 0.5 + 1e-9
+
+
+def test_the_reviews_blocks_on_small_and_large_vits():
+    assert (map_block(8, 12, 4), map_block(10, 12, 4)) == (2, 2)
+    assert stand_in_blocks((8, 10), 12, 4) == (1, 2)
+    assert stand_in_blocks((10, 8), 12, 4) == (2, 1)  # the order given is kept
+    assert stand_in_blocks((8, 10), 12, 12) == (8, 10) and stand_in_blocks((8, 10), 12, 3) == (0, 1)
+    assert stand_in_blocks((8, 10), 12, 24) == (17, 21)
+    assert stand_in_blocks((0, 1, 2), 12, 4) == (0, 1, 2)  # all three map to 0: spread over the usable blocks
+
+
+@SETTINGS
+@given(n_to=st.integers(2, 30), data=st.data())
+def test_stand_in_blocks_are_distinct_and_keep_the_order(n_to, data):
+    k = data.draw(st.integers(1, min(n_to - 1, 11)))
+    blocks = data.draw(st.lists(st.integers(0, 10), min_size=k, max_size=k, unique=True))
+    out = stand_in_blocks(blocks, 12, n_to)
+    assert len(set(out)) == len(out) and all(0 <= b <= n_to - 2 for b in out)
+    order = sorted(range(k), key=lambda i: blocks[i])
+    assert [out[i] for i in order] == sorted(out)
+
+
+def test_block_mapping_refuses_bad_input():
+    for args, error, match in (((11, 12, 4), ValueError, "block=11 is out of range"),
+                               ((12, 12, 4), ValueError, r"\[0, 10\]"), ((-1, 12, 4), ValueError, "block=-1"),
+                               ((8.0, 12, 4), TypeError, "block must be an int"),
+                               ((True, 12, 4), TypeError, "block must be an int"),
+                               ((0, 12, 1), ValueError, "n_to=1"), ((0, 1, 4), ValueError, "n_from=1")):
+        with pytest.raises(error, match=match):
+            map_block(*args)
+    with pytest.raises(ValueError, match="distinct"):
+        stand_in_blocks((8, 8), 12, 4)
+    with pytest.raises(ValueError, match="do not fit a 3-block ViT"):
+        stand_in_blocks((4, 8, 10), 12, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eq. eq-vitmaps-chance
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), H=st.integers(2, 7), W=st.integers(2, 7), p=st.floats(0.05, 0.95))
+def test_a_map_shifted_over_the_image_scores_the_parts_area_on_average(seed, H, W, p):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(H, W, generator=g, dtype=torch.float64).abs() + 0.01  # some positive mass everywhere
+    a[0, 0] = -1.0  # and a negative value, which the score ignores
+    M = torch.rand(H, W, generator=g) < p
+    shifted = torch.stack([a.flatten().roll(k).view(H, W) for k in range(H * W)])
+    assert math.isclose(float(mask_share(shifted, M).mean()), M.sum().item() / (H * W), rel_tol=1e-9, abs_tol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The experiment
+
+def tiny_vit(seed: int, classes: int = 4) -> VisionTransformer:
+    "A random 3-block torchvision ViT on 16 x 16 images (2 x 2 patches of 8 pixels), double precision."
+    torch.manual_seed(seed)
+    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32,
+                            num_classes=classes)
+    nn.init.normal_(vit.heads.head.weight)
+    nn.init.normal_(vit.encoder.pos_embedding, std=0.5)
+    return vit.double().eval()
+
+
+class TinyViTMaps(ViTMaps):
+    "The experiment on a tiny random ViT, 9 random images and random part masks (2 parts)."
+    fail_at: int | None = None
+
+    def build_sources(self):
+        g = torch.Generator().manual_seed(self.seed)
+        x = torch.rand(9, 3, 16, 16, generator=g, dtype=torch.float64)
+        self.masks = torch.rand(9, 2, 16, 16, generator=g) < 0.3
+        return [Source("tiny", "tiny_vit", tiny_vit(self.seed), TensorDataset(x, torch.arange(9) % 4),
+                       [f"class {c}" for c in range(4)], sample=self.n_images or None,
+                       part_mask=lambda i, c: self.masks[i, c % 2])]
+
+    def rows(self, indices):
+        if self.fail_at is not None and self.fail_at in indices:
+            raise KeyboardInterrupt(f"interrupted at item {self.fail_at}")
+        return super().rows(indices)
+
+
+def tiny_experiment() -> TinyViTMaps:
+    return TinyViTMaps(n_images=0, threshold=0.0, batch_size=2, discard_ratio=0.5)
+
+
+def test_vit_maps_refuse_bad_parameters_before_loading_anything():
+    for kwargs, match in (({"profile": "quick"}, "profile"), ({"blocks": (8, 11)}, "block=11"),
+                          ({"blocks": (8, 12)}, "block=12"), ({"blocks": (8,)}, "two blocks"),
+                          ({"head_fusion": "median"}, "head_fusion"), ({"discard_ratio": 1.0}, "discard_ratio"),
+                          ({"rank": 1}, "rank"), ({"n_images": -3}, "n_images")):
+        with pytest.raises(ValueError, match=match):
+            ViTMaps(**kwargs)
+
+
+def test_paper_profile_without_data_or_checkpoint_says_what_is_missing(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="Food-101"):
+        ViTMaps(profile="paper", data_root="")
+    with pytest.raises(DatasetNotFoundError, match="food-101"):
+        ViTMaps(profile="paper", data_root=str(tmp_path))
+    root = write_fixture("food101", tmp_path / "data", n_classes=2, per_class=2)
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/vit_b_16_food101\.pt"):
+        ViTMaps(profile="paper", data_root=str(root))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
+
+
+def test_rows_agree_with_a_direct_computation():
+    exp = tiny_experiment()
+    assert exp.model_blocks == [(0, 1)] and len(exp) == 9  # the review's 8 and 10 of 12 on 3 blocks
+    rows = pd.DataFrame(exp.rows(list(range(len(exp)))))
+    assert len(rows) == 9 * 2 * len(MAP_KINDS) and set(rows["map"]) == set(MAP_KINDS)
+    vit, x = exp.sources[0].model, exp.sources[0].dataset.tensors[0]
+    classes = vit(x).topk(2).indices
+    masks = torch.stack([torch.stack([exp.masks[i, int(c) % 2] for c in classes[i]]) for i in range(9)])
+    methods = {"gradcam_a": ViTGradCAM(vit, block=0), "gradcam_b": ViTGradCAM(vit, block=1),
+               "rollout_standard": AttentionRollout(vit, discard_ratio=0.5),
+               "rollout_signed": AttentionRollout(vit, variant="signed", discard_ratio=0.5)}
+    for kind, method in methods.items():
+        e = method(x, classes, ["original", "weighted"])
+        up = F.interpolate(e.maps.flatten(1, 2), size=(16, 16), mode="bilinear", align_corners=False).view(9, 2, 2, 16, 16)
+        share = mask_share(up, masks[:, :, None])
+        got = rows[rows["map"] == kind].sort_values(["item", "rank"])
+        pd.testing.assert_series_equal(got.share_weighted.reset_index(drop=True),
+                                       pd.Series(share[:, :, 1].flatten().numpy(), name="share_weighted"),
+                                       check_exact=False, rtol=1e-9)
+        t12 = cosine(e.maps[:, 0, 0], e.maps[:, 1, 0])
+        assert got.cosine_t1_t2_original.tolist()[::2] == pytest.approx(t12.tolist(), nan_ok=True)
+        assert (got.chance.to_numpy() == masks.double().mean((-2, -1)).flatten().numpy()).all()
+    a = exp.figure_arrays(3)
+    assert a["maps"].shape == (3, 2, 4, 2, 2, 2) and a["masks"].shape == (3, 2, 16, 16) and list(a["blocks"]) == [0, 1]
+
+
+def test_sharded_and_resumed_run_equals_a_single_run(tmp_path):
+    one = run(tiny_experiment(), tmp_path / "one", progress=False)
+    failing = tiny_experiment()
+    failing.fail_at = 8
+    with pytest.raises(KeyboardInterrupt):
+        run(failing, tmp_path / "sharded", count=3, progress=False)
+    assert len(list((tmp_path / "sharded").glob("shard-*.json"))) == 2
+    resumed = run(tiny_experiment(), tmp_path / "sharded", count=3, progress=False, on_stale="recompute")
+    pd.testing.assert_frame_equal(one, resumed, check_exact=False, rtol=1e-6)
