@@ -92,10 +92,10 @@ def toc_chapters(root: Path) -> list[str]:
 
 
 def reads_results(root: Path, chapter: str) -> bool:
-    "Whether a chapter quotes other chapters' results (notebook metadata `book: reads_results: true`).
+    """Whether a chapter quotes other chapters' results (notebook metadata `book: reads_results: true`).
 
     Such chapters (the first page's provenance, the claims table) run after all the others, and again whenever
-    any other chapter ran."
+    any other chapter ran."""
     meta = json.loads((root / "nbs" / f"{chapter}.ipynb").read_text()).get("metadata", {})
     return bool(meta.get("book", {}).get("reads_results"))
 
