@@ -1,6 +1,6 @@
 # The book's two commands (see README.md):
 #   make book   execute every chapter with papermill on a profile, then build the Jupyter Book into _build/html
-#   make test   notebooks and package in sync, nbdev_test, pytest (with the browser test of the built book)
+#   make test   notebooks and package in sync, nbdev_test, the embedded book, pytest (with the browser test of it)
 # Both set up what is missing first (.venv with the pinned packages, chromium for the tests) and are safe to rerun.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -21,7 +21,7 @@ BOOK_ARGS := --profile $(PROFILE) $(if $(DATA_ROOT),--param data_root=$(DATA_ROO
 book: setup
 	$(PY) tools/build_book.py $(BOOK_ARGS)
 
-test: setup chromium sync nbdev-test pytest
+test: setup chromium sync nbdev-test book pytest
 	@echo "==> all tests passed"
 
 setup: $(VENV)/.installed
@@ -40,7 +40,7 @@ sync: setup
 
 nbdev-test: setup
 	@echo "==> nbdev_test: running every notebook in nbs/"
-	$(VENV)/bin/nbdev_test
+	$(VENV)/bin/nbdev_test --n_workers 1 --timing  # one notebook at a time: each uses both cores
 
 pytest: setup chromium
 	@echo "==> pytest"
