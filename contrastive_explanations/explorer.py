@@ -18,9 +18,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 # %% auto #0
-__all__ = ['METHODS', 'CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'figure_png', 'static_switcher', 'class_choices',
-           'comparison_figure', 'static_grid', 'grid_bytes', 'explain_all', 'static_explorer', 'parse_classes',
-           'explain_image', 'top_classes', 'LiveExplorer', 'main']
+__all__ = ['STATIC_CLASS', 'METHODS', 'CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'figure_png', 'static_switcher',
+           'class_choices', 'comparison_figure', 'static_grid', 'grid_bytes', 'explain_all', 'static_explorer',
+           'parse_classes', 'explain_image', 'top_classes', 'LiveExplorer', 'main']
 
 # %% ../nbs/90_explorer.ipynb #969f2a41
 def figure_png(fig: Figure, # a matplotlib figure; it is closed afterwards
@@ -33,6 +33,9 @@ def figure_png(fig: Figure, # a matplotlib figure; it is closed afterwards
     return buffer.getvalue()
 
 # %% ../nbs/90_explorer.ipynb #2400c903
+STATIC_CLASS = "ce-static-explorer" # the CSS class of every kernel-free explorer, so pages and tests can find them
+
+
 def static_switcher(pages: dict[str, bytes | widgets.Widget], # menu label -> PNG bytes or any widget
                     description: str = "Show", # the menu's label
                    ) -> widgets.VBox:
@@ -49,7 +52,9 @@ def static_switcher(pages: dict[str, bytes | widgets.Widget], # menu label -> PN
     menu = widgets.Dropdown(options=list(pages), index=0, description=description)
     stack = widgets.Stack(children, selected_index=0)
     widgets.jslink((menu, "index"), (stack, "selected_index"))
-    return widgets.VBox([menu, stack])
+    box = widgets.VBox([menu, stack])
+    box.add_class(STATIC_CLASS)
+    return box
 
 # %% ../nbs/90_explorer.ipynb #fe38d9e4
 from collections.abc import Callable, Sequence
@@ -130,7 +135,9 @@ def static_grid(menus: dict[str, Sequence[str]], # menu label -> its options, in
         widgets.jslink((dropdowns[names[i]], "index"), (stack, "selected_index"))
         return stack
 
-    return widgets.VBox([widgets.HBox(list(dropdowns.values())), level(0, {})])
+    box = widgets.VBox([widgets.HBox(list(dropdowns.values())), level(0, {})])
+    box.add_class(STATIC_CLASS)
+    return box
 
 
 def grid_bytes(grid: widgets.VBox) -> int:

@@ -104,7 +104,7 @@ def page(browser, base_url):
     context.close()
 
 
-VISIBLE_IMAGE_SOURCES = """() => [...document.querySelectorAll('.widget-stack img, .jupyter-widgets img')]
+VISIBLE_IMAGE_SOURCES = """() => [...document.querySelectorAll('.jupyter-widgets img')]
     .filter(img => img.offsetParent !== null).map(img => img.src)"""
 
 
@@ -115,6 +115,7 @@ def _open(page, base_url: str, path: str):
 
 sys.path.insert(0, str(ROOT / "tools"))
 from build_book import toc_chapters  # noqa: E402
+from contrastive_explanations.explorer import STATIC_CLASS  # noqa: E402
 
 PAGES = ["index.html", *(f"executed/{chapter}.html" for chapter in toc_chapters(ROOT))]
 
@@ -152,8 +153,8 @@ def test_static_explorer_controls_change_the_picture(page, base_url, site, chapt
         options = menu.locator("option").all_inner_texts()
         if len(options) < 2 or not menu.is_visible():
             continue
-        widget = menu.locator("xpath=ancestor::div[contains(@class, 'widget-vbox')][1]")
-        if widget.locator(".widget-stack").count() == 0:
+        widget = menu.locator(f"xpath=ancestor::div[contains(@class, '{STATIC_CLASS}')][1]")
+        if widget.count() == 0:
             continue  # a live control (the live explorer's menus): it needs a kernel, so the static page ignores it
         menu.scroll_into_view_if_needed()
         before = page.evaluate(VISIBLE_IMAGE_SOURCES)

@@ -62,7 +62,7 @@ from torch import nn  # noqa: E402
 
 from contrastive_explanations.explorer import (LiveExplorer, class_choices, comparison_figure,  # noqa: E402
                                                explain_all, grid_bytes, main, parse_classes, static_explorer,
-                                               static_grid)
+                                               static_grid, STATIC_CLASS, static_switcher)
 from contrastive_explanations.models import ImageClassifier, pixel_preprocess  # noqa: E402
 
 
@@ -93,6 +93,7 @@ def test_static_grid_one_picture_per_combination_each_menu_linked():
     assert all(len(s.children) == 3 for s in stack.children)
     assert len(links(grid)) == 1 + 2  # the first menu to the outer stack, the second to each inner stack
     assert grid_bytes(grid) == sum(len(i.value) for s in stack.children for i in s.children)
+    assert STATIC_CLASS in grid._dom_classes and STATIC_CLASS in static_switcher({"x": png("red")})._dom_classes
     with pytest.raises(ValueError, match="at least one option"):
         static_grid({"A": []}, render)
 
