@@ -296,6 +296,8 @@ EXPERIMENTS: dict[str, str] = {  # name -> "module:Class", one per experiment ch
     "feature_masking": "contrastive_explanations.masking:FeatureMasking",
     "contrasts": "contrastive_explanations.contrasts:Contrasts",
     "vit_maps": "contrastive_explanations.vit_maps:ViTMaps",
+    "norm_logit": "contrastive_explanations.norms:NormLogit",
+    "localisation": "contrastive_explanations.localisation:Localisation",
 }
 
 

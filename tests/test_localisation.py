@@ -1,0 +1,237 @@
+"""Where the evidence is (nbs/16_localisation.ipynb): the contrast part, the two measures, bootstrap intervals, the experiment."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contrastive_explanations.birds import CLASSES, PART_NAMES, generate_birds
+from contrastive_explanations.localisation import (TARGETS, Localisation, area_share, bootstrap_ci, contrast_parts,
+                                                   paired_differences, peak_on_part, positive_mass_share, summarise)
+from contrastive_explanations.results import run
+from contrastive_explanations.training import small_cnn
+
+
+# --- the part that tells two classes apart ---------------------------------------------------------------------------
+
+def test_contrast_parts_within_and_across_groups():
+    t1 = torch.tensor([0, 1, 3, 4, 6, 8, 9, 10, 0, 3, 9])
+    t2 = torch.tensor([2, 0, 5, 3, 7, 6, 11, 9, 3, 9, 1])
+    expected = ["head", "head", "wing", "wing", "tail", "tail", "wing", "wing", None, None, None]
+    assert [PART_NAMES[p] if p >= 0 else None for p in contrast_parts(t1, t2).tolist()] == expected
+    # symmetric, and every same-group pair has its group's part
+    for a in range(len(CLASSES)):
+        for b in range(len(CLASSES)):
+            if a != b:
+                p = int(contrast_parts([a], [b])[0])
+                assert p == int(contrast_parts([b], [a])[0])
+                assert (p >= 0) == (CLASSES[a].group == CLASSES[b].group)
+
+
+@pytest.mark.parametrize("t1, t2, error, match", [
+    ([0], [0], ValueError, "must differ"),
+    ([0, 1], [2], ValueError, "same shape"),
+    ([12], [0], ValueError, r"classes in \[0, 12\)"),
+    ([-1], [0], ValueError, r"classes in \[0, 12\)"),
+    (torch.tensor([0.0]), [1], TypeError, "integer class indices"),
+])
+def test_contrast_parts_bad_input(t1, t2, error, match):
+    with pytest.raises(error, match=match):
+        contrast_parts(t1, t2)
+
+
+# --- the measures on hand-made maps --------------------------------------------------------------------------------
+
+def test_measures_on_a_hand_made_map():
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    mask[0] = True
+    phi = torch.tensor([[1.0, 0.0, 2.0], [-4.0, 3.0, 0.0], [0.0, 0.0, -1.0]])
+    assert torch.isclose(positive_mass_share(phi, mask), torch.tensor(0.5))  # 3 of 6 on the top row
+    assert peak_on_part(phi, mask) == 0  # the 3.0 is in the middle row
+    phi[0, 2] = 3.0
+    assert peak_on_part(phi, mask) == 1  # tie between (0, 2) and (1, 1): the first in row-major order wins
+    assert torch.isclose(area_share(mask), torch.tensor(1 / 3))
+
+
+def test_measures_broadcast_and_undefined_cases():
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :2] = True
+    masks[1, :, :1] = True
+    maps = torch.zeros(2, 3, 4, 4)
+    maps[:, 0] = 1.0  # constant positive: share = area, peak undefined
+    maps[:, 1] = -1.0  # no positive mass: share undefined
+    maps[0, 2, 3, 3] = 5.0  # a single peak off the part of image 0
+    maps[1, 2, 0, 0] = 5.0  # a single peak on the part of image 1
+    share = positive_mass_share(maps, masks[:, None])
+    peak = peak_on_part(maps, masks[:, None])
+    torch.testing.assert_close(share[:, 0], area_share(masks))
+    assert share[:, 1].isnan().all() and peak[:, 0].isnan().all()
+    assert share[:, 2].tolist() == [0.0, 1.0] and peak[:, 2].tolist() == [0.0, 1.0]
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.integers(0, 2**31), st.integers(2, 12), st.floats(0.05, 0.95))
+def test_mass_share_properties(seed, size, density):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.randn(5, size, size, generator=g)
+    masks = torch.rand(5, size, size, generator=g) < density
+    share = positive_mass_share(maps, masks)
+    valid = ~share.isnan()
+    assert ((share[valid] >= 0) & (share[valid] <= 1 + 1e-6)).all()
+    # complementary masks split the positive mass
+    torch.testing.assert_close(share[valid] + positive_mass_share(maps, ~masks)[valid], torch.ones(int(valid.sum())))
+    # scaling by a positive factor changes nothing; adding negative values changes nothing
+    torch.testing.assert_close(positive_mass_share(3 * maps, masks), share, equal_nan=True)
+    more_negative = torch.where(maps < 0, 2 * maps, maps)
+    torch.testing.assert_close(positive_mass_share(more_negative, masks), share, equal_nan=True)
+    # a peak on the mask has the mask's value at the argmax
+    peak = peak_on_part(maps, masks)
+    at = masks.flatten(1).gather(1, maps.flatten(1).argmax(1, keepdim=True))[:, 0].float()
+    torch.testing.assert_close(peak, at)
+
+
+@pytest.mark.parametrize("maps, masks, error, match", [
+    (torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.bool), ValueError, "floating tensor"),
+    (torch.zeros(4, 4), torch.zeros(4, 4), TypeError, "bool tensor"),
+    (torch.zeros(8, 8), torch.zeros(64, 64, dtype=torch.bool), ValueError, "upsample the maps"),
+    (torch.zeros(4), torch.zeros(4, dtype=torch.bool), ValueError, r"\(\.\.\., H, W\)"),
+])
+def test_measures_bad_input(maps, masks, error, match):
+    for measure in (positive_mass_share, peak_on_part):
+        with pytest.raises(error, match=match):
+            measure(maps, masks)
+
+
+# --- bootstrap --------------------------------------------------------------------------------------------------------
+
+@settings(deadline=None, max_examples=30)
+@given(st.integers(0, 2**31), st.sampled_from(["beta", "bernoulli", "normal"]))
+def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n(seed, kind):
+    rng = np.random.default_rng(seed)
+    draw = {"beta": lambda n: rng.beta(2, 8, n), "bernoulli": lambda n: (rng.random(n) < 0.3).astype(float),
+            "normal": lambda n: rng.normal(0.1, 1, n)}[kind]
+    small, large = draw(30), draw(30 * 16)
+    if np.ptp(small) == 0 or np.ptp(large) == 0:
+        return
+    widths = []
+    for values in (small, large):
+        mean, low, high = bootstrap_ci(values, seed=seed % 1000)
+        assert mean == pytest.approx(values.mean()) and low <= mean <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # about four times narrower for sixteen times the data
+
+
+def test_bootstrap_is_seeded_and_handles_constant_values():
+    values = np.random.default_rng(3).random(50)
+    assert bootstrap_ci(values, seed=1) == bootstrap_ci(values, seed=1)
+    assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+    wide, narrow = bootstrap_ci(values, confidence=0.99), bootstrap_ci(values, confidence=0.5)
+    assert wide[1] < narrow[1] < narrow[2] < wide[2]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"values": [1.0]}, "at least 2 numbers"),
+    ({"values": [[1.0, 2.0]]}, "1-D array"),
+    ({"values": [1.0, np.nan]}, "finite"),
+    ({"values": [1.0, 2.0], "confidence": 95}, "confidence must be a float in"),
+    ({"values": [1.0, 2.0], "n_resamples": 10}, "n_resamples must be an int >= 100"),
+])
+def test_bootstrap_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bootstrap_ci(**kwargs)
+
+
+# --- the experiment -------------------------------------------------------------------------------------------------
+
+def favour_warblers(head: torch.nn.Linear) -> None:
+    "Make an untrained head rank the three warblers first (their order varying by image), so t1 and t2 share a group."
+    with torch.no_grad():
+        head.weight.mul_(10)
+        head.bias.zero_()
+        head.bias[3:6] = 20.0
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    "A few generated birds and an untrained small CNN: fast, and nothing is downloaded or trained."
+    torch.manual_seed(0)
+    net = small_cnn(12).eval()
+    favour_warblers(net[-1])
+    return generate_birds(24, seed=5), net
+
+
+def tiny_localisation(tiny, **kwargs) -> Localisation:
+    test, net = tiny
+    return Localisation(**{"model": net, "test": test, "threshold": 0.0, "batch_size": 4, **kwargs})
+
+
+def test_rows_measure_every_method_class_and_target(tiny):
+    exp = tiny_localisation(tiny, max_images=5)
+    assert len(exp) == 5 and exp.n_ambiguous == 24
+    assert exp.n_cross_group + int((contrast_parts(exp.t1, exp.t2) >= 0).sum()) == 24
+    rows = pd.DataFrame(exp.rows([0, 1]))
+    assert len(rows) == 2 * 5 * 2  # images x methods x classes
+    assert set(rows["method"]) == {"gradient", "linear_approximation", "gradcam", "xgradcam", "fullgrad"}
+    i = int(exp.items[0])
+    first = rows[rows["image"] == i]
+    assert (first["part"] == PART_NAMES[int(contrast_parts(exp.t1[i:i + 1], exp.t2[i:i + 1])[0])]).all()
+    assert np.isclose(first["area"].iloc[0], exp.test.masks[i, PART_NAMES.index(first["part"].iloc[0])].float().mean())
+    # the GradCAM mass share equals the measure on the method's own upsampled maps
+    from contrastive_explanations.cam import GradCAM
+    x = exp.test.images[i:i + 1].float() / 255
+    e = GradCAM(exp.model, "3")(x, torch.tensor([[int(exp.t1[i]), int(exp.t2[i])]]), list(TARGETS))
+    mask = exp.test.masks[i, PART_NAMES.index(first["part"].iloc[0])]
+    share = positive_mass_share(e.upsampled((64, 64))[0], mask)
+    got = first[first["method"] == "gradcam"].sort_values("k")[[f"mass_{t}" for t in TARGETS]].to_numpy()
+    np.testing.assert_allclose(got, share.numpy(), rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+def test_summaries_of_rows(tiny):
+    exp = tiny_localisation(tiny, max_images=6)
+    table = pd.DataFrame(exp.rows(range(6)))
+    summary = summarise(table, n_resamples=200)
+    assert len(summary) == 5 * 2 * 4 * 2
+    defined = summary["n"] >= 2
+    assert summary.loc[~defined, "low"].isna().all() and summary.loc[defined, "low"].notna().all()
+    s = summary[defined]
+    assert ((s["low"] <= s["mean"] + 1e-12) & (s["mean"] <= s["high"] + 1e-12)).all()
+    diffs = paired_differences(table, n_resamples=200)
+    w = diffs[(diffs["method"] == "gradcam") & (diffs["k"] == 1) & (diffs["measure"] == "mass")
+              & (diffs["target"] == "weighted") & (diffs["baseline"] == "original")]
+    d = table[(table["method"] == "gradcam") & (table["k"] == 1)]
+    assert np.isclose(w["difference"].iloc[0], (d["mass_weighted"] - d["mass_original"]).mean())
+
+
+def test_sharded_and_resumed_run_equals_a_single_run(tiny, tmp_path):
+    single = run(tiny_localisation(tiny, max_images=7), tmp_path / "single", progress=False)
+    assert run(tiny_localisation(tiny, max_images=7), tmp_path / "sharded", count=3, shards=[1], progress=False) is None
+    resumed = run(tiny_localisation(tiny, max_images=7), tmp_path / "sharded", count=3, progress=False)
+    pd.testing.assert_frame_equal(single, resumed)
+    assert single["image"].nunique() == 7
+
+
+def test_vit_gets_the_vit_methods(tiny):
+    from contrastive_explanations.training import small_vit
+    torch.manual_seed(0)
+    vit = small_vit(12).eval()
+    favour_warblers(vit.heads.head)
+    exp = tiny_localisation((tiny[0], vit), max_images=2)
+    rows = pd.DataFrame(exp.rows([0, 1]))
+    assert set(rows["method"]) == {"gradient", "vit_gradcam", "attention_rollout"} and len(rows) == 2 * 3 * 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"profile": "gpu"}, "profile must be one of"),
+    ({"model": "resnet18"}, "model must be 'small_cnn', 'small_vit' or a torch.nn.Module"),
+    ({"threshold": 1.0}, r"threshold must be a probability in \[0, 1\)"),
+    ({"max_images": -1}, "max_images must be an int >= 0"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1"),
+    ({"test": torch.zeros(2, 3, 64, 64)}, "test must be a Birds"),
+    ({"layer": "9"}, "model has no layer '9'"),
+])
+def test_experiment_bad_arguments(tiny, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_localisation(tiny, **kwargs)
