@@ -120,6 +120,12 @@ def test_peak_memory_in_a_fresh_process():
     assert m["peak_mb"] > 50 and m["growth_mb"] >= 0
 
 
+def test_peak_memory_of_a_failing_process_is_recorded_not_raised():
+    m = common.peak_memory("bench_masking", "tiny_cnn", "no-such-variant", {"device": "cpu", "batch": 2, "size": 32,
+                                                                               "threads": 1})
+    assert m["peak_mb"] is None and "exit status 1" in m["error"] and "no-such-variant" in m["error"]
+
+
 def test_run_all_quick_writes_the_summary(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--only", "masking",
                           "--threads", "1", "--out-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
