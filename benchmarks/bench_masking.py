@@ -94,13 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
         a, b = ours(*state), per_cell(*state)
         fns = {"ours": lambda: ours(*state), "per-cell": lambda: per_cell(*state)}
         seconds = common.time_all(fns, args.reps, args.device)
-        entry = {"seconds": seconds,
-                 "images_per_second": {n: args.batch / v["median"] for n, v in seconds.items()},
-                 "ratios": {"Table 1: maps per cell / maps per image": common.ratio(
-                     seconds, "per-cell", "ours", None, "7. blur/mask table",
-                     f"{results['settings']['cells']} cells, 3 methods")},
-                 "checks": {"max |difference| of r, per cell vs ours":
-                            max(float((a[n].cpu() - b[n]).abs().max()) for n in a)}}
+        ratios = {"Table 1: maps per cell / maps per image": common.ratio(
+            seconds, "per-cell", "ours", None, "7. blur/mask table", f"{results['settings']['cells']} cells, 3 methods")}
+        checks = {"max |difference| of r, per cell vs ours": max(float((a[n].cpu() - b[n]).abs().max()) for n in a)}
+        entry = common.throughput_entry(seconds, args.batch, ratios, checks)
         return common.with_memory(entry, args, "bench_masking", model_name, list(fns), options, fns)
 
     return common.measure_all(results, path, began, args.models, measure)

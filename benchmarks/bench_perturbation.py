@@ -93,14 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
         a, b = ours(model, x, t, args.n_tot)[1], review(model, x, t, args.n_tot)
         fns = {"ours": lambda: ours(model, x, t, args.n_tot), "review": lambda: review(model, x, t, args.n_tot)}
         seconds = common.time_all(fns, args.reps, args.device)
-        entry = {"seconds": seconds,
-                 "images_per_second": {n: args.batch / v["median"] for n, v in seconds.items()},
-                 "ratios": {"Figure 1: review's structure / ours (time per image)": common.ratio(
-                     seconds, "review", "ours", None, "6. input-space perturbation",
-                     f"n_tot = {args.n_tot}, 4 sign sources x 2 budgets per image")},
-                 "checks": {"share of perturbed pixel values equal in both (to 1e-6)":
-                            float(((a - b).abs() <= 1e-6).float().mean()),
-                            "max |difference| of the perturbed images": float((a - b).abs().max())}}
+        ratios = {"Figure 1: review's structure / ours (time per image)": common.ratio(
+            seconds, "review", "ours", None, "6. input-space perturbation",
+            f"n_tot = {args.n_tot}, 4 sign sources x 2 budgets per image")}
+        checks = {"share of perturbed pixel values equal in both (to 1e-6)": float(((a - b).abs() <= 1e-6).float().mean()),
+                  "max |difference| of the perturbed images": float((a - b).abs().max())}
+        entry = common.throughput_entry(seconds, args.batch, ratios, checks)
         return common.with_memory(entry, args, "bench_perturbation", model_name, list(fns), options, fns)
 
     return common.measure_all(results, path, began, args.models, measure)

@@ -122,10 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
             "Figure 6: per image and target (batch 1) / batched": R(seconds, "loop-per-image", "batched", None,
                                                                     "5. 145 targets per image", note),
         }
-        images_per_s = {n: args.batch / v["median"] for n, v in seconds.items()}
-        entry = {"seconds": seconds, "ratios": ratios, "images_per_second": images_per_s,
-                 "checks": {"batched vs loop norms, max relative difference":
-                            float(((batched - looped).abs() / looped.abs().clamp_min(1e-30)).max())}}
+        checks = {"batched vs loop norms, max relative difference":
+                  float(((batched - looped).abs() / looped.abs().clamp_min(1e-30)).max())}
+        entry = common.throughput_entry(seconds, args.batch, ratios, checks)
         return common.with_memory(entry, args, "bench_targets", model_name, ["batched", "loop"], options, fns)
 
     return common.measure_all(results, path, began, args.models, measure)

@@ -265,6 +265,12 @@ def each_model(results: dict, models: list[str], measure: Callable[[str], dict |
             torch.cuda.empty_cache()
 
 
+def throughput_entry(seconds: dict, batch: int, ratios: dict, checks: dict) -> dict:
+    "A model's results: each variant's seconds and images per second, the ratios, and the correctness checks."
+    return {"seconds": seconds, "images_per_second": {n: batch / v["median"] for n, v in seconds.items()},
+            "ratios": ratios, "checks": checks}
+
+
 def with_memory(entry: dict, args, module: str, model_name: str, names: list[str], options: dict,
                 fns: dict) -> dict:
     "entry with the peak memory of the named variants under 'peak_memory_mb', unless --no-memory."
