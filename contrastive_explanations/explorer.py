@@ -19,8 +19,8 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['STATIC_CLASS', 'METHODS', 'CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'figure_png', 'static_switcher',
-           'class_choices', 'comparison_figure', 'static_grid', 'grid_bytes', 'explain_all', 'static_explorer',
-           'parse_classes', 'explain_image', 'top_classes', 'LiveExplorer', 'main']
+           'class_choices', 'colour_range', 'comparison_figure', 'static_grid', 'grid_bytes', 'explain_all',
+           'static_explorer', 'parse_classes', 'explain_image', 'top_classes', 'LiveExplorer', 'main']
 
 # %% ../nbs/90_explorer.ipynb #969f2a41
 def figure_png(fig: Figure, # a matplotlib figure; it is closed afterwards
@@ -59,6 +59,7 @@ def static_switcher(pages: dict[str, bytes | widgets.Widget], # menu label -> PN
 # %% ../nbs/90_explorer.ipynb #fe38d9e4
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from matplotlib.colors import CenteredNorm
 from torch import Tensor, nn
@@ -86,12 +87,26 @@ def class_choices(k: int) -> dict[str, tuple[int, ...]]:
     return choices
 
 
+def colour_range(m, # a signed map (array or tensor)
+                 percentile: float = 99.5, # where the symmetric scale saturates; 100: the largest |value|
+                ) -> float:
+    "Half-range of a map's symmetric colour scale: the `percentile` of its absolute values (1.0 for a zero map)."
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}: e.g. 99.5, or 100 for the maximum")
+    a = torch.as_tensor(m).detach().float().abs().flatten().cpu().numpy()
+    if a.size == 0:
+        return 1.0
+    value = float(np.percentile(a, percentile))  # numpy: no size limit (torch.quantile stops at 16M values)
+    return value if value > 0 else (float(a.max()) or 1.0)
+
+
 def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
                       explanation: Explanation, # of this one image (batch of 1), classes (1, K), all targets
                       ranks: Sequence[int] = (0,), # which of the K explained classes to draw, one row each
                       class_names: Sequence[str] | None = None,
                       title: str = "",
                       size: float = 1.9, # inches per panel
+                      percentile: float = 99.5, # each map's colour scale saturates here (see colour_range)
                      ) -> Figure:
     "The image, then one signed map per target for each chosen class (bwr, centred on zero, over the image)."
     maps = explanation.upsampled(tuple(image.shape[-2:]))[0].float()  # (K, T, H, W)
@@ -108,7 +123,7 @@ def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
         for ax, t, target in zip(row[1:], range(T), explanation.targets):
             m = maps[k, t].numpy()
             ax.imshow(picture)
-            ax.imshow(m, cmap="bwr", norm=CenteredNorm(halfrange=float(abs(m).max()) or 1.0), alpha=0.5)
+            ax.imshow(m, cmap="bwr", norm=CenteredNorm(halfrange=colour_range(m, percentile)), alpha=0.5)
             ax.set_title(target, fontsize=8)
     for ax in axes.flat:
         ax.set_axis_off()

@@ -62,7 +62,7 @@ from torch import nn  # noqa: E402
 
 from contrastive_explanations.explorer import (LiveExplorer, class_choices, comparison_figure,  # noqa: E402
                                                explain_all, grid_bytes, main, parse_classes, static_explorer,
-                                               static_grid, STATIC_CLASS, static_switcher)
+                                               static_grid, STATIC_CLASS, static_switcher, colour_range)
 from contrastive_explanations.models import ImageClassifier, pixel_preprocess  # noqa: E402
 
 
@@ -204,3 +204,17 @@ def test_cli_writes_a_figure_and_the_top_classes(tmp_path, capsys):
     assert (tmp_path / "out" / "chelsea.png").read_bytes().startswith(b"\x89PNG")
     assert report["explained"] == [t["class"] for t in report["top"][:2]] and "cat" in report["top"][0]["name"]
     assert abs(sum(t["probability"] for t in report["top"])) <= 1.0 + 1e-6
+
+
+def test_colour_range_ignores_a_few_outlier_pixels():
+    m = torch.zeros(64, 64)
+    m[:8] = -0.25  # 512 pixels of faint negative evidence
+    m[40, 40] = 9.0  # one outlier
+    assert colour_range(m) == pytest.approx(0.25) and colour_range(m, 100) == 9.0
+    assert colour_range(m.numpy()) == colour_range(m)
+    assert colour_range(torch.zeros(5)) == 1.0 and colour_range(torch.zeros(0)) == 1.0
+    spike = torch.zeros(1000)
+    spike[0] = 2.0  # fewer non-zero values than the percentile leaves: falls back to the maximum
+    assert colour_range(spike) == 2.0
+    with pytest.raises(ValueError, match="percentile must be in"):
+        colour_range(m, 0)
