@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .birds import CLASSES, GROUPS, PART_NAMES, Birds
+from .contrasts import model_fingerprint
+from .norms import check_count
 from .results import Experiment
 
 # %% auto #0
@@ -136,12 +138,6 @@ def methods_for(model: nn.Module, # the small CNN, the small ViT, or another net
             "gradcam": GradCAM(model, layer), "xgradcam": XGradCAM(model, layer), "fullgrad": FullGrad(model)}
 
 
-def _count(name: str, value, low: int, example: str) -> int:
-    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low):
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}: pass e.g. {name}={example}")
-    return int(value)
-
-
 class Localisation(Experiment):
     "How much of each explanation of an ambiguous bird lies on the part that tells its top two classes apart."
     name = "localisation"
@@ -164,13 +160,13 @@ class Localisation(Experiment):
         if profile not in PROFILE_SETTINGS:
             raise ValueError(f"profile must be one of {', '.join(PROFILE_SETTINGS)}, got {profile!r}")
         defaults = PROFILE_SETTINGS[profile]
-        self.seed = _count("seed", seed, 0, "0")
-        self.n_test = _count("n_test", defaults["n_test"] if n_test is None else n_test, 1, "4000")
-        self.max_images = _count("max_images", defaults["max_images"] if max_images is None else max_images, 0, "300")
+        self.seed = check_count("seed", seed, 0, "0")
+        self.n_test = check_count("n_test", defaults["n_test"] if n_test is None else n_test, 1, "4000")
+        self.max_images = check_count("max_images", defaults["max_images"] if max_images is None else max_images, 0, "300")
         if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold < 1):
             raise ValueError(f"threshold must be a probability in [0, 1), got {threshold!r}: pass e.g. threshold=0.1")
         self.threshold, self.layer, self.device = float(threshold), layer, str(device)
-        self.batch_size = _count("batch_size", batch_size, 1, "50")
+        self.batch_size = check_count("batch_size", batch_size, 1, "50")
         if not (isinstance(model, nn.Module) or model in ("small_cnn", "small_vit")):
             raise ValueError(f"model must be 'small_cnn', 'small_vit' or a torch.nn.Module, got {model!r}")
         if test is not None and not isinstance(test, Birds):
@@ -212,8 +208,7 @@ class Localisation(Experiment):
                 "threshold": self.threshold, "layer": self.layer}
 
     def fingerprints(self) -> dict:
-        from contrastive_explanations.norms import state_fingerprint
-        return {"model": state_fingerprint(self.model), "data": self.test.fingerprint()}
+        return {"model": model_fingerprint(self.model), "data": self.test.fingerprint()}
 
     def __len__(self) -> int:
         return len(self.items)

@@ -5,7 +5,6 @@
 # %% ../nbs/15_norm_logit.ipynb #2cde35ff
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,18 +12,18 @@ import torch
 from torch import Tensor, nn
 
 from .explain import as_class_matrix, check_images, explaining, input_channels
+from .contrasts import dataset_fingerprint, model_fingerprint, tensor_fingerprint
 from .results import Experiment
 
 # %% auto #0
-__all__ = ['TOP_RANKS', 'MIDDLE_RANKS', 'BOTTOM_RANKS', 'SPACES', 'PROFILE_SETTINGS', 'DATASETS', 'target_ranks',
-           'ranked_classes', 'input_normalisation', 'gradient_norms', 'polyfit_r2', 'state_fingerprint',
-           'tensor_fingerprint', 'NormLogit']
+__all__ = ['TOP_RANKS', 'MIDDLE_RANKS', 'BOTTOM_RANKS', 'SPACES', 'PROFILE_SETTINGS', 'DATASETS', 'check_count', 'target_ranks',
+           'ranked_classes', 'input_normalisation', 'gradient_norms', 'polyfit_r2', 'NormLogit']
 
 # %% ../nbs/15_norm_logit.ipynb #61e7f103
 TOP_RANKS, MIDDLE_RANKS, BOTTOM_RANKS = 50, 45, 50  # the review's 145 targets per image
 
 
-def _check_count(name: str, value, low: int, example: str) -> int:
+def check_count(name: str, value, low: int, example: str) -> int:  # also used by 16_localisation
     "`value` as an int >= low, or a ValueError naming the argument, the value and a fix."
     if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low):
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}: pass e.g. {name}={example}")
@@ -34,7 +33,7 @@ def _check_count(name: str, value, low: int, example: str) -> int:
 def target_ranks(num_classes: int, # C, the number of classes
                 ) -> np.ndarray: # (min(C, 145),) sorted distinct ranks in [0, C); rank 0 holds the largest logit
     "The review's logit ranks: the 50 highest, 45 spread over the middle (every 20th for C = 1000), the 50 lowest."
-    C = _check_count("num_classes", num_classes, 2, "1000")
+    C = check_count("num_classes", num_classes, 2, "1000")
     if C <= TOP_RANKS + MIDDLE_RANKS + BOTTOM_RANKS:
         return np.arange(C)
     middle = TOP_RANKS + np.arange(MIDDLE_RANKS) * (C - TOP_RANKS - BOTTOM_RANKS) // MIDDLE_RANKS
@@ -79,7 +78,7 @@ def gradient_norms(model: nn.Module,
                    normalisation: tuple[Tensor, Tensor] | None = None, # (mean, std) from `input_normalisation`
                   ) -> tuple[Tensor, Tensor, Tensor]: # norms (B, K), gradient terms (B, K), logits (B, C)
     "||grad_z y_k|| over all channels and pixels and grad_z y_k . z, K classes per image: one forward, chunked backward."
-    chunk = _check_count("chunk", chunk, 1, "8")
+    chunk = check_count("chunk", chunk, 1, "8")
     if not (isinstance(classes, Tensor) and classes.ndim == 2 and classes.shape[1] >= 1):
         raise ValueError(f"classes must be a (batch, K) tensor of class indices with K >= 1, got "
                          f"{getattr(classes, 'shape', type(classes).__name__)}: pass e.g. ranked_classes(logits, ranks)")
@@ -116,7 +115,7 @@ def polyfit_r2(x: np.ndarray, # (n,) abscissae, e.g. logits
                degree: int = 2,
               ) -> tuple[np.ndarray, float]: # coefficients (highest power first, as numpy.polyfit) and R^2
     "Least-squares polynomial of `degree` (numpy.polyfit) and its coefficient of determination R^2."
-    degree = _check_count("degree", degree, 0, "2")
+    degree = check_count("degree", degree, 0, "2")
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.ndim != 1 or x.shape != y.shape:
         raise ValueError(f"x and y must be 1-D arrays of the same length, got shapes {x.shape} and {y.shape}: "
@@ -138,22 +137,6 @@ PROFILE_SETTINGS: dict[str, dict] = {  # defaults of NormLogit per profile
     "paper": {"model": "vgg16", "dataset": "imagenet", "n_images": 1000},  # the review's network and data
 }
 DATASETS = ("packaged", "imagenet", "birds")
-
-
-def state_fingerprint(model: nn.Module) -> str:
-    "A short sha256 of a model's parameters and buffers (names, shapes and values)."
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def tensor_fingerprint(t: Tensor) -> str:
-    "A short sha256 of a tensor's dtype, shape and values."
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class NormLogit(Experiment):
@@ -179,10 +162,10 @@ class NormLogit(Experiment):
         defaults = PROFILE_SETTINGS[profile]
         model = defaults["model"] if model is None else model
         dataset = defaults["dataset"] if dataset is None else dataset
-        self.n_images = _check_count("n_images", defaults["n_images"] if n_images is None else n_images, 1, "100")
-        self.seed = _check_count("seed", seed, 0, "0")
-        self.chunk = _check_count("chunk", chunk, 1, "8")
-        self.batch_size = _check_count("batch_size", batch_size, 1, "1")
+        self.n_images = check_count("n_images", defaults["n_images"] if n_images is None else n_images, 1, "100")
+        self.seed = check_count("seed", seed, 0, "0")
+        self.chunk = check_count("chunk", chunk, 1, "8")
+        self.batch_size = check_count("batch_size", batch_size, 1, "1")
         input_normalisation(nn.Identity(), space)  # checks the name
         self.space, self.device, self.data_root = space, str(device), str(data_root)
         if not isinstance(dataset, Tensor) and dataset not in DATASETS:
@@ -220,8 +203,7 @@ class NormLogit(Experiment):
             from contrastive_explanations.datasets import packaged_photos
             self.dataset, self._data = "packaged", packaged_photos()
             self._names = self._data.classes
-            self._data_key = hashlib.sha256(b"".join(p.name.encode() + p.path.read_bytes()
-                                                     for p in self._data.photos)).hexdigest()[:16]
+            self._data_key = dataset_fingerprint(self._data)
         self._count = len(self._images) if self._images is not None else len(self._data)
 
     def _open_model(self, model, birds, download: bool) -> None:
@@ -244,7 +226,7 @@ class NormLogit(Experiment):
                 "space": self.space}
 
     def fingerprints(self) -> dict:
-        return {"model": state_fingerprint(self.model), "data": self._data_key}
+        return {"model": model_fingerprint(self.model), "data": self._data_key}
 
     def __len__(self) -> int:
         return self.n_images
