@@ -1,13 +1,16 @@
 """Where a GPU call of the library waits for the device: count host-device synchronisations in one GradCAM call,
-and time it with the class-index range check (`contrast.as_classes`) made sync-free, against a no-grad forward.
+and time it against a no-grad forward, with the value checks read once at the end of the call (the library's way,
+`contrast.deferred_checks`) and read at once where they are made (the way before it).
 
-    python benchmarks/profile_sync.py --model vgg16_bn --batch 64      # on a machine with a GPU
+    python benchmarks/profile_sync.py --models vgg16_bn vit_b_16 --batch 64 --out sync-cuda.json   # with a GPU
 
 A diagnostic for the 'weighted GradCAM vs no-grad forward' ratio on a GPU; it changes nothing in the library.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import sys
 import time
@@ -18,17 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-import contrastive_explanations.contrast as contrast  # noqa: E402
 import contrastive_explanations.explain as explain  # noqa: E402
-from contrastive_explanations.cam import GradCAM  # noqa: E402
+from bench_methods import methods_of  # noqa: E402
 
-checked = contrast.as_classes
+deferred = explain.deferred_checks
 
 
-def unchecked(t, logits):
-    "as_classes without the value-range check, the only part that needs the values on the host."
-    t = torch.as_tensor(t, device=logits.device)
-    return (t.expand(logits.shape[0]) if t.ndim == 0 else t).long()
+def at_once(*args, **kwargs):
+    "No deferred_checks block: every check_later reads its verdict where it is made."
+    return contextlib.nullcontext()
 
 
 def median_ms(fn, reps=20):
@@ -42,35 +43,55 @@ def median_ms(fn, reps=20):
     return statistics.median(out[3:])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="vgg16_bn")
-    p.add_argument("--batch", type=int, default=64)
-    a = p.parse_args()
-    model = common.build(a.model, "cuda")
-    x = common.images(a.batch, 224, "cuda")
-    with torch.no_grad():
-        t = model(x).argmax(1)
-    g = GradCAM(model)
-    g(x, t, "weighted")
+def synchronisations(fn) -> list[str]:
+    "The synchronising calls torch reports while fn runs."
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        g(x, t, "weighted")
-    torch.cuda.set_sync_debug_mode(0)
-    print(f"{a.model}: {len(caught)} synchronising calls in one GradCAM call")
-    for w in caught[:8]:
-        print("   ", str(w.message).splitlines()[0][:150])
-    forward = lambda: torch.no_grad()(model)(x)  # noqa: E731
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [str(w.message).splitlines()[0][:150] for w in caught]
+
+
+def profile(name: str, batch: int) -> dict:
+    model = common.build(name, "cuda")
+    x = common.images(batch, 224, "cuda")
+    with torch.no_grad():
+        t = model(x).argmax(1)
+    g = methods_of(model)["gradcam"]  # GradCAM, or ViTGradCAM for a ViT
     call = lambda: g(x, t, "weighted")  # noqa: E731
-    timing = {"forward": median_ms(forward), "gradcam (library)": median_ms(call)}
-    contrast.as_classes = explain.as_classes = unchecked
-    timing["gradcam, range check without sync"] = median_ms(call)
-    contrast.as_classes = explain.as_classes = checked
-    timing["gradcam (library), again"] = median_ms(call)
-    for k, v in timing.items():
-        print(f"    {k:40s} {v:7.2f} ms  ({v / timing['forward']:.2f}x forward)")
+    forward = lambda: torch.no_grad()(model)(x)  # noqa: E731
+    call()
+    entry = {"model": name, "batch": batch, "synchronisations": {"library": synchronisations(call)}}
+    explain.deferred_checks = at_once
+    entry["synchronisations"]["checks read at once"] = synchronisations(call)
+    explain.deferred_checks = deferred
+    ms = {"forward": median_ms(forward), "gradcam (library)": median_ms(call)}
+    explain.deferred_checks = at_once
+    ms["gradcam, checks read at once"] = median_ms(call)
+    explain.deferred_checks = deferred
+    ms["gradcam (library), again"] = median_ms(call)
+    entry["median_ms"] = ms
+    print(f"{name}, batch {batch}:")
+    for k, v in entry["synchronisations"].items():
+        print(f"    {len(v)} synchronising calls, {k}: " + "; ".join(v)[:300])
+    for k, v in ms.items():
+        print(f"    {k:40s} {v:7.2f} ms  ({v / ms['forward']:.2f}x forward)")
+    return entry
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["vgg16_bn"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--out", type=Path, help="write the counts and timings here as JSON")
+    a = p.parse_args()
+    results = {"machine": common.machine("cuda"), "models": [profile(m, a.batch) for m in a.models]}
+    if a.out:
+        a.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

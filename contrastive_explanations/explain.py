@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contrast import Target, as_classes, get_target
+from .contrast import Target, as_classes, check_later, deferred_checks, get_target
 
 # %% auto #0
-__all__ = ['check_images', 'input_channels', 'as_class_matrix', 'as_targets', 'objectives', 'batched_grad', 'explaining',
-           'find_layer', 'leaf_output', 'Explanation', 'Method', 'default_layer', 'ActivationMethod']
+__all__ = ['check_images', 'input_channels', 'as_class_matrix', 'classes_to', 'as_targets', 'objectives', 'batched_grad',
+           'explaining', 'find_layer', 'leaf_output', 'Explanation', 'Method', 'default_layer', 'ActivationMethod']
 
 # %% ../nbs/01_explain.ipynb #6be0fb71
 def check_images(x: Tensor, # (B, C, H, W) images in [0, 1]
@@ -34,8 +34,8 @@ def check_images(x: Tensor, # (B, C, H, W) images in [0, 1]
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"x has {x.shape[1]} channels but the model expects {channels}: "
                          "pass images as (B, C, H, W), channels first")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or inf values: explanations need finite inputs")
+    check_later(torch.isfinite(x).all(),  # read at once, or at the end of a deferred_checks block
+                lambda: ValueError("x contains NaN or inf values: explanations need finite inputs"))
 
 
 def input_channels(model: nn.Module) -> int | None:
@@ -57,6 +57,18 @@ def as_class_matrix(classes: Tensor | int | Sequence[int] | None, # None, an int
                              "pass one row of class indices per sample")
         return torch.stack([as_classes(c, logits) for c in classes.T], 1)
     return as_classes(classes, logits)[:, None]
+
+
+def classes_to(classes: Tensor | int | Sequence[int] | None, device: torch.device) -> Tensor | None:
+    "The classes as a tensor on `device`, copied without making the host wait for the device (pinned memory)."
+    if classes is None:
+        return None
+    t = torch.as_tensor(classes)
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def as_targets(targets: Target | str | Sequence[Target | str]) -> tuple[Target, ...]:
@@ -187,11 +199,11 @@ class Method:
                  targets: Target | str | Sequence[Target | str] = "weighted", # one target or several
                 ) -> Explanation:
         "Explain `classes` of `x` under each of `targets`, with one forward and one (batched) backward pass."
-        check_images(x, self.channels)
-        targets = as_targets(targets)
-        dtype = next(self.model.parameters(), x).dtype
-        with explaining(self.model):
-            logits, wrt = self._forward(x.detach().to(dtype))
+        with deferred_checks(), explaining(self.model):  # on a GPU, the value checks are read once, at the end
+            check_images(x, self.channels)
+            targets = as_targets(targets)
+            classes = classes_to(classes, x.device)  # before the forward pass is queued: the copy waits for nothing
+            logits, wrt = self._forward(x.detach().to(next(self.model.parameters(), x).dtype))
             classes = as_class_matrix(classes, logits)
             grads = batched_grad(objectives(logits, classes, targets), wrt)  # (B, K*T, ...), or a tuple of them
             maps = self._maps(grads, wrt.detach() if isinstance(wrt, Tensor) else tuple(w.detach() for w in wrt))

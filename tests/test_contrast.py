@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contrastive_explanations.contrast import (TARGETS, MaxTarget, MeanTarget, OriginalTarget, Target,
-                                               WeightedLogTarget, WeightedTarget, as_classes, explicit_contrast,
-                                               get_target, other_class_weights)
+                                               WeightedLogTarget, WeightedTarget, as_classes, check_later,
+                                               deferred_checks, explicit_contrast, get_target, other_class_weights)
 
 
 def per_class_gradients(net, x, C):
@@ -170,3 +170,51 @@ def test_a_logit_gap_of_100_keeps_the_target_class_in_the_contrast(dtype):
     assert g[0, 0].item() == pytest.approx(one_minus_p, rel=rel, abs=0)
     assert g[0, 1:].double().tolist() == pytest.approx((-rest / (1 + rest.sum())).tolist(), rel=rel, abs=0)
     assert WeightedLogTarget().scale(y.detach(), 0).item() == pytest.approx(one_minus_p, rel=rel, abs=0)
+
+
+# ---- value checks read later (the GPU path, exercised on the CPU with include_cpu=True) ----------------------------
+
+def test_check_later_reads_at_once_outside_a_block():
+    with pytest.raises(ValueError, match="bad"):
+        check_later(torch.tensor(False), lambda: ValueError("bad"))
+    assert check_later(torch.tensor(True), lambda: ValueError("bad")) is False
+
+
+def test_a_cpu_verdict_is_read_at_once_even_inside_a_block():
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\), got values from 1 to 7"):
+        with deferred_checks():
+            as_classes(torch.tensor([1, 7]), torch.randn(2, 5))
+            pytest.fail("a CPU verdict should have been read at once")
+
+
+def test_a_deferred_class_check_clamps_until_the_end_of_the_block():
+    reached = []
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\), got values from -2 to 7"):  # the values as given
+        with deferred_checks(include_cpu=True):
+            t = as_classes(torch.tensor([-2, 7, 3]), torch.randn(3, 5))
+            reached.append(t.tolist())
+    assert reached == [[0, 4, 3]]  # in bounds for the computation, and the block ran to its end
+
+
+def test_deferred_checks_raise_the_first_failure_and_only_once_per_block():
+    with pytest.raises(ValueError, match="first"):
+        with deferred_checks(include_cpu=True):
+            assert check_later(torch.tensor(True), lambda: ValueError("passed"))
+            check_later(torch.tensor(False), lambda: ValueError("first"))
+            with deferred_checks():  # nested blocks join the outermost
+                check_later(torch.tensor(False), lambda: ValueError("second"))
+    with deferred_checks(include_cpu=True):  # all pass: nothing raised, and the queue does not leak into the next
+        check_later(torch.tensor(True), lambda: ValueError("never"))
+    assert check_later(torch.tensor(True), lambda: ValueError("never")) is False
+
+
+def test_a_failed_check_explains_an_error_it_caused():
+    with pytest.raises(ValueError, match="the real cause") as info:
+        with deferred_checks(include_cpu=True):
+            check_later(torch.tensor(False), lambda: ValueError("the real cause"))
+            raise RuntimeError("a consequence")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError, match="unrelated"):  # with every check passing, the block's own error stands
+        with deferred_checks(include_cpu=True):
+            check_later(torch.tensor(True), lambda: ValueError("never"))
+            raise RuntimeError("unrelated")

@@ -3,6 +3,8 @@
 Skipped where no CUDA device is present (the CI machine has none); run `pytest -m gpu` on a GPU machine."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -55,3 +57,43 @@ def test_cuda_bfloat16_is_close_to_float32(make, Method, kwargs):
     assert torch.isfinite(half).all()
     cos = nn.functional.cosine_similarity(half.flatten(2), ref.flatten(2), dim=-1)
     assert cos.min() > 0.9, cos
+
+
+def synchronisations(fn) -> list[str]:
+    "The host-device synchronisations torch reports while fn runs (torch.cuda.set_sync_debug_mode)."
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+
+
+@pytest.mark.parametrize("make,Method,kwargs", CASES, ids=lambda v: getattr(v, "__name__", ""))
+def test_a_call_waits_for_the_gpu_once_at_its_end(make, Method, kwargs):
+    "The class-range and finiteness checks are read together, after the backward pass is queued (nbs/00_contrast)."
+    model = make().cuda()
+    method, x = Method(model, **kwargs), torch.rand(4, 3, 32, 32, device="cuda")
+    method(x, None, TARGETS)  # warm-up: first calls initialise cuBLAS and friends
+    for classes in (None, torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], device="cuda"), [1, 2, 3, 4], 5):
+        syncs = synchronisations(lambda: method(x, classes, TARGETS))
+        assert len(syncs) <= 1, syncs
+
+
+@pytest.mark.parametrize("make,Method,kwargs", CASES[:3] + CASES[-1:], ids=lambda v: getattr(v, "__name__", ""))
+def test_bad_values_on_the_gpu_raise_clear_errors_and_leave_the_device_usable(make, Method, kwargs):
+    model = make().cuda()
+    method, x = Method(model, **kwargs), torch.rand(2, 3, 32, 32, device="cuda")
+    with pytest.raises(ValueError, match=r"must lie in \[0, 10\), got values from 3 to 10"):
+        method(x, torch.tensor([3, 10], device="cuda"))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 10\), got values from -1 to 2"):
+        method(x, torch.tensor([[-1, 2], [0, 1]], device="cuda"))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        method(x.masked_fill(x > 0.9, float("nan")), None)
+    e = method(x, torch.tensor([3, 9], device="cuda"))  # no device-side assert poisoned the context
+    assert torch.isfinite(e.maps).all() and e.classes[:, 0].tolist() == [3, 9]
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from contrastive_explanations.cam import GradCAM, LinearApproximation, XGradCAM
-from contrastive_explanations.contrast import TARGETS, explicit_contrast
+from contrastive_explanations.contrast import TARGETS, deferred_checks, explicit_contrast
 from contrastive_explanations.explain import Explanation, default_layer
 from contrastive_explanations.gradient import Gradient
 
@@ -261,3 +261,22 @@ def test_linear_approximation_at_the_input_agrees_with_captum_input_x_gradient()
 def test_a_target_that_is_neither_a_target_nor_a_name_is_refused():
     with pytest.raises(TypeError, match="a target is a Target or one of the names.*subclass Target"):
         Gradient(tiny_cnn(3, 0))(torch.rand(1, 3, 6, 6, dtype=torch.float64), 0, lambda logits, t: logits[:, 0])
+
+
+@pytest.mark.parametrize("Method", METHODS)
+def test_checks_read_at_the_end_of_the_call_give_the_same_maps_and_errors(Method):
+    "The GPU path (value checks queued, read once at the end), run on the CPU with include_cpu=True."
+    net = tiny_cnn(4, 0)
+    method, x = make(Method, net), torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    now = method(x, torch.tensor([[1, 3], [0, 2]]), list(TARGETS)).maps
+    with deferred_checks(include_cpu=True):
+        later = method(x, torch.tensor([[1, 3], [0, 2]]), list(TARGETS)).maps
+    torch.testing.assert_close(later, now, rtol=0, atol=0)
+    for classes, x_bad, message in [(torch.tensor([0, 4]), x, r"must lie in \[0, 4\), got values from 0 to 4"),
+                                    ([[-1, 0], [1, 2]], x, r"must lie in \[0, 4\), got values from -1 to 1"),
+                                    (None, x.masked_fill(x > 0.5, float("inf")), "NaN or inf")]:
+        with pytest.raises(ValueError, match=message):
+            with deferred_checks(include_cpu=True):
+                method(x_bad, classes, list(TARGETS))
+    assert all(p.grad is None and p.requires_grad for p in net.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in net.modules())
