@@ -21,6 +21,6 @@ echo "==> benchmarks/profile_sync.py"
 echo "==> benchmarks/run_all.py"
 # a partial rerun merges into the run summary it finds in the out-dir
 [ -f benchmarks/results/run-cuda.json ] && cp benchmarks/results/run-cuda.json "$OUT/"
-"$PY" benchmarks/run_all.py --device cuda --models vgg16_bn vit_b_16 --batch 64 --chunk 5 --reps 5 \
+"$PY" benchmarks/run_all.py --device cuda --models vgg16_bn vit_b_16 --batch 64 --chunk 5 --perturbation-batch 8 --reps 5 \
     --only ${BENCHMARKS:-methods peers targets} --out-dir "$OUT" --max-load 1000 || status=1
 exit $status
