@@ -11,7 +11,7 @@ from torch import nn
 
 from contrastive_explanations.cam import GradCAM, LinearApproximation, XGradCAM
 from contrastive_explanations.contrast import TARGETS, deferred_checks, explicit_contrast
-from contrastive_explanations.explain import Explanation, default_layer
+from contrastive_explanations.explain import Explanation, classes_to, default_layer
 from contrastive_explanations.gradient import Gradient
 
 METHODS = [Gradient, LinearApproximation, GradCAM, XGradCAM]
@@ -280,3 +280,13 @@ def test_checks_read_at_the_end_of_the_call_give_the_same_maps_and_errors(Method
                 method(x_bad, classes, list(TARGETS))
     assert all(p.grad is None and p.requires_grad for p in net.parameters())
     assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in net.modules())
+
+
+def test_classes_to_copies_only_what_is_not_on_the_device():
+    t = torch.tensor([1, 2])
+    assert classes_to(t, torch.device("cpu")) is t
+    assert classes_to(None, torch.device("cpu")) is None
+    listed = classes_to([[1, 2], [3, 4]], torch.device("cpu"))
+    assert listed.tolist() == [[1, 2], [3, 4]] and listed.dtype == torch.int64
+    moved = classes_to(t, torch.device("meta"))  # another device: copied (CUDA goes through pinned memory)
+    assert moved.device.type == "meta" and moved.shape == (2,)
