@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,6 +81,19 @@ def images(batch: int, size: int, device: str = "cpu", seed: int = 0) -> torch.T
 def synchronize(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def synchronisations(fn: Callable) -> list[str]:
+    "The host-device synchronisations torch reports (torch.cuda.set_sync_debug_mode) while fn runs on a GPU."
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [str(w.message).splitlines()[0][:150] for w in caught if "synchroniz" in str(w.message).lower()]
 
 
 def time_all(fns: dict[str, Callable], reps: int, device: str = "cpu",

@@ -3,7 +3,8 @@
 Skipped where no CUDA device is present (the CI machine has none); run `pytest -m gpu` on a GPU machine."""
 from __future__ import annotations
 
-import warnings
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from contrastive_explanations.cam import GradCAM, LinearApproximation, XGradCAM
 from contrastive_explanations.fullgrad import FullGrad
 from contrastive_explanations.gradient import Gradient
 from contrastive_explanations.vit import AttentionRollout, ViTGradCAM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import synchronisations  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 TARGETS = ["original", "mean", "max", "weighted", "weighted_log"]
@@ -74,25 +78,13 @@ def test_cuda_bfloat16_is_close_to_float32(make, Method, kwargs):
     assert cos.min() > 0.9, cos
 
 
-def synchronisations(fn) -> list[str]:
-    "The host-device synchronisations torch reports while fn runs (torch.cuda.set_sync_debug_mode)."
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    return [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
-
-
 @pytest.mark.parametrize("make,Method,kwargs", CASES, ids=lambda v: getattr(v, "__name__", ""))
 def test_a_call_waits_for_the_gpu_once_at_its_end(make, Method, kwargs):
     "The class-range and finiteness checks are read together, after the backward pass is queued (nbs/00_contrast)."
     model = make().cuda()
     method, x = Method(model, **kwargs), torch.rand(4, 3, 32, 32, device="cuda")
     method(x, None, TARGETS)  # warm-up: first calls initialise cuBLAS and friends
+    assert synchronisations(lambda: torch.ones(1, device="cuda").item())  # the detector sees a plain read-back
     for classes in (None, torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], device="cuda"), [1, 2, 3, 4], 5):
         syncs = synchronisations(lambda: method(x, classes, TARGETS))
         assert len(syncs) <= 1, syncs
