@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from contrastive_explanations.masking import (BASELINES, EXPLANATIONS, FEATURES, METHODS, VARIANTS,  # noqa: E402
+from contrastive_explanations.experiments.masking import (BASELINES, EXPLANATIONS, FEATURES, METHODS, VARIANTS,  # noqa: E402
                                               baseline_images, blur_settings, explain_pairs, keep_masks,
                                               masking_scores, relative_probability)
-from contrastive_explanations.training import small_cnn  # noqa: E402
+from contrastive_explanations.data.training import small_cnn  # noqa: E402
 
 LAYERS = {"small_cnn": "3.0"}  # the embedded chapter's layer (its last convolution); other networks use their default layer
 

@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from contrastive_explanations.cam import GradCAM, LinearApproximation, XGradCAM  # noqa: E402
-from contrastive_explanations.contrast import WeightedTarget, get_target, other_class_weights  # noqa: E402
-from contrastive_explanations.explain import explaining, leaf_output  # noqa: E402
-from contrastive_explanations.gradient import Gradient  # noqa: E402
-from contrastive_explanations.vit import ViTGradCAM  # noqa: E402
+from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM  # noqa: E402
+from contrastive_explanations.methods.targets import WeightedTarget, get_target, other_class_weights  # noqa: E402
+from contrastive_explanations.methods.explain import explaining, leaf_output  # noqa: E402
+from contrastive_explanations.methods.gradient import Gradient  # noqa: E402
+from contrastive_explanations.methods.vit import ViTGradCAM  # noqa: E402
 
 TWELVE = ["original", "weighted", "mean", "max"]  # x top-3 classes
 MEMORY_GOALS = {"gradcam/weighted": ("<=", 1.10), "gradcam/12maps": ("<=", 1.10)}  # issue 3 (e): peak / no-grad forward

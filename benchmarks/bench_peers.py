@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_methods import TWELVE  # noqa: E402
-from contrastive_explanations.cam import GradCAM  # noqa: E402
-from contrastive_explanations.explain import default_layer, find_layer  # noqa: E402
+from contrastive_explanations.methods.cam import GradCAM  # noqa: E402
+from contrastive_explanations.methods.explain import default_layer, find_layer  # noqa: E402
 
 
 def contrast_forwards(model: torch.nn.Module) -> dict:

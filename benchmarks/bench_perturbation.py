@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from contrastive_explanations.explain import explaining  # noqa: E402
-from contrastive_explanations.perturbation import (EPSILONS, SOURCES, perturb, perturbation_bounds,  # noqa: E402
+from contrastive_explanations.methods.explain import explaining  # noqa: E402
+from contrastive_explanations.experiments.perturbation import (EPSILONS, SOURCES, perturb, perturbation_bounds,  # noqa: E402
                                                    perturbation_step, sign_targets)
 
 

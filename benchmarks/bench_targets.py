@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from contrastive_explanations.explain import explaining  # noqa: E402
-from contrastive_explanations.gradient import Gradient  # noqa: E402
+from contrastive_explanations.methods.explain import explaining  # noqa: E402
+from contrastive_explanations.methods.gradient import Gradient  # noqa: E402
 
 N_CLASSES = 145  # the target classes of Figure 6
 

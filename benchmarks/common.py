@@ -50,7 +50,7 @@ def build(name: str, device: str = "cpu") -> nn.Module:
     "A network by name, in eval mode on `device`: Lite0 with its real weights, the others random (timing only)."
     torch.manual_seed(0)
     if name == "efficientnet_lite0":
-        from contrastive_explanations.models import efficientnet_lite0
+        from contrastive_explanations.data.models import efficientnet_lite0
         model = efficientnet_lite0()
     elif name == TINY:
         model = TinyCNN()

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-import contrastive_explanations.explain as explain  # noqa: E402
+import contrastive_explanations.methods.explain as explain  # noqa: E402
 from bench_methods import methods_of  # noqa: E402
 
 

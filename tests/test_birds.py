@@ -1,4 +1,4 @@
-"""The generated fine-grained dataset (nbs/07_birds.ipynb): determinism, ground truth, one discriminating part per
+"""The generated fine-grained dataset (nbs/08_birds.ipynb): determinism, ground truth, one discriminating part per
 group, ambiguity rates, splits, the Dataset view and bad input."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from contrastive_explanations.birds import (CHUNK, CLASSES, GROUPS, PART_NAMES, Birds, BirdSpec, BirdsDataset,
+from contrastive_explanations.data.birds import (CHUNK, CLASSES, GROUPS, PART_NAMES, Birds, BirdSpec, BirdsDataset,
                                             birds_splits, generate_birds, split_seed)
 
 N = 1500

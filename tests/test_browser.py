@@ -115,7 +115,7 @@ def _open(page, base_url: str, path: str):
 
 sys.path.insert(0, str(ROOT / "tools"))
 from build_book import toc_chapters  # noqa: E402
-from contrastive_explanations.explorer import STATIC_CLASS  # noqa: E402
+from contrastive_explanations.viz import STATIC_CLASS  # noqa: E402
 
 PAGES = ["index.html", *(f"executed/{chapter}.html" for chapter in toc_chapters(ROOT))]
 
@@ -135,7 +135,7 @@ MAX_PAGE_MB = 15
 
 
 def test_every_explorer_chapter_is_tested():
-    assert {"00_contrast", "90_explorer"} <= set(EXPLORER_CHAPTERS), EXPLORER_CHAPTERS
+    assert {"01_targets", "22_explorer"} <= set(EXPLORER_CHAPTERS), EXPLORER_CHAPTERS
 
 
 @pytest.mark.parametrize("chapter", EXPLORER_CHAPTERS)
@@ -174,7 +174,7 @@ def test_static_explorer_controls_change_the_picture(page, base_url, site, chapt
 
 
 def test_mathjax_renders_the_equations(page, base_url):
-    _open(page, base_url, "executed/00_contrast.html")
+    _open(page, base_url, "executed/01_targets.html")
     rendered = page.evaluate("() => document.querySelectorAll('mjx-container').length")
     raw = page.evaluate("() => document.querySelectorAll('div.math:not(:has(mjx-container))').length")
     assert rendered >= 10 and raw == 0, f"{rendered} formulas rendered, {raw} display equations left raw"

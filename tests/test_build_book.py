@@ -113,7 +113,7 @@ def test_toc_entry_without_a_notebook_is_reported(book, capsys):
 
 def test_the_real_toc_lists_existing_notebooks():
     chapters = build_book.toc_chapters(ROOT)
-    assert chapters[0] == "index" and "00_contrast" in chapters
+    assert chapters[0] == "index" and "01_targets" in chapters
 
 
 def test_without_npm_the_book_falls_back_to_the_cdns_and_says_so_once(tmp_path, monkeypatch, capsys):

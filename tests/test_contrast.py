@@ -1,4 +1,4 @@
-"""Properties of the contrastive targets (nbs/00_contrast.ipynb), on random networks and logits."""
+"""Properties of the contrastive targets (nbs/01_targets.ipynb), on random networks and logits."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastive_explanations.contrast import (TARGETS, MaxTarget, MeanTarget, OriginalTarget, Target,
+from contrastive_explanations.methods.targets import (TARGETS, MaxTarget, MeanTarget, OriginalTarget, Target,
                                                WeightedLogTarget, WeightedTarget, as_classes, check_later,
                                                deferred_checks, explicit_contrast, get_target, other_class_weights)
 

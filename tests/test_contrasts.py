@@ -1,4 +1,4 @@
-"""Mean, max and weighted contrasts side by side (nbs/13_contrasts.ipynb): every contrast from one backward pass
+"""Mean, max and weighted contrasts side by side (nbs/16_contrasts.ipynb): every contrast from one backward pass
 against explicit per-class loops, the centred-logit and weighted-max propositions, the measures, the bootstrap,
 the choice of ambiguous images, bad input, the paper profile without data, and sharded + resumed runs."""
 from __future__ import annotations
@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from contrastive_explanations.cam import GradCAM, LinearApproximation, XGradCAM
-from contrastive_explanations.contrasts import (PAIRS, Contrasts, MeanVariantTarget, Source, ambiguous_items,
+from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
+from contrastive_explanations.experiments.contrasts import (PAIRS, Contrasts, MeanVariantTarget, Source, ambiguous_items,
                                                 bootstrap_interval, cosine, interval_text, mask_share,
                                                 positive_share, summarise)
-from contrastive_explanations.datasets import DatasetNotFoundError, write_fixture
-from contrastive_explanations.explain import find_layer, leaf_output
+from contrastive_explanations.data.datasets import DatasetNotFoundError, write_fixture
+from contrastive_explanations.methods.explain import find_layer, leaf_output
 from contrastive_explanations.results import load_results, run
 
 SETTINGS = settings(max_examples=8, deadline=None)

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from contrastive_explanations.cam import GradCAM, LinearApproximation, XGradCAM
-from contrastive_explanations.fullgrad import FullGrad
-from contrastive_explanations.gradient import Gradient
-from contrastive_explanations.vit import AttentionRollout, ViTGradCAM
+from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
+from contrastive_explanations.methods.fullgrad import FullGrad
+from contrastive_explanations.methods.gradient import Gradient
+from contrastive_explanations.methods.vit import AttentionRollout, ViTGradCAM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import synchronisations  # noqa: E402
@@ -80,7 +80,7 @@ def test_cuda_bfloat16_is_close_to_float32(make, Method, kwargs):
 
 @pytest.mark.parametrize("make,Method,kwargs", CASES, ids=lambda v: getattr(v, "__name__", ""))
 def test_a_call_waits_for_the_gpu_once_at_its_end(make, Method, kwargs):
-    "The class-range and finiteness checks are read together, after the backward pass is queued (nbs/00_contrast)."
+    "The class-range and finiteness checks are read together, after the backward pass is queued (nbs/01_targets)."
     model = make().cuda()
     method, x = Method(model, **kwargs), torch.rand(4, 3, 32, 32, device="cuda")
     method(x, None, TARGETS)  # warm-up: first calls initialise cuBLAS and friends

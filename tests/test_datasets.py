@@ -1,4 +1,4 @@
-"""Dataset loaders (nbs/08_datasets.ipynb) on tiny fixtures written here, by hand, in the official layouts."""
+"""Dataset loaders (nbs/09_datasets.ipynb) on tiny fixtures written here, by hand, in the official layouts."""
 from __future__ import annotations
 
 import hashlib
@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import torchvision.datasets.imagenet as tv_imagenet
-from contrastive_explanations.datasets import (PHOTOS, DatasetNotFoundError, ImageDataset, ImageReadError,
+from contrastive_explanations.data.datasets import (PHOTOS, DatasetNotFoundError, ImageDataset, ImageReadError,
                                                SkippedImagesWarning, cub200, food101, imagenet, load_dataset,
                                                packaged_photos, read_rgb, to_rgb, write_fixture)
-from contrastive_explanations.models import imagenet_categories
+from contrastive_explanations.data.models import imagenet_categories
 
 
 # ---------------------------------------------------------------- helpers

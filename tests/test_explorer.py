@@ -1,4 +1,4 @@
-"""The static class switcher (nbs/90_explorer.ipynb): structure, link, bad input. Its browser behaviour is
+"""The static class switcher (nbs/22_explorer.ipynb): structure, link, bad input. Its browser behaviour is
 tested on the built book in test_browser.py."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from contrastive_explanations.explorer import figure_png, static_switcher  # noqa: E402
+from contrastive_explanations.viz import figure_png, static_switcher  # noqa: E402
 
 
 def png(color: str) -> bytes:
@@ -60,10 +60,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
-from contrastive_explanations.explorer import (LiveExplorer, class_choices, comparison_figure,  # noqa: E402
-                                               explain_all, grid_bytes, main, parse_classes, static_explorer,
-                                               static_grid, STATIC_CLASS, static_switcher, colour_range)
-from contrastive_explanations.models import ImageClassifier, pixel_preprocess  # noqa: E402
+from contrastive_explanations.explorer import (LiveExplorer, class_choices, explain_all, main,  # noqa: E402
+                                               parse_classes, static_explorer)
+from contrastive_explanations.viz import (STATIC_CLASS, colour_range, comparison_figure, grid_bytes,  # noqa: E402
+                                          static_grid, static_switcher)
+from contrastive_explanations.data.models import ImageClassifier, pixel_preprocess  # noqa: E402
 
 
 def tiny_classifier(classes: int = 5) -> ImageClassifier:

@@ -1,4 +1,4 @@
-"""Properties of FullGrad (nbs/04_fullgrad.ipynb): the raw sum is linear, the normalised one contrasts inside psi,
+"""Properties of FullGrad (nbs/05_fullgrad.ipynb): the raw sum is linear, the normalised one contrasts inside psi,
 hand-computed values, completeness, in-place safety, the model left as it was, and bad input."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from contrastive_explanations.contrast import TARGETS, explicit_contrast
-from contrastive_explanations.fullgrad import FullGrad, bias_layers, implicit_bias, max_abs_normalise, upsample
+from contrastive_explanations.methods.targets import TARGETS, explicit_contrast
+from contrastive_explanations.methods.fullgrad import FullGrad, bias_layers, implicit_bias, max_abs_normalise, upsample
 
 
 def randomise(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:

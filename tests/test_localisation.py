@@ -1,4 +1,4 @@
-"""Where the evidence is (nbs/16_localisation.ipynb): the contrast part, the two measures, bootstrap intervals, the experiment."""
+"""Where the evidence is (nbs/19_localisation.ipynb): the contrast part, the two measures, bootstrap intervals, the experiment."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastive_explanations.birds import CLASSES, PART_NAMES, generate_birds
-from contrastive_explanations.localisation import (TARGETS, Localisation, area_share, bootstrap_ci, contrast_parts,
+from contrastive_explanations.data.birds import CLASSES, PART_NAMES, generate_birds
+from contrastive_explanations.experiments.localisation import (TARGETS, Localisation, area_share, bootstrap_ci, contrast_parts,
                                                    paired_differences, peak_on_part, positive_mass_share, summarise)
 from contrastive_explanations.results import run
-from contrastive_explanations.training import small_cnn
+from contrastive_explanations.data.training import small_cnn
 
 
 # --- the part that tells two classes apart ---------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_rows_measure_every_method_class_and_target(tiny):
     assert (first["part"] == PART_NAMES[int(contrast_parts(exp.t1[i:i + 1], exp.t2[i:i + 1])[0])]).all()
     assert np.isclose(first["area"].iloc[0], exp.test.masks[i, PART_NAMES.index(first["part"].iloc[0])].float().mean())
     # the GradCAM mass share equals the measure on the method's own upsampled maps
-    from contrastive_explanations.cam import GradCAM
+    from contrastive_explanations.methods.cam import GradCAM
     x = exp.test.images[i:i + 1].float() / 255
     e = GradCAM(exp.model, "3")(x, torch.tensor([[int(exp.t1[i]), int(exp.t2[i])]]), list(TARGETS))
     mask = exp.test.masks[i, PART_NAMES.index(first["part"].iloc[0])]
@@ -214,7 +214,7 @@ def test_sharded_and_resumed_run_equals_a_single_run(tiny, tmp_path):
 
 
 def test_vit_gets_the_vit_methods(tiny):
-    from contrastive_explanations.training import small_vit
+    from contrastive_explanations.data.training import small_vit
     torch.manual_seed(0)
     vit = small_vit(12).eval()
     favour_warblers(vit.heads.head)

@@ -1,4 +1,4 @@
-"""Tests of the feature-masking experiment (nbs/12_activation.ipynb): the relative probability, which pixels each rule
+"""Tests of the feature-masking experiment (nbs/15_masking.ipynb): the relative probability, which pixels each rule
 keeps (ours and the review's, off-by-one included), the baselines, one explanation call per method, the paper
 profile's errors, bad arguments, and a sharded, resumed run equal to a single one."""
 import itertools
@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from contrastive_explanations.datasets import DatasetNotFoundError, write_fixture
-from contrastive_explanations.fullgrad import FullGrad
-from contrastive_explanations.masking import (BASELINES, EXPLANATIONS, FEATURES, METHODS, PAPER_CHECKPOINT, VARIANTS,
+from contrastive_explanations.data.datasets import DatasetNotFoundError, write_fixture
+from contrastive_explanations.methods.fullgrad import FullGrad
+from contrastive_explanations.experiments.masking import (BASELINES, EXPLANATIONS, FEATURES, METHODS, PAPER_CHECKPOINT, VARIANTS,
                                               FeatureMasking, baseline_images, blur_settings, explain_pairs,
                                               figure_maps, keep_masks, kept_range, masking_scores, normalised_zero,
                                               pixel_ranks, relative_probability, sign_counts)
@@ -347,7 +347,7 @@ def test_figure_maps():
 
 
 def test_full_precision_restores_the_flags():
-    from contrastive_explanations.masking import full_precision
+    from contrastive_explanations.experiments.masking import full_precision
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True

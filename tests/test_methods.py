@@ -1,4 +1,4 @@
-"""Gradient, Linear Approximation, GradCAM and XGradCAM (nbs/01_explain, 02_gradient, 03_cam): identities,
+"""Gradient, Linear Approximation, GradCAM and XGradCAM (nbs/02_explain, 03_gradient, 04_cam): identities,
 oracles (captum, pytorch-grad-cam), hygiene, dtypes and bad input."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from contrastive_explanations.cam import GradCAM, LinearApproximation, XGradCAM
-from contrastive_explanations.contrast import TARGETS, deferred_checks, explicit_contrast
-from contrastive_explanations.explain import Explanation, classes_to, default_layer
-from contrastive_explanations.gradient import Gradient
+from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
+from contrastive_explanations.methods.targets import TARGETS, deferred_checks, explicit_contrast
+from contrastive_explanations.methods.explain import Explanation, classes_to, default_layer
+from contrastive_explanations.methods.gradient import Gradient
 
 METHODS = [Gradient, LinearApproximation, GradCAM, XGradCAM]
 

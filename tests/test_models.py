@@ -1,4 +1,4 @@
-"""The model registry (nbs/06_models.ipynb): preprocessing from the weights, offline loading, checkpoints, errors.
+"""The model registry (nbs/07_models.ipynb): preprocessing from the weights, offline loading, checkpoints, errors.
 Nothing here downloads: torchvision's cache is pointed at a temporary folder."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from contrastive_explanations.explain import default_layer, find_layer
-from contrastive_explanations.models import (MODELS, TORCHVISION_IMAGENET, build_model, load_checkpoint,
+from contrastive_explanations.methods.explain import default_layer, find_layer
+from contrastive_explanations.data.models import (MODELS, TORCHVISION_IMAGENET, build_model, load_checkpoint,
                                              torchvision_classifier, weights_file)
 
 

@@ -1,4 +1,4 @@
-"""Gradient norm against logit (nbs/15_norm_logit.ipynb): target ranks, batched norms, the fit, the experiment."""
+"""Gradient norm against logit (nbs/17_norm_logit.ipynb): target ranks, batched norms, the fit, the experiment."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from contrastive_explanations.datasets import DatasetNotFoundError
-from contrastive_explanations.norms import (NormLogit, gradient_norms, input_normalisation, polyfit_r2, ranked_classes,
+from contrastive_explanations.data.datasets import DatasetNotFoundError
+from contrastive_explanations.experiments.norm_logit import (NormLogit, gradient_norms, input_normalisation, polyfit_r2, ranked_classes,
                                             target_ranks)
 from contrastive_explanations.results import main, run
 
@@ -128,7 +128,7 @@ def test_gradient_norms_bad_input():
 
 
 def test_input_normalisation_spaces():
-    from contrastive_explanations.models import ImageClassifier
+    from contrastive_explanations.data.models import ImageClassifier
     model = ImageClassifier("m", tiny_net().float(), [0.5] * 3, [0.25, 0.5, 2.0], ["a"] * 5, lambda im: im)
     mean, std = input_normalisation(model)
     assert mean.tolist() == [0.5] * 3 and std.tolist() == [0.25, 0.5, 2.0]
@@ -139,7 +139,7 @@ def test_input_normalisation_spaces():
 
 def test_normalised_space_matches_differentiating_the_normalised_network():
     "The norm and gradient term in 'normalised' space are those of the network applied to z directly."
-    from contrastive_explanations.models import ImageClassifier
+    from contrastive_explanations.data.models import ImageClassifier
     net = tiny_net()
     mean, std = [0.4, 0.5, 0.6], [0.5, 1.0, 2.0]
     model = ImageClassifier("m", net, mean, std, ["a"] * 5, lambda im: im)

@@ -1,4 +1,4 @@
-"""Input-space perturbation (nbs/11_perturbation.ipynb): the corrected iteration's bounds and step, the batched
+"""Input-space perturbation (nbs/14_perturbation.ipynb): the corrected iteration's bounds and step, the batched
 sources, the first-order ordering, the experiment's errors, and sharded + resumed runs, on tiny networks."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from contrastive_explanations.contrast import WeightedLogTarget, WeightedTarget
-from contrastive_explanations.datasets import DatasetNotFoundError
-from contrastive_explanations.perturbation import (EPSILONS, N_TOTS, SETUPS, SOURCES, ImageSet, Perturbation,
+from contrastive_explanations.methods.targets import WeightedLogTarget, WeightedTarget
+from contrastive_explanations.data.datasets import DatasetNotFoundError
+from contrastive_explanations.experiments.perturbation import (EPSILONS, N_TOTS, SETUPS, SOURCES, ImageSet, Perturbation,
                                                    check_epsilons, check_n_tots, image_subset, perturb,
                                                    perturbation_bounds, perturbation_step, resolve_device,
                                                    sign_targets, step_size, tensor_fingerprint)

@@ -1,4 +1,4 @@
-"""Training and caching of the small models (nbs/09_training.ipynb), on tiny data so that it runs in seconds."""
+"""Training and caching of the small models (nbs/10_training.ipynb), on tiny data so that it runs in seconds."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from contrastive_explanations.training import (TrainConfig, cache_dir, cached_training, fingerprint, predict,
+from contrastive_explanations.data.training import (TrainConfig, cache_dir, cached_training, fingerprint, predict,
                                                small_cnn, small_vit, train)
 
 
@@ -82,7 +82,7 @@ def test_cache_dir(monkeypatch, tmp_path):
 
 
 # ---- fine-tuning at the paper's scale (run here on fixtures, a stand-in network and the CPU)
-from contrastive_explanations.training import (CUB_FINETUNE, FinetuneConfig, cub_eval_transform, cub_train_transform,
+from contrastive_explanations.data.training import (CUB_FINETUNE, FinetuneConfig, cub_eval_transform, cub_train_transform,
                                                finetune, food101_train_transform, stratified_split, with_new_head)
 from hypothesis import given, settings, strategies as st
 
@@ -129,7 +129,7 @@ class _Stop(Exception):
 
 
 def _fixture_run(tmp_path, config, log=None):
-    from contrastive_explanations.datasets import cub200, write_fixture
+    from contrastive_explanations.data.datasets import cub200, write_fixture
     root = tmp_path / "data"
     if not root.exists():
         write_fixture("cub200", root, n_classes=3, per_class=6, size=(40, 40))

@@ -1,4 +1,4 @@
-"""Token GradCAM and gradient-weighted attention rollout for torchvision ViTs (nbs/05_vit.ipynb): the contrast
+"""Token GradCAM and gradient-weighted attention rollout for torchvision ViTs (nbs/06_vit.ipynb): the contrast
 identity, loop-based oracles, the two vit-explain defects, the captured attention, hygiene and bad input."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from contrastive_explanations.contrast import TARGETS, explicit_contrast, get_target
-from contrastive_explanations.vit import (AttentionRollout, ViTGradCAM, attention_weights, captured_attention,
+from contrastive_explanations.methods.targets import TARGETS, explicit_contrast, get_target
+from contrastive_explanations.methods.vit import (AttentionRollout, ViTGradCAM, attention_weights, captured_attention,
                                           discard_lowest, encoder_blocks, grad_rollout)
 
 

@@ -1,4 +1,4 @@
-"""Contrastive maps of a Vision Transformer (nbs/14_vit_maps.ipynb): the block mapping, the chance level of the
+"""Contrastive maps of a Vision Transformer (nbs/18_vit_maps.ipynb): the block mapping, the chance level of the
 part score, bad input, the paper profile without data, rows against direct computation, sharded + resumed runs."""
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torchvision.models.vision_transformer import VisionTransformer
 
-from contrastive_explanations.contrasts import Source, cosine, mask_share
-from contrastive_explanations.datasets import DatasetNotFoundError, write_fixture
+from contrastive_explanations.experiments.contrasts import Source, cosine, mask_share
+from contrastive_explanations.data.datasets import DatasetNotFoundError, write_fixture
 from contrastive_explanations.results import run
-from contrastive_explanations.vit import AttentionRollout, ViTGradCAM
-from contrastive_explanations.vit_maps import MAP_KINDS, ViTMaps, map_block, stand_in_blocks
+from contrastive_explanations.methods.vit import AttentionRollout, ViTGradCAM
+from contrastive_explanations.experiments.vit_maps import MAP_KINDS, ViTMaps, map_block, stand_in_blocks
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
