@@ -1,6 +1,6 @@
 """Where a GPU call of the library waits for the device: count host-device synchronisations in one GradCAM call,
 and time it against a no-grad forward, with the value checks read once at the end of the call (the library's way,
-`contrast.deferred_checks`) and read at once where they are made (the way before it).
+`explain.deferred_checks`) and read at once where they are made (the way before it).
 
     python benchmarks/profile_sync.py --models vgg16_bn vit_b_16 --batch 64 --out sync-cuda.json   # with a GPU
 

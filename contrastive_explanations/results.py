@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import inspect
 import json
@@ -26,10 +27,10 @@ import yaml
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['PACKAGES', 'EXPERIMENTS', 'write_atomic', 'write_json', 'write_arrays', 'read_arrays', 'project_root', 'git_commit',
-           'package_versions', 'code_version', 'device_name', 'provenance', 'Experiment', 'shard_range', 'shard_path',
-           'ResultsMismatchError', 'compute_shard', 'merge', 'run', 'load_results', 'results_dir', 'find_experiment',
-           'profile_params', 'accepted', 'reference_table', 'main']
+__all__ = ['PACKAGES', 'EXPERIMENTS', 'COMMON_KEYS', 'write_atomic', 'write_json', 'write_arrays', 'read_arrays', 'project_root',
+           'git_commit', 'package_versions', 'code_version', 'device_name', 'provenance', 'Experiment', 'shard_range',
+           'shard_path', 'ResultsMismatchError', 'compute_shard', 'merge', 'run', 'load_results', 'results_dir',
+           'find_experiment', 'reference_table', 'ProfileError', 'Profile', 'load_profile', 'main']
 
 # %% ../nbs/11_results.ipynb #bf68bdc9
 def write_atomic(path: str | os.PathLike, # the file to (over)write
@@ -327,26 +328,6 @@ def find_experiment(name: str) -> type[Experiment]:
     return cls
 
 
-def profile_params(profile: str, overrides: dict[str, str], root: Path | None = None) -> dict:
-    "params/<profile>.yaml with `overrides` (YAML values) applied; a null left over is an error."
-    root = root or project_root() or Path.cwd()
-    path = root / "params" / f"{profile}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in (root / "params").glob("*.yaml"))
-        raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(known) or '(no params/ folder)'}")
-    params = {**(yaml.safe_load(path.read_text()) or {}), **{k: yaml.safe_load(v) for k, v in overrides.items()}}
-    missing = [k for k, v in params.items() if v is None]
-    if missing:
-        raise ValueError(f"profile {profile!r} needs {', '.join(missing)}: pass --param {missing[0]}=...")
-    return params
-
-
-def accepted(cls: type, params: dict) -> dict:
-    "The entries of `params` that `cls.__init__` takes."
-    names = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in params.items() if k in names}
-
-
 def reference_table(name: str, # e.g. 'review_figure1' (a file in the project's reference/ folder)
                     root: str | os.PathLike | None = None) -> pd.DataFrame:
     "The review's published numbers, from reference/NAME.csv in the project (its '#' lines are comments)."
@@ -357,56 +338,206 @@ def reference_table(name: str, # e.g. 'review_figure1' (a file in the project's 
         raise FileNotFoundError(f"no reference table {path}: the project's reference/ folder holds {known}")
     return pd.read_csv(path, comment="#")
 
+# %% ../nbs/11_results.ipynb #81e89185
+COMMON_KEYS = ("device", "data_root", "seed", "download")  # profile-wide settings an experiment takes if it names them
+
+
+class ProfileError(ValueError):
+    "A profile file or an override that cannot be used; the message names the problem and the fix."
+
+
+def _merge(base: dict, top: dict) -> dict:
+    "`top` over `base`, dict by dict; a `runs` table is replaced whole (its runs are not mixed with the parent's)."
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "runs":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_profile(root: Path, name: str, seen: tuple[str, ...] = ()) -> dict:
+    path = root / "params" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / "params").glob("*.yaml"))
+        raise ProfileError(f"unknown profile {name!r}: choose one of {', '.join(known) or '(no params/ folder)'}")
+    if name in seen:
+        raise ProfileError(f"params/{name}.yaml inherits from itself through {' -> '.join(seen)}: break the cycle")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"params/{name}.yaml must be a mapping of settings, got a {type(data).__name__}")
+    parent = data.pop("inherits", None)
+    return _merge(_read_profile(root, parent, (*seen, name)), data) if parent else data
+
+
+def _check_known(values: dict, reference: dict, where: str) -> None:
+    "Every key of `values` is a key of `reference` (the reference profile), dict by dict; run tables are free."
+    for key, value in values.items():
+        if key not in reference:
+            raise ProfileError(f"unknown setting {where}{key!r}: known{' in ' + where.rstrip('.') if where else ''} "
+                               f"are {', '.join(map(str, reference))}")
+        if isinstance(value, dict) and isinstance(reference[key], dict) and key != "runs":
+            _check_known(value, reference[key], f"{where}{key}.")
+
+
+def _override(params: dict, dotted: str, text: str) -> None:
+    "Set `section.key` (or `key`, or `section.runs.label.key`) to the YAML value `text`; the key must exist."
+    *path, last = dotted.split(".")
+    node = params
+    for i, part in enumerate(path):
+        if not isinstance(node.get(part), dict):
+            known = ", ".join(k for k, v in node.items() if isinstance(v, dict)) or "none"
+            raise ProfileError(f"cannot set {dotted}: {'.'.join(path[:i + 1])} is not a section (sections: {known})")
+        node = node[part]
+    if last not in node:
+        raise ProfileError(f"unknown setting {dotted!r}: known{' in ' + '.'.join(path) if path else ''} are "
+                           f"{', '.join(map(str, node))}")
+    node[last] = yaml.safe_load(text) if text != "" else ""
+
+
+class Profile(dict):
+    "The settings of one profile: profile-wide keys (device, data_root, seed, ...) and a section per chapter."
+
+    def __init__(self, name: str, params: dict):
+        super().__init__(params)
+        self.name = name
+
+    def section(self, name: str) -> dict:
+        "The settings of one chapter or experiment (a copy); an experiment given as 'module:Class' has none."
+        if ":" in name and name not in self:
+            return {}
+        if not isinstance(self.get(name), dict):
+            known = ", ".join(k for k, v in self.items() if isinstance(v, dict))
+            raise ProfileError(f"profile {self.name!r} has no section {name!r}: its sections are {known}")
+        return copy.deepcopy(self[name])
+
+    def shards(self, experiment: str) -> int:
+        "How many shards the experiment's items are split into (its section's `shards`, default 1)."
+        shards = self.section(experiment).get("shards", 1)
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ProfileError(f"{experiment}.shards must be a positive integer, got {shards!r}: "
+                               f"pass e.g. --param {experiment}.shards=4")
+        return shards
+
+    def run_settings(self, experiment: str) -> dict[str, dict]:
+        "Run label -> the constructor arguments of each run: the run's own settings over the profile-wide ones."
+        cls = find_experiment(experiment)
+        section = self.section(experiment)
+        runs = section.get("runs", {"": {}})
+        if not isinstance(runs, dict) or not all(isinstance(r, dict) for r in runs.values()):
+            raise ProfileError(f"{experiment}.runs must map run labels to settings, got {runs!r}")
+        takes = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+        out = {}
+        for label, settings in runs.items():
+            unknown = [k for k in settings if k not in takes]
+            if unknown:
+                raise ProfileError(f"{experiment}.runs.{label} sets {', '.join(unknown)}, which {cls.__name__} does "
+                                   f"not take: its settings are {', '.join(takes)}")
+            out[label] = {**{k: self[k] for k in COMMON_KEYS if k in takes and k in self}, **settings}
+        return out
+
+    def experiments(self, experiment: str) -> dict[str, Experiment]:
+        "Run label -> the experiment set up from its settings (this loads its model and data)."
+        cls = find_experiment(experiment)
+        return {label: cls(**kwargs) for label, kwargs in self.run_settings(experiment).items()}
+
+    def results_dir(self, experiment: Experiment) -> Path:
+        "Where an experiment of this profile writes: results/<profile>/<experiment.name>."
+        return results_dir(self.name, experiment.name)
+
+
+def load_profile(name: str = "embedded", # a file params/NAME.yaml
+                 overrides: dict[str, str] | None = None, # dotted key -> YAML value, e.g. {'perturbation.shards': '4'}
+                 root: str | os.PathLike | None = None, # the project (default: the one holding the working directory)
+                ) -> Profile:
+    "The one loader of settings: params/NAME.yaml (with what it `inherits`), checked against the embedded profile."
+    root = Path(root) if root else project_root() or Path.cwd()
+    params = _read_profile(root, name)
+    reference = params if name == "embedded" else _read_profile(root, "embedded")
+    _check_known(params, reference, "")
+    for dotted, text in (overrides or {}).items():
+        _override(params, dotted, text)
+    missing = [k for k, v in params.items() if v is None]  # profile-wide keys must be given; section values may be null
+    if missing:
+        flags = " ".join(f"--param {k}=..." for k in missing)
+        raise ProfileError(f"profile {name!r} needs {', '.join(missing)}: pass {flags} "
+                           f"(make book PROFILE={name} {' '.join(k.upper() + '=...' for k in missing)})")
+    return Profile(name, params)
+
+
 # %% ../nbs/11_results.ipynb #b6ed162e
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m contrastive_explanations.results",
-                                description="Run an experiment of the book, in shards, and merge its results.")
-    p.add_argument("experiment", help="a registered name (see EXPERIMENTS) or module:Class")
-    p.add_argument("--profile", default="embedded", help="parameter profile in params/ (default: embedded)")
+                                description="Run an experiment of the book with a profile's settings, in shards, "
+                                            "and merge its results: exactly what its chapter computes and reads.")
+    p.add_argument("experiment", help=f"a section of the profile ({', '.join(EXPERIMENTS)}), or module:Class")
+    p.add_argument("--profile", default="embedded", help="settings file params/NAME.yaml (default: embedded)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a parameter (YAML value); repeatable")
-    p.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
+                   help="override a setting (YAML value), e.g. data_root=/data or perturbation.shards=64; repeatable")
+    p.add_argument("--shards", type=int, help="shorthand for --param EXPERIMENT.shards=N")
     p.add_argument("--shard", type=int, action="append", help="compute only this shard (repeatable)")
-    p.add_argument("--out", help="results folder (default results/<profile>/<experiment>)")
+    p.add_argument("--run", action="append", help="only this run of the section (a label under runs; repeatable)")
+    p.add_argument("--out", help="results folder, for a single run (default results/<profile>/<experiment>)")
     p.add_argument("--force", action="store_true", help="delete earlier results first")
     return p
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, str]:
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ProfileError(f"--param takes KEY=VALUE, got {bad[0]!r}: e.g. --param data_root=/data")
+    return dict(p.split("=", 1) for p in pairs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line; under torchrun each rank computes shards rank, rank + world, ... and rank 0 merges."
     args = _parser().parse_args(argv)
     try:
-        overrides = dict(kv.split("=", 1) for kv in args.param)
-    except ValueError:
-        print(f"error: --param takes KEY=VALUE, got {args.param}", file=sys.stderr)
-        return 2
-    try:
-        cls = find_experiment(args.experiment)
-        params = profile_params(args.profile, overrides)
-        experiment = cls(**accepted(cls, params))
+        overrides = _overrides(args.param)
+        find_experiment(args.experiment)
+        section = ":" not in args.experiment  # a section of the profile, not a module:Class of one's own
+        if args.shards is not None and section:
+            overrides[f"{args.experiment}.shards"] = str(args.shards)
+        config = load_profile(args.profile, overrides)
+        count = config.shards(args.experiment) if section or args.shards is None else args.shards
+        settings = config.run_settings(args.experiment)
+        unknown = [r for r in args.run or [] if r not in settings]
+        if unknown:
+            raise ProfileError(f"no run {unknown[0]!r} in {args.experiment}: its runs are {', '.join(settings)}")
+        labels = args.run or list(settings)
+        if args.out and len(labels) > 1:
+            raise ProfileError(f"--out takes one run, and {args.experiment} has {len(labels)}: "
+                               f"choose one with --run ({', '.join(labels)})")
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else results_dir(args.profile, experiment.name)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         import torch.distributed as dist
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        if args.force and rank == 0 and out.exists():
-            import shutil
-            shutil.rmtree(out)
-        if world > 1:
-            dist.barrier()
-        mine = args.shard if args.shard is not None else range(rank, args.shards, world)
-        table = run(experiment, out, args.shards, mine, progress=rank == 0)
-        if world > 1:
-            dist.barrier()
+        for label in labels:
+            try:
+                experiment = find_experiment(args.experiment)(**settings[label])
+            except (ValueError, TypeError, FileNotFoundError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            out = Path(args.out) if args.out else config.results_dir(experiment)
+            if args.force and rank == 0 and out.exists():
+                import shutil
+                shutil.rmtree(out)
+            if world > 1:
+                dist.barrier()
+            mine = args.shard if args.shard is not None else range(rank, count, world)
+            table = run(experiment, out, count, mine, progress=rank == 0)
+            if world > 1:
+                dist.barrier()
+                if rank == 0:
+                    table = merge(out, count, experiment.provenance())
             if rank == 0:
-                table = merge(out, args.shards, experiment.provenance())
-        if rank == 0:
-            done = "merged into " + str(out / "results.csv") if table is not None else "shards written to " + str(out)
-            print(f"{experiment.name}: {done}")
+                done = "merged into " + str(out / "results.csv") if table is not None else "shards written to " + str(out)
+                print(f"{experiment.name}: {done}")
     except ResultsMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -419,3 +550,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__" and "__file__" in globals():  # run as a module, not in the notebook
     from contrastive_explanations.results import main as _main  # the importable module's classes, not __main__'s
     sys.exit(_main())
+

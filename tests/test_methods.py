@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
-from contrastive_explanations.methods.targets import TARGETS, deferred_checks, explicit_contrast
+from contrastive_explanations.methods.explain import deferred_checks
+from contrastive_explanations.methods.targets import TARGETS, explicit_contrast
 from contrastive_explanations.methods.explain import Explanation, classes_to, default_layer
 from contrastive_explanations.methods.gradient import Gradient
 

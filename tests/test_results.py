@@ -179,3 +179,120 @@ def test_cli_and_torchrun_agree(tmp_path):
     assert a["value"].tolist() == [(i * 7 + 3) % 5 for i in range(9)]
     assert pb["shards"] == 4 and pa["key"] == pb["key"]
     assert len(list((tmp_path / "two").glob("shard-*.json"))) == 4
+
+
+# --- one configuration: params/<profile>.yaml, read by load_profile for the book, the chapters and the command line
+
+def _project(tmp_path, **files) -> Path:
+    (tmp_path / "settings.ini").write_text("[DEFAULT]\n")
+    (tmp_path / "params").mkdir()
+    for name, text in files.items():
+        (tmp_path / "params" / f"{name}.yaml").write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+EMBEDDED = """
+    device: cpu
+    data_root: ''
+    seed: 0
+    perturbation: {shards: 2, runs: {small_cnn: {model: small_cnn, n_images: 3}}}
+    training: {cnn_epochs: 4}
+"""
+
+
+def test_profiles_of_the_project_load_and_fit_their_classes():
+    "Every run of every section names only arguments its experiment class takes (checked without building it)."
+    for name in sorted(p.stem for p in (ROOT / "params").glob("*.yaml")):
+        config = R.load_profile(name, {"data_root": "/data"} if name != "embedded" else {}, root=ROOT)
+        for section in R.EXPERIMENTS:
+            if section in config:
+                settings = config.run_settings(section)
+                assert settings and config.shards(section) >= 1, (name, section)
+                assert all("profile" not in kwargs for kwargs in settings.values()), (name, section)
+
+
+def test_no_code_branches_on_the_profile_name():
+    "The profiles differ only in their settings files: no notebook or module asks which profile it runs."
+    import re
+    pattern = re.compile(r"profile\s*[!=]=|PROFILE_SETTINGS|\bPROFILES\b")
+    sources = [*(ROOT / "nbs").glob("*.ipynb"), *(ROOT / "contrastive_explanations").rglob("*.py")]
+    found = [f"{p.relative_to(ROOT)}: {line.strip()[:80]}" for p in sources for line in p.read_text().splitlines()
+             if pattern.search(line)]
+    assert not found, "\n".join(found)
+
+
+def test_inherits_overrides_and_nulls(tmp_path):
+    root = _project(tmp_path, embedded=EMBEDDED, big="""
+        inherits: embedded
+        data_root: null
+        perturbation: {runs: {vgg16: {model: vgg16, n_images: null}}}
+    """)
+    big = R.load_profile("big", {"data_root": "/data", "perturbation.shards": "8"}, root=root)
+    assert big.name == "big" and big["data_root"] == "/data" and big["training"] == {"cnn_epochs": 4}
+    assert big.shards("perturbation") == 8
+    assert big.run_settings("perturbation") == {  # runs replaced whole, profile-wide keys the class takes added
+        "vgg16": {"model": "vgg16", "n_images": None, "data_root": "/data", "device": "cpu", "seed": 0}}
+    small = R.load_profile("embedded", {"perturbation.runs.small_cnn.n_images": "5"}, root=root)
+    assert small.run_settings("perturbation")["small_cnn"]["n_images"] == 5
+
+
+@pytest.mark.parametrize("files, name, overrides, words", [
+    ({}, "nope", {}, ["unknown profile 'nope'", "embedded"]),
+    ({"big": "inherits: embedded\ndata_root: null\n"}, "big", {}, ["needs data_root", "--param data_root="]),
+    ({"big": "inherits: embedded\nperturbation: {shard: 3}\n"}, "big", {}, ["unknown setting perturbation.'shard'",
+                                                                           "shards, runs"]),
+    ({"big": "inherits: embedded\nbatch: 3\n"}, "big", {}, ["unknown setting 'batch'", "device, data_root"]),
+    ({"big": "inherits: big\n"}, "big", {}, ["inherits from itself"]),
+    ({}, "embedded", {"perturbation.shard": "3"}, ["unknown setting 'perturbation.shard'", "shards, runs"]),
+    ({}, "embedded", {"seed.x": "3"}, ["seed is not a section", "perturbation"]),
+    ({}, "embedded", {"perturbation.runs.small_cnn.size": "3"}, ["unknown setting", "model, n_images"]),
+])
+def test_bad_profiles_are_named(tmp_path, files, name, overrides, words):
+    root = _project(tmp_path, embedded=EMBEDDED, **files)
+    with pytest.raises(R.ProfileError) as e:
+        R.load_profile(name, overrides, root=root)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_run_settings_refuse_what_the_class_does_not_take(tmp_path):
+    root = _project(tmp_path, embedded=EMBEDDED.replace("n_images: 3", "n_images: 3, colour: red"))
+    config = R.load_profile("embedded", root=root)
+    with pytest.raises(R.ProfileError, match="sets colour, which Perturbation does not take"):
+        config.run_settings("perturbation")
+    with pytest.raises(R.ProfileError, match="must be a positive integer"):
+        R.load_profile("embedded", {"perturbation.shards": "0"}, root=root).shards("perturbation")
+
+
+def test_command_line_computes_what_the_chapter_reads(tmp_path, monkeypatch):
+    "The command line with a profile writes the shards that the chapter's run(...) then reuses: nothing recomputed."
+    overrides = {"perturbation.runs.efficientnet_lite0.n_images": "1", "perturbation.shards": "2"}
+    env = {**os.environ, "CONTRASTIVE_EXPLANATIONS_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    cli = subprocess.run([sys.executable, "-m", "contrastive_explanations.results", "perturbation", "--run",
+                          "efficientnet_lite0", *(a for k, v in overrides.items() for a in ("--param", f"{k}={v}"))],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    monkeypatch.setenv("CONTRASTIVE_EXPLANATIONS_RESULTS", str(tmp_path))
+    config = R.load_profile("embedded", overrides, root=ROOT)  # what the chapter does with the same settings
+    experiment = config.experiments("perturbation")["efficientnet_lite0"]
+    out = config.results_dir(experiment)
+    shards = sorted(out.glob("shard-*.json"))
+    assert len(shards) == 2, shards
+    before = {p: p.stat().st_mtime_ns for p in shards}
+    experiment.rows = lambda indices: pytest.fail(f"the chapter recomputed items {indices}")
+    table = R.run(experiment, out, count=config.shards("perturbation"), progress=False, on_stale="recompute")
+    assert {p: p.stat().st_mtime_ns for p in shards} == before, "a shard was rewritten or deleted"
+    written, prov = R.load_results(out)
+    pd.testing.assert_frame_equal(table, written)
+    assert prov["key"] == experiment.provenance()["key"] and len(table) > 0
+
+
+def test_cli_bad_settings_exit_2(tmp_path):
+    env = {**os.environ, "CONTRASTIVE_EXPLANATIONS_RESULTS": str(tmp_path)}
+    for args, word in ((["perturbation", "--param", "perturbation.shard=2"], "unknown setting"),
+                       (["perturbation", "--param", "nokey"], "--param takes KEY=VALUE"),
+                       (["perturbation", "--run", "nope"], "no run 'nope' in perturbation"),
+                       (["perturbation", "--out", str(tmp_path / "x")], "--out takes one run")):
+        r = subprocess.run([sys.executable, "-m", "contrastive_explanations.results", *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert not any(tmp_path.iterdir()), "nothing is written on bad input"

@@ -45,25 +45,15 @@ class UsageError(BuildError):
     status = 2
 
 
-def profiles(root: Path) -> list[str]:
-    return sorted(p.stem for p in (root / "params").glob("*.yaml"))
+def load_profile(root: Path, name: str, overrides: dict[str, str]):
+    "The profile's settings, through the package's one loader; a bad name or key is a UsageError (exit status 2)."
+    from contrastive_explanations.results import ProfileError
+    from contrastive_explanations.results import load_profile as load
 
-
-def load_profile(root: Path, name: str, overrides: dict[str, str]) -> dict:
-    "The parameters of profile `name`, with `overrides` applied; every null must be given by an override."
-    known = profiles(root)
-    if name not in known:
-        raise UsageError(f"unknown profile {name!r}: choose one of {', '.join(known)} (files in params/)")
-    params = yaml.safe_load((root / "params" / f"{name}.yaml").read_text()) or {}
-    for key, value in overrides.items():
-        if key not in params:
-            raise UsageError(f"unknown parameter {key!r} for profile {name!r}: known are {', '.join(params)}")
-        params[key] = yaml.safe_load(value) if value else value
-    missing = [k for k, v in params.items() if v is None]
-    if missing:
-        flags = " ".join(f"{k.upper()}=..." for k in missing)
-        raise UsageError(f"profile {name!r} needs {', '.join(missing)}: run e.g. `make book PROFILE={name} {flags}`")
-    return params
+    try:
+        return load(name, overrides, root)
+    except ProfileError as e:
+        raise UsageError(str(e)) from None
 
 
 def toc_chapters(root: Path) -> list[str]:
@@ -110,12 +100,13 @@ def build_key(root: Path, nb: Path, params: dict) -> str:
     return h.hexdigest()
 
 
-def execute(root: Path, chapter: str, profile: dict, force: bool) -> tuple[float, bool]:
+def execute(root: Path, chapter: str, profile, overrides: dict[str, str], force: bool) -> tuple[float, bool]:
     "Run one chapter with papermill; return (seconds, whether it ran). Raises BuildError naming the failing cell."
     src, out = root / "nbs" / f"{chapter}.ipynb", root / EXECUTED / f"{chapter}.ipynb"
     declared = pm.inspect_notebook(str(src))
-    params = {k: v for k, v in profile.items() if k in declared}
-    key = build_key(root, src, params)
+    offered = {"profile": profile.name, "overrides": overrides}  # each chapter loads its settings with load_profile
+    params = {k: v for k, v in offered.items() if k in declared}
+    key = build_key(root, src, {**params, "settings": dict(profile) if "profile" in declared else {}})
     if not force and out.exists():
         previous = nbformat.read(out, as_version=4).metadata.get("book", {})
         if previous.get("build_key") == key:
@@ -214,7 +205,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         any_ran = False
         for i, chapter in enumerate([c for c in chapters if c not in readers] + readers, 1):
             print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb ...", end=" ", flush=True)
-            seconds, ran = execute(root, chapter, profile, args.force or (chapter in readers and any_ran))
+            seconds, ran = execute(root, chapter, profile, overrides, args.force or (chapter in readers and any_ran))
             any_ran |= ran
             timings[chapter] = {"seconds": seconds, "reused": not ran}
             print(f"{seconds:.1f} s" if ran else f"unchanged, kept (it ran in {seconds:.1f} s)", flush=True)
@@ -228,7 +219,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         timings["jupyter-book"] = {"seconds": round(time.perf_counter() - start, 2), "reused": False}
         shutil.move(str(staging / "_build" / "html"), html)
         (root / "_build" / f"timings-{args.profile}.json").write_text(json.dumps(timings, indent=1) + "\n")
-        (html / f".built-{args.profile}").write_text(json.dumps(profile))
+        (html / f".built-{args.profile}").write_text(json.dumps(dict(profile)))
         print(f"==> book built in {time.perf_counter() - start:.0f} s: {html / 'index.html'}\n"
               f"    open it with: .venv/bin/python -m http.server -d {html.relative_to(root)} 8000"
               f"  and browse http://127.0.0.1:8000", flush=True)
