@@ -1,6 +1,7 @@
 # The book's two commands (see README.md):
 #   make book   execute every chapter with papermill on a profile, then build the Jupyter Book into _build/html
-#   make test   notebooks and package in sync, nbdev_test, the embedded book, pytest (with the browser test of it)
+#   make test   notebooks and package in sync, the embedded book, pytest (with the browser test of it); building the
+#               book executes every notebook once with papermill, and that run is the notebooks' test
 # Both set up what is missing first (.venv with the pinned packages, chromium for the tests) and are safe to rerun.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -19,9 +20,9 @@ BOOK_ARGS := --profile $(PROFILE) $(if $(DATA_ROOT),--param data_root=$(DATA_ROO
 .DEFAULT_GOAL := book
 
 book: setup
-	$(PY) tools/build_book.py $(BOOK_ARGS)
+	$(PY) -m tools.build_book $(BOOK_ARGS)
 
-test: setup chromium sync nbdev-test book pytest
+test: setup chromium sync book pytest
 	@echo "==> all tests passed"
 
 setup: $(VENV)/.installed
@@ -38,6 +39,7 @@ sync: setup
 	@echo "==> checking that nbdev_export and nbdev_clean leave nbs/ and contrastive_explanations/ unchanged"
 	@bash tools/check_nbdev_sync.sh $(VENV)/bin
 
+# Not part of `make test` (the book's papermill run executes every notebook already): nbdev's own runner, on demand.
 nbdev-test: setup
 	@echo "==> nbdev_test: running every notebook in nbs/"
 	$(VENV)/bin/nbdev_test --n_workers 1 --timing  # one notebook at a time: each uses both cores

@@ -1,6 +1,6 @@
 """The blur/mask table (the review's Table 1): maps computed once per image against once per table cell (item 7).
 
-    .venv/bin/python benchmarks/bench_masking.py [--reps 5] [--batch 16] [--models small_cnn]
+    .venv/bin/python -m benchmarks.bench_masking [--reps 5] [--batch 16] [--models small_cnn]
 
 The embedded profile's network (the small CNN of the training chapter, random weights: timing only) on 64-pixel
 images, its layer '3', the three activation methods (LA, GC, XC). A table cell is a method x class (t1, t2) x rule
@@ -17,16 +17,16 @@ import argparse
 import itertools
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from contrastive_explanations.experiments.masking import (BASELINES, EXPLANATIONS, FEATURES, METHODS, VARIANTS,  # noqa: E402
-                                              baseline_images, blur_settings, explain_pairs, keep_masks,
-                                              masking_scores, relative_probability)
-from contrastive_explanations.data.training import small_cnn  # noqa: E402
+from contrastive_explanations.experiments.masking import (BASELINES, EXPLANATIONS, FEATURES, MASKING_METHODS,
+                                                          VARIANTS, baseline_images, blur_settings, explain_pairs,
+                                                          keep_masks, masking_scores, relative_probability)
+from contrastive_explanations.methods import METHODS
+from contrastive_explanations.data.training import small_cnn
+
+from . import common
 
 LAYERS = {"small_cnn": "3.0"}  # the embedded chapter's layer (its last convolution); other networks use their default layer
 
@@ -43,7 +43,7 @@ def setup(model_name: str, options: dict):
     x = common.images(options["batch"], options["size"], options["device"])
     with torch.no_grad():
         pair = model(x).topk(2).indices
-    methods = {name: cls(model, LAYERS.get(model_name)) for name, cls in METHODS.items()}
+    methods = {name: METHODS[name](model, LAYERS.get(model_name)) for name in MASKING_METHODS}
     k, sigma = blur_settings(options["size"])
     zero = torch.tensor([0.485, 0.456, 0.406], device=x.device)  # some colour for the review's 'zeros'
     fills = torch.stack([baseline_images(x, None, (k, sigma)), baseline_images(x, zero, (k, sigma))], 1)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     began = time.perf_counter()
     results, path = common.start(args, "masking")
-    results["settings"]["cells"] = 2 * len(METHODS) * len(VARIANTS) * len(FEATURES) * len(BASELINES)
+    results["settings"]["cells"] = 2 * len(MASKING_METHODS) * len(VARIANTS) * len(FEATURES) * len(BASELINES)
     options = {"device": args.device, "batch": args.batch, "size": args.size, "threads": args.threads}
 
     def measure(model_name: str) -> dict | None:

@@ -1,7 +1,7 @@
 """Speed and memory of the explanation methods, as ratios against baselines measured in the same run (items 1, 2, 4).
 
-    .venv/bin/python benchmarks/bench_methods.py [--reps 7] [--batch 16] [--models efficientnet_lite0 resnet18]
-    .venv/bin/python benchmarks/bench_methods.py --device cuda --models vgg16_bn vit_b_16 --batch 64
+    .venv/bin/python -m benchmarks.bench_methods [--reps 7] [--batch 16] [--models efficientnet_lite0 resnet18]
+    .venv/bin/python -m benchmarks.bench_methods --device cuda --models vgg16_bn vit_b_16 --batch 64
 
 CPU, 2 threads, EfficientNet-Lite0 (its real weights) and ResNet-18 (random weights: timing only), batch 16 at 224;
 on a GPU the results go to methods-cuda.json. Timing and memory as in common.py.
@@ -23,17 +23,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM  # noqa: E402
-from contrastive_explanations.methods.targets import WeightedTarget, get_target, other_class_weights  # noqa: E402
-from contrastive_explanations.methods.explain import explaining, leaf_output  # noqa: E402
-from contrastive_explanations.methods.gradient import Gradient  # noqa: E402
-from contrastive_explanations.methods.vit import ViTGradCAM  # noqa: E402
+from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
+from contrastive_explanations.methods.targets import WeightedTarget, get_target, other_class_weights
+from contrastive_explanations.methods.explain import explaining, leaf_output
+from contrastive_explanations.methods.gradient import Gradient
+from contrastive_explanations.methods.vit import ViTGradCAM
+
+from . import common
 
 TWELVE = ["original", "weighted", "mean", "max"]  # x top-3 classes
 MEMORY_GOALS = {"gradcam/weighted": ("<=", 1.10), "gradcam/12maps": ("<=", 1.10)}  # issue 3 (e): peak / no-grad forward

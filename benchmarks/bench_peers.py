@@ -1,6 +1,6 @@
 """Ours against pytorch-grad-cam and captum on GradCAM from the softmax, after checking that the maps agree (item 3).
 
-    .venv/bin/python benchmarks/bench_peers.py [--reps 7] [--batch 16] [--models efficientnet_lite0 resnet18]
+    .venv/bin/python -m benchmarks.bench_peers [--reps 7] [--batch 16] [--models efficientnet_lite0 resnet18]
 
 Each library is used as its documentation shows, on the same network (parameters trainable, as built) and layer:
 - ours: `GradCAM(model)(x, t, 'weighted')` (signed maps at the layer's resolution; it freezes the parameters itself).
@@ -23,16 +23,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from bench_methods import TWELVE  # noqa: E402
-from contrastive_explanations.methods.cam import GradCAM  # noqa: E402
-from contrastive_explanations.methods.explain import default_layer, find_layer  # noqa: E402
+from contrastive_explanations.methods.cam import GradCAM
+from contrastive_explanations.methods.explain import default_layer, find_layer
+
+from . import common
+from .bench_methods import TWELVE
 
 
 def contrast_forwards(model: torch.nn.Module) -> dict:

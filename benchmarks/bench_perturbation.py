@@ -1,7 +1,7 @@
 """Input-space perturbation (the review's Figure 1) throughput, images per second, ours against the review's structure
 (item 6).
 
-    .venv/bin/python benchmarks/bench_perturbation.py [--reps 5] [--batch 4] [--n-tot 10]
+    .venv/bin/python -m benchmarks.bench_perturbation [--reps 5] [--batch 4] [--n-tot 10]
 
 The work per image, in both variants: its clean outputs, then n_tot signed-gradient steps for each of the four sign
 sources (original, mean, max, weighted) and both budgets eps in {1e-3, 3e-3}, then the perturbed outputs: what
@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from contrastive_explanations.methods.explain import explaining  # noqa: E402
-from contrastive_explanations.experiments.perturbation import (EPSILONS, SOURCES, perturb, perturbation_bounds,  # noqa: E402
+from contrastive_explanations.methods.explain import explaining
+from contrastive_explanations.experiments.perturbation import (EPSILONS, SOURCES, perturb, perturbation_bounds,
                                                    perturbation_step, sign_targets)
+
+from . import common
 
 
 def ours(model, x, t, n_tot):

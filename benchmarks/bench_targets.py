@@ -1,6 +1,6 @@
 """Figure 6's workload: the input-gradient norm ||grad_x y_t|| of 145 target classes per image (item 5).
 
-    .venv/bin/python benchmarks/bench_targets.py [--reps 5] [--batch 16] [--chunk 29] [--sample 4]
+    .venv/bin/python -m benchmarks.bench_targets [--reps 5] [--batch 16] [--chunk 29] [--sample 4]
 
 The 145 classes of each image are its 145 most probable ones. Variants, each computing every norm of the batch:
 - batched: `Gradient(model)(x, classes[:, chunk], 'original')` for chunks of --chunk classes (one forward and one
@@ -19,14 +19,13 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from contrastive_explanations.methods.explain import explaining  # noqa: E402
-from contrastive_explanations.methods.gradient import Gradient  # noqa: E402
+from contrastive_explanations.methods.explain import explaining
+from contrastive_explanations.methods.gradient import Gradient
+
+from . import common
 
 N_CLASSES = 145  # the target classes of Figure 6
 

@@ -28,7 +28,9 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}  # DESIGN.md 5b
+# glibc malloc: serve large blocks from the heap and keep freed memory, so that repeated runs do not page-fault
+# their buffers in again and again (which would dominate the timings on a small CPU)
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 CPU_MODELS = ["efficientnet_lite0", "resnet18"]
 GPU_MODELS = ["vgg16_bn", "vit_b_16"]
 TINY = "tiny_cnn"  # --quick: a random 3-conv network with 200 classes (C >= 145 for the Figure 6 workload)
@@ -143,7 +145,7 @@ def peak_child(module: str, model_name: str, variant: str, options: dict) -> str
     "In a fresh process: total peak and growth (MB) of the resident set over a second run of `variant`."
     import importlib
     torch.set_num_threads(int(options.get("threads", 2)))
-    bench = importlib.import_module(module)
+    bench = importlib.import_module(f"{__package__}.{module}")  # e.g. benchmarks.bench_masking
     fns = bench.variants_for(model_name, options)
     fns[variant]()
     before = status_kb("VmRSS")
@@ -156,9 +158,9 @@ def peak_child(module: str, model_name: str, variant: str, options: dict) -> str
 def peak_memory(module: str, model_name: str, variant: str, options: dict) -> dict:
     """Peak resident memory (MB) of a run of `variant`, in all and above the resident set before it, in a fresh process.
     A process that fails (e.g. killed for memory) gives None and the reason under 'error'."""
-    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import common; "
+    code = (f"from benchmarks import common; "
             f"print(common.peak_child({module!r}, {model_name!r}, {variant!r}, {options!r}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE.parent, capture_output=True, text=True)
     if out.returncode:  # recorded, not raised: the variant's timing still stands
         why = (f"killed by signal {-out.returncode} (9: most likely the kernel's out-of-memory killer)"
                if out.returncode < 0 else f"exit status {out.returncode}: {out.stderr.strip()[-500:]}")

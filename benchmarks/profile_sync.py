@@ -1,8 +1,8 @@
 """Where a GPU call of the library waits for the device: count host-device synchronisations in one GradCAM call,
 and time it against a no-grad forward, with the value checks read once at the end of the call (the library's way,
-`explain.deferred_checks`) and read at once where they are made (the way before it).
+`targets.deferred_checks`) and read at once where they are made (the way before it).
 
-    python benchmarks/profile_sync.py --models vgg16_bn vit_b_16 --batch 64 --out sync-cuda.json   # with a GPU
+    python -m benchmarks.profile_sync --models vgg16_bn vit_b_16 --batch 64 --out sync-cuda.json   # with a GPU
 
 A diagnostic for the 'weighted GradCAM vs no-grad forward' ratio on a GPU; it changes nothing in the library.
 """
@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import contrastive_explanations.methods.explain as explain  # noqa: E402
-from bench_methods import methods_of  # noqa: E402
+import contrastive_explanations.methods.explain as explain
+
+from . import common
+from .bench_methods import methods_of
 
 
 @contextlib.contextmanager

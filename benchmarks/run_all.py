@@ -1,19 +1,20 @@
 """Run every benchmark, each in a fresh process, and write their results files and a summary of the run.
 
-    .venv/bin/python benchmarks/run_all.py                       # CPU: everything, about 30-40 minutes on 2 cores
-    .venv/bin/python benchmarks/run_all.py --quick --out-dir /tmp/b   # a tiny random network: structure only
-    .venv/bin/python benchmarks/run_all.py --device cuda --models vgg16_bn vit_b_16 --batch 64   # -> *-cuda.json
-    .venv/bin/python benchmarks/run_all.py --book --only        # also: the book's chapters, peak memory and time
+    .venv/bin/python -m benchmarks.run_all                       # CPU: everything, about 30-40 minutes on 2 cores
+    .venv/bin/python -m benchmarks.run_all --quick --out-dir /tmp/b   # a tiny random network: structure only
+    .venv/bin/python -m benchmarks.run_all --device cuda --models vgg16_bn vit_b_16 --batch 64   # -> *-cuda.json
+    .venv/bin/python -m benchmarks.run_all --book --only        # also: the book's chapters, peak memory and time
 
 Each benchmark writes benchmarks/results/NAME.json (NAME-cuda.json on a GPU); this runner writes run.json (run-cuda.json)
 with each benchmark's wall time, exit status and peak resident memory, the load average before and after, and the
-allocator settings (glibc malloc thresholds that stop page faults from dominating, DESIGN.md 5b), which it sets for
+allocator settings (glibc malloc thresholds high enough that freed memory is kept for reuse rather than returned
+to the system and faulted in again, so page faults do not dominate the timings), which it sets for
 the benchmarks unless they are already set. Before each benchmark it waits (up to --wait-minutes) until the 1-minute
 load average is at most --max-load, since other work on the machine makes CPU timings meaningless; each results file
 records the load average when its benchmark started and ended.
 
---book executes every chapter of the book (`tools/build_book.py --no-html --force`, minutes) and writes book.json:
-its wall time, the seconds per chapter it printed, and the peak resident memory of the build and its papermill
+--book executes every chapter of the book (`python -m tools.build_book --no-html --force`, minutes) and writes
+book.json: its wall time, the seconds per chapter it printed, and the peak resident memory of the build and its papermill
 kernels (the largest single process, as /usr/bin/time -v reports it).
 """
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
 
 BENCHMARKS = ["methods", "peers", "targets", "perturbation", "masking"]
 QUICK = ["--models", "tiny_cnn", "--size", "32", "--batch", "2", "--reps", "1", "--no-memory"]
@@ -80,10 +80,10 @@ def run(cmd: list[str], env: dict) -> tuple[int, float, float, str]:
 
 def book(env: dict, out_dir: Path) -> dict:
     "Execute every chapter with papermill (no HTML); wall time, seconds per chapter, peak resident memory."
-    code, wall, peak, output = run([sys.executable, "tools/build_book.py", "--no-html", "--force"], env)
+    code, wall, peak, output = run([sys.executable, "-m", "tools.build_book", "--no-html", "--force"], env)
     chapters = {m.group(1): float(m.group(2))
                 for m in re.finditer(r"nbs/(\S+)\.ipynb \.\.\. ([0-9.]+) s", output)}
-    result = {"command": "tools/build_book.py --no-html --force", "returncode": code, "wall_s": wall,
+    result = {"command": "python -m tools.build_book --no-html --force", "returncode": code, "wall_s": wall,
               "max_rss_mb": peak, "chapters_s": chapters, "machine": common.machine()}
     common.write_json(out_dir / "book.json", result)
     return result
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-minutes", type=float, default=30.0)
     args = parser.parse_args(argv)
     global common
-    import common  # torch, only once the arguments are known to be good
+    from . import common  # torch, only once the arguments are known to be good
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for k, v in common.MALLOC.items():
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(names):
         if i and not args.quick:  # other work may have started meanwhile
             wait_for_quiet(args.max_load, args.wait_minutes)
-        cmd = [sys.executable, str(HERE / f"bench_{name}.py"), *bench_args(name, args), "--out-dir", str(args.out_dir)]
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", *bench_args(name, args),
+               "--out-dir", str(args.out_dir)]
         print(f"==> {name}: {' '.join(cmd[1:])}", flush=True)
         code, wall, _, _ = run(cmd, env)
         path = common.results_path(name, args.device, args.out_dir)
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if code:
             failed.append(name)
     if args.book:
-        print("==> the book's chapters (tools/build_book.py --no-html --force)", flush=True)
+        print("==> the book's chapters (python -m tools.build_book --no-html --force)", flush=True)
         summary["book"] = {k: v for k, v in book(env, args.out_dir).items() if k != "chapters_s"}
     else:
         summary["book"] = None

@@ -17,9 +17,11 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .viz import STATIC_CLASS, colour_range, comparison_figure, figure_png, static_grid
+
 # %% auto #0
-__all__ = ['METHODS', 'CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'class_choices', 'explain_all', 'static_explorer',
-           'parse_classes', 'explain_image', 'top_classes', 'LiveExplorer', 'main']
+__all__ = ['CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'class_choices', 'explain_all', 'static_explorer', 'parse_classes',
+           'explain_image', 'top_classes', 'LiveExplorer', 'main']
 
 # %% ../nbs/22_explorer.ipynb #fe38d9e4
 from collections.abc import Callable, Sequence
@@ -29,17 +31,11 @@ import torch
 from matplotlib.colors import CenteredNorm
 from torch import Tensor, nn
 
-from .methods.cam import GradCAM, LinearApproximation, XGradCAM
+from .methods import METHODS  # the one registry, keyed by Method.name
 from .methods.explain import Explanation, Method
-from .methods.fullgrad import FullGrad
-from .methods.gradient import Gradient
-from .methods.vit import AttentionRollout, ViTGradCAM
 
-METHODS: dict[str, type[Method]] = {  # command-line name -> method; the menus show Method.name or the key
-    "gradient": Gradient, "linear_approximation": LinearApproximation, "gradcam": GradCAM, "xgradcam": XGradCAM,
-    "fullgrad": FullGrad, "vit_gradcam": ViTGradCAM, "rollout": AttentionRollout}
-CNN_METHODS = ("gradient", "linear_approximation", "gradcam", "xgradcam", "fullgrad")
-VIT_METHODS = ("gradient", "vit_gradcam", "rollout")
+CNN_METHODS = ("gradient", "linear_approximation", "gradcam", "xgradcam", "fullgrad")  # names in METHODS
+VIT_METHODS = ("gradient", "vit_gradcam", "attention_rollout")
 COMPARED_TARGETS = ("original", "weighted", "mean", "max")
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import common
 
-import common  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--models", "tiny_cnn", "--size", "32", "--batch", "2", "--reps", "1", "--no-memory", "--threads", "1"]
 RATIO_KEYS = {"value", "min", "max", "numerator", "denominator", "what", "goal", "goal_text", "met", "note"}
@@ -40,7 +39,7 @@ def check_file(path: Path, models: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> Path:
     "Every benchmark in-process on the tiny network (one repetition), into a temporary folder."
-    import bench_masking, bench_methods, bench_peers, bench_perturbation, bench_targets  # noqa: E401
+    from benchmarks import bench_masking, bench_methods, bench_peers, bench_perturbation, bench_targets
     out = tmp_path_factory.mktemp("bench")
     for main, extra in ((bench_methods.main, ["--explicit-sample", "2"]), (bench_peers.main, []),
                         (bench_targets.main, ["--sample", "2"]), (bench_perturbation.main, ["--n-tot", "2"]),
@@ -127,7 +126,7 @@ def test_peak_memory_of_a_failing_process_is_recorded_not_raised():
 
 
 def test_run_all_quick_writes_the_summary(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--only", "masking",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--only", "masking",
                           "--threads", "1", "--out-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:]
     run = json.loads((tmp_path / "run.json").read_text())
@@ -137,7 +136,7 @@ def test_run_all_quick_writes_the_summary(tmp_path):
 
 
 def test_run_all_rejects_an_unknown_benchmark(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--only", "speed",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--only", "speed",
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "invalid choice: 'speed'" in out.stderr
 

@@ -18,8 +18,8 @@ HTML = ROOT / "_build" / "html"
 STAMP = HTML / ".built-embedded"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
-SOURCES = ["nbs/*.ipynb", "contrastive_explanations/*.py", "_toc.yml", "_config.yml", "params/embedded.yaml",
-           "tools/*.py"]
+SOURCES = ["nbs/*.ipynb", "contrastive_explanations/**/*.py", "reference/*.csv", "benchmarks/results/*.json",
+           "_toc.yml", "_config.yml", "params/embedded.yaml", "tools/*.py", "tools/static/*"]
 
 pytestmark = pytest.mark.browser
 
@@ -35,7 +35,7 @@ def _book_is_fresh() -> bool:
 def site() -> Path:
     "The embedded book's HTML folder, built (by the main job's own script) when missing or stale."
     if not _book_is_fresh():
-        subprocess.run([sys.executable, "tools/build_book.py", "--profile", "embedded"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "tools.build_book", "--profile", "embedded"], cwd=ROOT, check=True)
     return HTML
 
 
@@ -113,9 +113,8 @@ def _open(page, base_url: str, path: str):
     page.wait_for_function("() => document.querySelectorAll('mjx-container').length > 0", timeout=30_000)
 
 
-sys.path.insert(0, str(ROOT / "tools"))
-from build_book import toc_chapters  # noqa: E402
 from contrastive_explanations.viz import STATIC_CLASS  # noqa: E402
+from tools.build_book import toc_chapters  # noqa: E402
 
 PAGES = ["index.html", *(f"executed/{chapter}.html" for chapter in toc_chapters(ROOT))]
 
@@ -135,7 +134,7 @@ MAX_PAGE_MB = 15
 
 
 def test_every_explorer_chapter_is_tested():
-    assert {"01_targets", "22_explorer"} <= set(EXPLORER_CHAPTERS), EXPLORER_CHAPTERS
+    assert {"index", "01_targets", "22_explorer"} <= set(EXPLORER_CHAPTERS), EXPLORER_CHAPTERS
 
 
 @pytest.mark.parametrize("chapter", EXPLORER_CHAPTERS)
@@ -180,4 +179,44 @@ def test_mathjax_renders_the_equations(page, base_url):
     assert rendered >= 10 and raw == 0, f"{rendered} formulas rendered, {raw} display equations left raw"
     labels = page.locator("span.eqno").all_inner_texts()
     assert len(labels) >= 7, f"numbered equations: {labels}"
+    page.log.assert_clean()
+
+
+DIRECTIVE_LINES = """() => [...document.querySelectorAll('div.cell_input pre, div.highlight pre')]
+    .flatMap(pre => pre.textContent.split('\\n')).filter(line => line.trimStart().startsWith('#|'))"""
+SAVED_WIDGETS = """() => [...document.querySelectorAll('script[type="application/vnd.jupyter.widget-state+json"]')]
+    .flatMap(s => Object.values(JSON.parse(s.textContent).state || {}).map(m => m.model_name))"""
+PROGRESS_MODELS = {"FloatProgressModel", "IntProgressModel"}
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_no_page_shows_nbdev_directives_or_progress_bars(page, base_url, path):
+    "No `#| export` (or any nbdev directive line) in a code cell, and no tqdm progress bar, saved or drawn."
+    page.goto(f"{base_url}/{path}", wait_until="networkidle")
+    assert page.evaluate(DIRECTIVE_LINES) == [], f"{path} shows nbdev directive lines"
+    saved = page.evaluate(SAVED_WIDGETS)
+    assert not PROGRESS_MODELS & set(saved), f"{path} stores progress-bar widgets: {sorted(set(saved))}"
+    assert page.locator(".widget-progress").count() == 0, f"{path} draws a progress bar"
+
+
+FIRST_CODE_AND_EXPLORER = f"""() => {{
+    const visible = el => el.checkVisibility ? el.checkVisibility()  // false inside a closed <details> (hide-input)
+                                             : el.offsetParent !== null && el.getClientRects().length > 0;
+    const code = [...document.querySelectorAll('div.cell_input')].find(visible);
+    const explorer = document.querySelector('.{STATIC_CLASS}');
+    return {{code: code ? code.getBoundingClientRect().top + window.scrollY : null,
+             explorer: explorer ? explorer.getBoundingClientRect().top + window.scrollY : null}};
+}}"""
+
+
+def test_the_introduction_opens_with_a_working_explorer(page, base_url):
+    "The first page shows a class-comparison explorer on its first screen, above any visible code."
+    _open(page, base_url, "index.html")  # the root redirects to executed/index.html
+    page.locator(f".{STATIC_CLASS}").first.wait_for(timeout=30_000)
+    where = page.evaluate(FIRST_CODE_AND_EXPLORER)
+    assert where["explorer"] is not None, "the Introduction has no static explorer"
+    assert where["code"] is None or where["explorer"] < where["code"], f"code comes before the explorer: {where}"
+    assert where["explorer"] < page.viewport_size["height"], f"the explorer starts below the first screen: {where}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "introduction-first-screen.png"))
     page.log.assert_clean()

@@ -1,4 +1,4 @@
-"""The main job's script (tools/build_book.py): profiles, bad input, failing chapters, re-runs."""
+"""The main job's script (tools/build_book.py): profiles, bad input, failing chapters, re-runs, tidy pages."""
 from __future__ import annotations
 
 import subprocess
@@ -9,9 +9,9 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
+from tools import book_assets, build_book
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import build_book  # noqa: E402
 
 
 def notebook(path: Path, *sources: str, parameters: str | None = None) -> None:
@@ -54,7 +54,7 @@ def test_unknown_profile_is_a_one_line_error_and_builds_nothing(book, capsys):
 
 
 def test_unknown_profile_from_the_command_line_exits_non_zero():
-    result = subprocess.run([sys.executable, "tools/build_book.py", "--profile", "nope"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "tools.build_book", "--profile", "nope"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown profile 'nope': choose one of embedded, paper" in result.stderr
@@ -117,8 +117,6 @@ def test_the_real_toc_lists_existing_notebooks():
 
 
 def test_without_npm_the_book_falls_back_to_the_cdns_and_says_so_once(tmp_path, monkeypatch, capsys):
-    import book_assets
-
     monkeypatch.setattr(book_assets.shutil, "which", lambda name: None)
     assert book_assets.ensure_assets(tmp_path / "book_assets") is False
     assert capsys.readouterr().out.count("npm not found") == 1
@@ -135,7 +133,6 @@ def test_without_npm_the_book_falls_back_to_the_cdns_and_says_so_once(tmp_path, 
 
 def test_assets_named_in_the_config_are_the_ones_fetched():
     "Every local path that _config.yml serves is produced by tools/book_assets.py."
-    import book_assets
     import yaml
 
     sphinx = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]
@@ -144,3 +141,107 @@ def test_assets_named_in_the_config_are_the_ones_fetched():
     for path in [sphinx["mathjax_path"], *sphinx["nb_ipywidgets_js"]]:
         assert path in produced, f"{path} is served by the book but never fetched"
     assert sphinx["html_static_path"] == ["book_assets"]
+
+
+# ---- the build key: every file a chapter may read
+
+def key_tree(root: Path) -> Path:
+    "A project with one file of each kind that `KEY_FILES` names, and a notebook."
+    for rel, text in {"contrastive_explanations/__init__.py": "", "contrastive_explanations/methods/cam.py": "A = 1\n",
+                      "reference/review_table1.csv": "method,ori\nGradCAM,0.5\n",
+                      "benchmarks/results/methods.json": "{}\n", "constraints.txt": "torch==2.5.1\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "nbs").mkdir(exist_ok=True)
+    notebook(root / "nbs" / "01_x.ipynb", "x = 1")
+    return root
+
+
+@pytest.mark.parametrize("changed", ["reference/review_table1.csv", "contrastive_explanations/methods/cam.py",
+                                     "benchmarks/results/methods.json", "constraints.txt"])
+def test_a_change_in_any_file_a_chapter_reads_changes_its_key(tmp_path, changed):
+    root = key_tree(tmp_path)
+    key = lambda: build_book.build_key(root, root / "nbs" / "01_x.ipynb", {"profile": "embedded"})
+    before = key()
+    assert key() == before, "the key is deterministic"
+    path = root / changed
+    path.write_text(path.read_text().replace("0.5", "0.6").replace("1", "2").replace("{}", '{"a": 1}'))
+    assert key() != before, f"editing {changed} left the key unchanged"
+
+
+def test_a_new_module_in_a_subpackage_changes_the_key(tmp_path):
+    root = key_tree(tmp_path)
+    key = lambda: build_book.build_key(root, root / "nbs" / "01_x.ipynb", {})
+    before = key()
+    (root / "contrastive_explanations" / "experiments").mkdir()
+    (root / "contrastive_explanations" / "experiments" / "toolkit.py").write_text("")
+    assert key() != before
+
+
+def test_the_real_key_covers_package_reference_benchmarks_and_pins():
+    files = {f.relative_to(ROOT).as_posix() for f in build_book.key_files(ROOT)}
+    for expected in ("contrastive_explanations/methods/targets.py", "contrastive_explanations/experiments/toolkit.py",
+                     "contrastive_explanations/data/models.py", "contrastive_explanations/viz.py",
+                     "reference/review_table1.csv", "benchmarks/results/methods.json", "constraints.txt"):
+        assert expected in files, expected
+    assert not any("__pycache__" in f for f in files)
+
+
+def test_editing_a_reference_table_re_executes_the_chapters(book, capsys):
+    (book / "reference").mkdir()
+    (book / "reference" / "review_figure1.csv").write_text("eps,d_pt\n0.003,0.1\n")
+    assert run(book, capsys=capsys)[0] == 0
+    status, out, _ = run(book, capsys=capsys)
+    assert status == 0 and out.count("unchanged, kept") == 2
+    (book / "reference" / "review_figure1.csv").write_text("eps,d_pt\n0.003,0.2\n")
+    status, out, _ = run(book, capsys=capsys)
+    assert status == 0 and "unchanged" not in out
+
+
+# ---- the executed copies, tidied for reading
+
+PROGRESS_AND_MENU = """\
+import ipywidgets as w
+from tqdm.auto import tqdm  # as contrastive_explanations.results does
+
+bar = tqdm(range(3), desc="shard 1/1", leave=False)
+for _ in bar:
+    pass
+import tqdm.notebook
+assert isinstance(bar, tqdm.notebook.tqdm_notebook), type(bar)  # under a kernel: a widget, as in the chapters
+menu = w.Dropdown(options=["a", "b"])
+stack = w.Stack([w.Image(value=b"a", format="png"), w.Image(value=b"b", format="png")])
+w.jslink((menu, "index"), (stack, "selected_index"))
+explorer = w.VBox([menu, stack])
+explorer.add_class("ce-static-explorer")
+explorer"""
+
+
+def test_executed_copies_have_no_directive_lines_and_no_progress_bars(book, capsys):
+    notebook(book / "nbs" / "01_ok.ipynb", "#| export\nx = 1 + 1", "#| hide", PROGRESS_AND_MENU,
+             "  #| echo: false\nassert x == 2\nprint('#| inside a string stays')")
+    status, out, err = run(book, capsys=capsys)
+    assert status == 0, out + err
+    nb = nbformat.read(book / "executed" / "01_ok.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not any(line.lstrip().startswith("#|") for c in code for line in c.source.splitlines())
+    assert code[0].source == "x = 1 + 1"
+    assert code[1].source == "" and "remove-cell" in code[1].metadata.tags  # nothing left to show
+    assert "print('#| inside a string stays')" in code[3].source
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    names = {m["model_name"] for m in state.values()}
+    assert {"DropdownModel", "StackModel", "ImageModel", "VBoxModel", "LinkModel"} <= names, names
+    assert not names & {"FloatProgressModel", "IntProgressModel", "HBoxModel"}, names
+    views = [o["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] for c in code for o in c.outputs
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) == 1 and state[views[0]]["model_name"] == "VBoxModel", "only the explorer is shown"
+    assert "ce-static-explorer" in state[views[0]]["state"]["_dom_classes"]
+    refs = {v[10:] for m in state.values() for v in _values(m["state"]) if v.startswith("IPY_MODEL_")}
+    assert refs <= set(state), "a kept widget refers to a removed one"
+    mtime = (book / "executed" / "01_ok.ipynb").stat().st_mtime_ns
+    assert build_book.tidy_executed(book / "executed" / "01_ok.ipynb") is False  # already tidy: left alone
+    assert (book / "executed" / "01_ok.ipynb").stat().st_mtime_ns == mtime
+
+
+def _values(state: dict) -> list[str]:
+    return [x for v in state.values() for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]

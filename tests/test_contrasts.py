@@ -1,6 +1,7 @@
 """Mean, max and weighted contrasts side by side (nbs/16_contrasts.ipynb): every contrast from one backward pass
 against explicit per-class loops, the centred-logit and weighted-max propositions, the measures, the bootstrap,
-the choice of ambiguous images, bad input, the paper profile without data, and sharded + resumed runs."""
+the choice of ambiguous images, bad input, the CUB source without data, the settings of both profiles, and
+sharded + resumed runs."""
 from __future__ import annotations
 
 import math
@@ -14,13 +15,15 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from contrastive_explanations.methods import METHODS
 from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
-from contrastive_explanations.experiments.contrasts import (PAIRS, Contrasts, MeanVariantTarget, Source, ambiguous_items,
-                                                bootstrap_interval, cosine, interval_text, mask_share,
-                                                positive_share, summarise)
+from contrastive_explanations.experiments.contrasts import (CONTRAST_METHODS, PAIRS, Contrasts, MeanVariantTarget,
+                                                            check_methods, check_sources)
+from contrastive_explanations.experiments.toolkit import (Source, ambiguous_items, bootstrap_interval, cosine,
+                                                          interval_text, mask_share, positive_share, summarise)
 from contrastive_explanations.data.datasets import DatasetNotFoundError, write_fixture
 from contrastive_explanations.methods.explain import find_layer, leaf_output
-from contrastive_explanations.results import load_results, run
+from contrastive_explanations.results import load_profile, load_results, run
 
 SETTINGS = settings(max_examples=8, deadline=None)
 
@@ -64,7 +67,7 @@ def per_class_maps(net: nn.Module, x: torch.Tensor, method: str) -> tuple[torch.
     return torch.stack(maps, 1).detach(), y.detach()
 
 
-METHOD = {"gradcam": GradCAM, "linear_approximation": LinearApproximation, "xgradcam": XGradCAM}
+METHOD = {name: METHODS[name] for name in ("gradcam", "linear_approximation", "xgradcam")}  # the activation methods
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ def test_ambiguous_items_refuse_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The experiment: bad input, the paper profile without data, rows, shards
+# The experiment: bad input, the CUB source without data, the profiles' settings, rows, shards
 
 class TinyContrasts(Contrasts):
     "The experiment on a tiny random CNN and 10 random images: every image qualifies (threshold 0)."
@@ -282,28 +285,52 @@ def tiny_experiment(**kwargs) -> TinyContrasts:
 
 
 def test_contrasts_refuse_bad_parameters_before_loading_anything():
-    for kwargs, match in (({"profile": "fast"}, "profile"), ({"methods": ("gradcam", "saliency")}, "saliency"),
-                          ({"methods": ()}, "empty"), ({"n_images": -1}, "n_images"), ({"rank": 1}, "rank")):
-        with pytest.raises(ValueError, match=match):
+    for kwargs, match in (({"sources": ["photos", "imagenet"]}, "unknown source 'imagenet'.*photos, birds, cub"),
+                          ({"sources": []}, "sources is empty"), ({"sources": ["birds", "birds"]}, "twice"),
+                          ({"methods": ("gradcam", "saliency")}, "unknown method 'saliency'"),
+                          ({"methods": ("fullgrad",)}, "unknown method 'fullgrad'"),
+                          ({"methods": ()}, "empty"), ({"n_images": -1}, "n_images must be an int >= 1"),
+                          ({"n_images": 2.5}, "n_images"), ({"rank": 1}, "rank must be an int >= 2")):
+        with pytest.raises(ValueError, match=match) as error:
             Contrasts(**kwargs)
+        assert "\n" not in str(error.value) and "e.g." in str(error.value)  # one line, with a fix
+    with pytest.raises(TypeError, match="profile"):  # the profile is not an argument: its settings are
+        Contrasts(profile="paper")
 
 
-def test_paper_profile_without_data_or_checkpoint_says_what_is_missing(tmp_path):
+def test_methods_are_the_registry_s():
+    assert set(CONTRAST_METHODS) <= set(METHODS) and check_methods("xgradcam") == ("xgradcam",)
+    assert check_sources(("cub",)) == ("cub",)
+
+
+def test_cub_source_without_data_or_checkpoint_says_what_is_missing(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="CUB-200-2011"):
-        Contrasts(profile="paper", data_root="")
+        Contrasts(sources=["cub"], data_root="")
     with pytest.raises(DatasetNotFoundError, match="CUB_200_2011"):
-        Contrasts(profile="paper", data_root=str(tmp_path))
+        Contrasts(sources=["cub"], data_root=str(tmp_path))
     root = write_fixture("cub200", tmp_path / "data", n_classes=2, per_class=2)
     with pytest.raises(FileNotFoundError, match=r"checkpoints/vgg16_bn_cub\.pt"):
-        Contrasts(profile="paper", data_root=str(root))
+        Contrasts(sources=["cub"], data_root=str(root))
     with pytest.raises(FileNotFoundError, match="elsewhere.pt"):
-        Contrasts(profile="paper", data_root=str(root), checkpoint=str(tmp_path / "elsewhere.pt"))
+        Contrasts(sources=["cub"], data_root=str(root), checkpoint=str(tmp_path / "elsewhere.pt"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
+
+
+def test_the_profiles_settings_name_the_sources_and_methods():
+    "What differed by profile is in params/<profile>.yaml, as arguments of Contrasts."
+    embedded = load_profile("embedded").run_settings("contrasts")["main"]
+    paper = load_profile("paper", {"data_root": "/data"}).run_settings("contrasts")["main"]
+    assert embedded["sources"] == ["photos", "birds"] and embedded["methods"] == ["gradcam"]
+    assert paper["sources"] == ["cub"] and paper["n_images"] is None
+    assert paper["methods"] == ["gradcam", "xgradcam", "linear_approximation"]
+    assert "profile" not in embedded and "profile" not in paper
 
 
 def test_rows_agree_with_the_maps_they_describe():
     exp = tiny_experiment()
-    assert len(exp) == 10 and exp.params["methods"] == ["gradcam", "xgradcam"]
+    assert len(exp) == 10 and exp.params["methods"] == ["gradcam", "xgradcam"] and exp.params["sources"] == ["tiny"]
+    assert exp.params["n_images"] is None and tiny_experiment().params == TinyContrasts(
+        n_images=None, threshold=0.0, batch_size=3, methods=("gradcam", "xgradcam")).params  # 0 and None: all
     rows = pd.DataFrame(exp.rows(list(range(len(exp)))))
     assert len(rows) == 10 * 3 * 2 and set(rows["rank"]) == {1, 2, 3}
     assert (rows.groupby(["item", "method"]).p.apply(lambda p: p.is_monotonic_decreasing)).all()
@@ -319,6 +346,8 @@ def test_rows_agree_with_the_maps_they_describe():
         exp.figure_arrays("tiny", 2, targets=("original", "median"))
     with pytest.raises(ValueError, match="no source 'birds'"):
         exp.figure_arrays("birds")
+    with pytest.raises(ValueError, match="method 'linear_approximation' was not run"):
+        exp.figure_arrays("tiny", 2, "linear_approximation")
 
 
 def test_sharded_and_resumed_run_equals_a_single_run(tmp_path):

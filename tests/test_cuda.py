@@ -3,39 +3,29 @@
 Skipped where no CUDA device is present (the CI machine has none); run `pytest -m gpu` on a GPU machine."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from torchvision.models.vision_transformer import VisionTransformer
 
 from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
 from contrastive_explanations.methods.fullgrad import FullGrad
 from contrastive_explanations.methods.gradient import Gradient
 from contrastive_explanations.methods.vit import AttentionRollout, ViTGradCAM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import synchronisations  # noqa: E402
+from benchmarks.common import synchronisations
+from conftest import tiny_cnn, tiny_vit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 TARGETS = ["original", "mean", "max", "weighted", "weighted_log"]
 
 
 def cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    return tiny_cnn(10, 0, widths=(8, 16), pool=1, dtype=torch.float32, bn_mean=None, bn_var=None)
 
 
 def vit() -> nn.Module:
-    torch.manual_seed(0)
-    model = VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=10)
-    nn.init.normal_(model.heads.head.weight)  # torchvision zeroes the head: all logits, and all maps, would be 0
-    nn.init.normal_(model.heads.head.bias)
-    nn.init.normal_(model.encoder.pos_embedding, std=0.5)
-    return model.eval()
+    return tiny_vit(0, 32, 10, dtype=torch.float32, class_token=False)
 
 
 @pytest.fixture

@@ -58,7 +58,6 @@ import json  # noqa: E402
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
 
 from contrastive_explanations.explorer import (LiveExplorer, class_choices, explain_all, main,  # noqa: E402
                                                parse_classes, static_explorer)
@@ -66,11 +65,11 @@ from contrastive_explanations.viz import (STATIC_CLASS, colour_range, comparison
                                           static_grid, static_switcher)
 from contrastive_explanations.data.models import ImageClassifier, pixel_preprocess  # noqa: E402
 
+from conftest import tiny_cnn  # noqa: E402
+
 
 def tiny_classifier(classes: int = 5) -> ImageClassifier:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+    net = tiny_cnn(classes, 0, widths=(6, 8), batch_norm=False, pool=1, dtype=torch.float32)
     return ImageClassifier("tiny", net, [0.5] * 3, [0.25] * 3, [f"c{i}" for i in range(classes)],
                            pixel_preprocess(24, 24), default_layer="net.2").eval()
 

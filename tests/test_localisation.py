@@ -9,8 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contrastive_explanations.data.birds import CLASSES, PART_NAMES, generate_birds
-from contrastive_explanations.experiments.localisation import (TARGETS, Localisation, area_share, bootstrap_ci, contrast_parts,
-                                                   paired_differences, peak_on_part, positive_mass_share, summarise)
+from contrastive_explanations.experiments.localisation import (CNN_METHODS, EXPLAINED_TARGETS, VIT_METHODS, Localisation,
+                                                               area_share, contrast_parts, measure_summary, methods_for,
+                                                               paired_differences, peak_on_part)
+from contrastive_explanations.experiments.toolkit import bootstrap_interval, mask_share
+from contrastive_explanations.methods import METHODS, TARGETS
 from contrastive_explanations.results import run
 from contrastive_explanations.data.training import small_cnn
 
@@ -49,7 +52,7 @@ def test_measures_on_a_hand_made_map():
     mask = torch.zeros(3, 3, dtype=torch.bool)
     mask[0] = True
     phi = torch.tensor([[1.0, 0.0, 2.0], [-4.0, 3.0, 0.0], [0.0, 0.0, -1.0]])
-    assert torch.isclose(positive_mass_share(phi, mask), torch.tensor(0.5))  # 3 of 6 on the top row
+    assert torch.isclose(mask_share(phi, mask), torch.tensor(0.5, dtype=torch.float64))  # 3 of 6 on the top row
     assert peak_on_part(phi, mask) == 0  # the 3.0 is in the middle row
     phi[0, 2] = 3.0
     assert peak_on_part(phi, mask) == 1  # tie between (0, 2) and (1, 1): the first in row-major order wins
@@ -65,9 +68,9 @@ def test_measures_broadcast_and_undefined_cases():
     maps[:, 1] = -1.0  # no positive mass: share undefined
     maps[0, 2, 3, 3] = 5.0  # a single peak off the part of image 0
     maps[1, 2, 0, 0] = 5.0  # a single peak on the part of image 1
-    share = positive_mass_share(maps, masks[:, None])
+    share = mask_share(maps, masks[:, None])
     peak = peak_on_part(maps, masks[:, None])
-    torch.testing.assert_close(share[:, 0], area_share(masks))
+    torch.testing.assert_close(share[:, 0], area_share(masks).double())
     assert share[:, 1].isnan().all() and peak[:, 0].isnan().all()
     assert share[:, 2].tolist() == [0.0, 1.0] and peak[:, 2].tolist() == [0.0, 1.0]
 
@@ -78,34 +81,35 @@ def test_mass_share_properties(seed, size, density):
     g = torch.Generator().manual_seed(seed)
     maps = torch.randn(5, size, size, generator=g)
     masks = torch.rand(5, size, size, generator=g) < density
-    share = positive_mass_share(maps, masks)
+    share = mask_share(maps, masks)
     valid = ~share.isnan()
     assert ((share[valid] >= 0) & (share[valid] <= 1 + 1e-6)).all()
     # complementary masks split the positive mass
-    torch.testing.assert_close(share[valid] + positive_mass_share(maps, ~masks)[valid], torch.ones(int(valid.sum())))
+    torch.testing.assert_close(share[valid] + mask_share(maps, ~masks)[valid], torch.ones(int(valid.sum()), dtype=torch.float64))
     # scaling by a positive factor changes nothing; adding negative values changes nothing
-    torch.testing.assert_close(positive_mass_share(3 * maps, masks), share, equal_nan=True)
+    torch.testing.assert_close(mask_share(3 * maps, masks), share, equal_nan=True)
     more_negative = torch.where(maps < 0, 2 * maps, maps)
-    torch.testing.assert_close(positive_mass_share(more_negative, masks), share, equal_nan=True)
+    torch.testing.assert_close(mask_share(more_negative, masks), share, equal_nan=True)
     # a peak on the mask has the mask's value at the argmax
     peak = peak_on_part(maps, masks)
     at = masks.flatten(1).gather(1, maps.flatten(1).argmax(1, keepdim=True))[:, 0].float()
     torch.testing.assert_close(peak, at)
+    assert share.dtype == torch.float64  # the toolkit's measure sums in double precision
 
 
 @pytest.mark.parametrize("maps, masks, error, match", [
-    (torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.bool), ValueError, "floating tensor"),
+    (torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.bool), ValueError, "floating maps"),
     (torch.zeros(4, 4), torch.zeros(4, 4), TypeError, "bool tensor"),
     (torch.zeros(8, 8), torch.zeros(64, 64, dtype=torch.bool), ValueError, "upsample the maps"),
-    (torch.zeros(4), torch.zeros(4, dtype=torch.bool), ValueError, r"\(\.\.\., H, W\)"),
+    (torch.zeros(4), torch.zeros(4, dtype=torch.bool), ValueError, r"\(\.\.\., [hH], [wW]\)"),
 ])
 def test_measures_bad_input(maps, masks, error, match):
-    for measure in (positive_mass_share, peak_on_part):
+    for measure in (mask_share, peak_on_part):
         with pytest.raises(error, match=match):
             measure(maps, masks)
 
 
-# --- bootstrap --------------------------------------------------------------------------------------------------------
+# --- bootstrap: the toolkit's interval with the mean ----------------------------------------------------------------------
 
 @settings(deadline=None, max_examples=30)
 @given(st.integers(0, 2**31), st.sampled_from(["beta", "bernoulli", "normal"]))
@@ -118,30 +122,32 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n(seed, kind):
         return
     widths = []
     for values in (small, large):
-        mean, low, high = bootstrap_ci(values, seed=seed % 1000)
-        assert mean == pytest.approx(values.mean()) and low <= mean <= high
+        mean, low, high, n = bootstrap_interval(values, "mean", seed=seed % 1000)
+        assert mean == pytest.approx(values.mean()) and low <= mean <= high and n == len(values)
         widths.append(high - low)
     assert widths[1] < widths[0] / 2  # about four times narrower for sixteen times the data
 
 
-def test_bootstrap_is_seeded_and_handles_constant_values():
+def test_bootstrap_is_seeded_and_handles_constant_and_undefined_values():
     values = np.random.default_rng(3).random(50)
-    assert bootstrap_ci(values, seed=1) == bootstrap_ci(values, seed=1)
-    assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
-    wide, narrow = bootstrap_ci(values, confidence=0.99), bootstrap_ci(values, confidence=0.5)
+    assert bootstrap_interval(values, "mean", seed=1) == bootstrap_interval(values, "mean", seed=1)
+    assert bootstrap_interval([0.5, 0.5, 0.5], "mean") == (0.5, 0.5, 0.5, 3)
+    wide, narrow = bootstrap_interval(values, "mean", 0.99), bootstrap_interval(values, "mean", 0.5)
     assert wide[1] < narrow[1] < narrow[2] < wide[2]
+    mean, low, high, n = bootstrap_interval([0.2, np.nan], "mean")  # one defined value: no interval
+    assert mean == 0.2 and np.isnan(low) and np.isnan(high) and n == 1
+    with pytest.raises(ValueError, match="pass 'median' or 'mean'"):
+        bootstrap_interval(values, "mode")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"values": [1.0]}, "at least 2 numbers"),
-    ({"values": [[1.0, 2.0]]}, "1-D array"),
-    ({"values": [1.0, np.nan]}, "finite"),
-    ({"values": [1.0, 2.0], "confidence": 95}, "confidence must be a float in"),
-    ({"values": [1.0, 2.0], "n_resamples": 10}, "n_resamples must be an int >= 100"),
-])
-def test_bootstrap_bad_input(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        bootstrap_ci(**kwargs)
+def test_the_summary_is_the_toolkits_bootstrap_of_each_column(tiny):
+    exp = tiny_localisation(tiny, max_images=6)
+    table = pd.DataFrame(exp.rows(range(6)))
+    summary = measure_summary(table, seed=3)
+    d = table[(table["method"] == "fullgrad") & (table["k"] == 2)]
+    row = summary.query("method == 'fullgrad' and k == 2 and target == 'mean' and measure == 'peak'").iloc[0]
+    assert (row["mean"], row["low"], row["high"], row["n"]) == bootstrap_interval(d["peak_mean"].to_numpy(), "mean", seed=3)
+    assert list(summary.columns) == ["method", "k", "target", "measure", "mean", "low", "high", "n", "chance"]
 
 
 # --- the experiment -------------------------------------------------------------------------------------------------
@@ -182,17 +188,17 @@ def test_rows_measure_every_method_class_and_target(tiny):
     # the GradCAM mass share equals the measure on the method's own upsampled maps
     from contrastive_explanations.methods.cam import GradCAM
     x = exp.test.images[i:i + 1].float() / 255
-    e = GradCAM(exp.model, "3")(x, torch.tensor([[int(exp.t1[i]), int(exp.t2[i])]]), list(TARGETS))
+    e = GradCAM(exp.model, "3")(x, torch.tensor([[int(exp.t1[i]), int(exp.t2[i])]]), list(EXPLAINED_TARGETS))
     mask = exp.test.masks[i, PART_NAMES.index(first["part"].iloc[0])]
-    share = positive_mass_share(e.upsampled((64, 64))[0], mask)
-    got = first[first["method"] == "gradcam"].sort_values("k")[[f"mass_{t}" for t in TARGETS]].to_numpy()
+    share = mask_share(e.upsampled((64, 64))[0], mask)
+    got = first[first["method"] == "gradcam"].sort_values("k")[[f"mass_{t}" for t in EXPLAINED_TARGETS]].to_numpy()
     np.testing.assert_allclose(got, share.numpy(), rtol=1e-4, atol=1e-6, equal_nan=True)
 
 
 def test_summaries_of_rows(tiny):
     exp = tiny_localisation(tiny, max_images=6)
     table = pd.DataFrame(exp.rows(range(6)))
-    summary = summarise(table, n_resamples=200)
+    summary = measure_summary(table)
     assert len(summary) == 5 * 2 * 4 * 2
     defined = summary["n"] >= 2
     assert summary.loc[~defined, "low"].isna().all() and summary.loc[defined, "low"].notna().all()
@@ -224,7 +230,8 @@ def test_vit_gets_the_vit_methods(tiny):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"profile": "gpu"}, "profile must be one of"),
+    ({"n_test": 0}, "n_test must be an int >= 1"),
+    ({"seed": 1.5}, "seed must be an int >= 0"),
     ({"model": "resnet18"}, "model must be 'small_cnn', 'small_vit' or a torch.nn.Module"),
     ({"threshold": 1.0}, r"threshold must be a probability in \[0, 1\)"),
     ({"max_images": -1}, "max_images must be an int >= 0"),
@@ -235,3 +242,34 @@ def test_vit_gets_the_vit_methods(tiny):
 def test_experiment_bad_arguments(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_localisation(tiny, **kwargs)
+
+
+def test_the_profile_is_not_an_argument(tiny):
+    with pytest.raises(TypeError, match="profile"):
+        tiny_localisation(tiny, profile="paper")
+
+
+def test_max_images_none_keeps_every_image_and_the_name_carries_the_folder(tiny):
+    every = tiny_localisation(tiny, max_images=None)
+    assert len(every) == len(tiny_localisation(tiny, max_images=0)) and every.max_images == 0
+    assert len(tiny_localisation(tiny, max_images=3)) == 3
+    assert every.name == "localisation/Sequential" and every.provenance()["experiment"] == "localisation/Sequential"
+
+
+def test_methods_come_from_the_registry(tiny):
+    from contrastive_explanations.data.training import small_vit
+    assert set(EXPLAINED_TARGETS) <= set(TARGETS) and set(CNN_METHODS + VIT_METHODS) <= set(METHODS)
+    on_cnn = methods_for(tiny[1])
+    assert list(on_cnn) == list(CNN_METHODS) and all(type(m) is METHODS[name] for name, m in on_cnn.items())
+    assert list(methods_for(small_vit(12).eval())) == list(VIT_METHODS)
+
+
+def test_profiles_name_the_runs():
+    from contrastive_explanations.results import load_profile
+    embedded = load_profile("embedded").run_settings("localisation")
+    assert list(embedded) == ["small_cnn", "small_vit"]
+    assert [(r["model"], r["n_test"], r["max_images"]) for r in embedded.values()] == [
+        ("small_cnn", 4000, 300), ("small_vit", 4000, 200)]
+    paper = load_profile("paper", {"data_root": "/data"}).run_settings("localisation")
+    assert [(r["n_test"], r["max_images"]) for r in paper.values()] == [(20000, None), (20000, None)]
+    assert all("profile" not in r and "data_root" not in r for r in paper.values())

@@ -1,6 +1,6 @@
 """Tests of the feature-masking experiment (nbs/15_masking.ipynb): the relative probability, which pixels each rule
-keeps (ours and the review's, off-by-one included), the baselines, one explanation call per method, the paper
-profile's errors, bad arguments, and a sharded, resumed run equal to a single one."""
+keeps (ours and the review's, off-by-one included), the baselines, one explanation call per method, the CUB
+source's errors, bad arguments, and a sharded, resumed run equal to a single one."""
 import itertools
 
 import numpy as np
@@ -13,20 +13,20 @@ from hypothesis import strategies as st
 from torch import nn
 
 from contrastive_explanations.data.datasets import DatasetNotFoundError, write_fixture
+from contrastive_explanations.methods import METHODS
 from contrastive_explanations.methods.fullgrad import FullGrad
-from contrastive_explanations.experiments.masking import (BASELINES, EXPLANATIONS, FEATURES, METHODS, PAPER_CHECKPOINT, VARIANTS,
-                                              FeatureMasking, baseline_images, blur_settings, explain_pairs,
+from contrastive_explanations.experiments.masking import (BASELINES, EXPLANATIONS, FEATURES, MASKING_METHODS,
+                                                          MASKING_SOURCES, VARIANTS, FeatureMasking, masking_source, baseline_images, blur_settings, explain_pairs,
                                               figure_maps, keep_masks, kept_range, masking_scores, normalised_zero,
                                               pixel_ranks, relative_probability, sign_counts)
 from contrastive_explanations.results import run
 
+from conftest import tiny_cnn
+
 
 def tiny_net(seed: int = 0, classes: int = 5) -> nn.Module:
     "A small random CNN in float64, with batch norm statistics and a sharpened head (some images confident)."
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1),
-                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes)).double().eval()
-    net[1].running_mean.uniform_(-0.3, 0.3)
+    net = tiny_cnn(classes, seed, widths=(6, 8), pool=1, bn_var=None)
     with torch.no_grad():  # larger weights: probabilities that differ from image to image
         net[0].weight.mul_(5)
         net[3].weight.mul_(5)
@@ -230,19 +230,19 @@ def test_masking_scores_equal_one_perturbation_at_a_time():
     net, x = tiny_net(), torch.rand(2, 3, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         pair = net(x).topk(2).indices
-    maps, _ = explain_pairs({"LA": METHODS["LA"](net, "3")}, x, pair)
+    maps, _ = explain_pairs({"linear_approximation": METHODS["linear_approximation"](net, "3")}, x, pair)
     fills = torch.stack([baseline_images(x), baseline_images(x, normalised_zero(net, x))], 1)
-    r, kept = masking_scores(net, x, pair, maps["LA"], fills, forward_batch=7)
+    r, kept = masking_scores(net, x, pair, maps["linear_approximation"], fills, forward_batch=7)
     assert r.shape == (2, 2, len(VARIANTS), len(FEATURES), 2, len(BASELINES)) and kept.shape == (2, 2, 2, 2)
     for k, v, f, e, j in itertools.product(range(2), range(2), range(2), range(2), range(3)):
-        keep = keep_masks(maps["LA"][:, k, 0], maps["LA"][:, k, 1], FEATURES[f], VARIANTS[v])[e]
+        keep = keep_masks(maps["linear_approximation"][:, k, 0], maps["linear_approximation"][:, k, 1], FEATURES[f], VARIANTS[v])[e]
         image = torch.where(keep[:, None], x, fills[:, v, j])
         with torch.no_grad():
             expected = relative_probability(net(image), pair)[:, k]
         assert torch.allclose(r[:, k, v, f, e, j], expected)
         assert torch.equal(kept[:, k, v, f], keep.flatten(1).sum(1))
     with pytest.raises(ValueError, match="fills"):
-        masking_scores(net, x, pair, maps["LA"], fills[:, :1])
+        masking_scores(net, x, pair, maps["linear_approximation"], fills[:, :1])
 
 
 def test_maps_are_computed_once_per_method():
@@ -261,10 +261,11 @@ def test_maps_are_computed_once_per_method():
     items = list(range(len(experiment)))
     rows = experiment.rows(items)
     B = len(items)
-    assert calls == {name: [((B, 2), list(EXPLANATIONS))] for name in METHODS}
-    assert len(rows) == B * len(METHODS) * 2 * len(VARIANTS) * len(BASELINES) * len(FEATURES)
+    assert calls == {name: [((B, 2), list(EXPLANATIONS))] for name in MASKING_METHODS}
+    assert len(rows) == B * len(MASKING_METHODS) * 2 * len(VARIANTS) * len(BASELINES) * len(FEATURES)
     table = pd.DataFrame(rows)
     assert set(table["variant"]) == set(VARIANTS) and set(table["features"]) == set(FEATURES)
+    assert list(table["method"].unique()) == list(MASKING_METHODS)  # labels: Method.name
     assert table[["clean", "ori", "wtd"]].apply(lambda c: c.between(0, 1)).all().all()
     assert table["kept"].between(0, 1).all()
 
@@ -286,7 +287,8 @@ def test_selection():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(profile="bogus"), "profile"), (dict(n_images=0), "n_images"), (dict(n_images=2.5), "n_images"),
+    (dict(source="bogus"), "source must be one of 'birds', 'cub'"), (dict(methods=["GC"]), "methods.METHODS"),
+    (dict(methods="gradcam"), "methods"), (dict(n_images=0), "n_images"), (dict(n_images=2.5), "n_images"),
     (dict(threshold=0.7), "threshold"), (dict(threshold="0.1"), "threshold"), (dict(batch_size=0), "batch_size"),
     (dict(forward_batch=-1), "forward_batch"), (dict(images=None), "together"),
     (dict(images=torch.zeros(4, 12, 12)), "images")])
@@ -301,26 +303,44 @@ def test_cuda_without_gpu():
         tiny_experiment(device="cuda")
 
 
-def test_paper_profile_without_data(tmp_path):
+def test_cub_without_data(tmp_path):
     out = tmp_path / "results"
     with pytest.raises(DatasetNotFoundError, match="data_root"):
-        run(FeatureMasking(profile="paper", data_root=""), out)
+        run(FeatureMasking(source="cub", data_root=""), out)
     with pytest.raises(DatasetNotFoundError, match="CUB"):
-        run(FeatureMasking(profile="paper", data_root=str(tmp_path / "empty")), out)
+        run(FeatureMasking(source="cub", data_root=str(tmp_path / "empty")), out)
     (tmp_path / "bare").mkdir()
     with pytest.raises(DatasetNotFoundError, match="CUB_200_2011"):
-        run(FeatureMasking(profile="paper", data_root=str(tmp_path / "bare")), out)
+        run(FeatureMasking(source="cub", data_root=str(tmp_path / "bare")), out)
     assert not out.exists()  # nothing written
 
 
-def test_paper_profile_without_checkpoint(tmp_path):
+def test_cub_without_checkpoint(tmp_path):
     root = write_fixture("cub200", tmp_path / "data")
     out = tmp_path / "results"
-    with pytest.raises(FileNotFoundError, match=PAPER_CHECKPOINT):
-        run(FeatureMasking(profile="paper", data_root=str(root)), out)
+    with pytest.raises(FileNotFoundError, match="checkpoints/vgg16_bn_cub.pt"):
+        run(FeatureMasking(source="cub", data_root=str(root)), out)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        run(FeatureMasking(profile="paper", data_root=str(root), checkpoint=str(tmp_path / "missing.pt")), out)
+        run(FeatureMasking(source="cub", data_root=str(root), checkpoint=str(tmp_path / "missing.pt")), out)
     assert not out.exists()
+
+
+def test_the_profiles_settings_are_the_constructors():
+    "Both profiles' runs take only FeatureMasking's arguments, with a known source; no profile argument."
+    import inspect
+
+    from contrastive_explanations.results import load_profile
+
+    assert "profile" not in inspect.signature(FeatureMasking).parameters
+    sources = {}
+    for name, overrides in (("embedded", {}), ("paper", {"data_root": "/data"})):
+        config = load_profile(name, overrides)
+        (settings,) = config.run_settings("feature_masking").values()
+        assert settings["source"] in MASKING_SOURCES and isinstance(config.section("feature_masking")["photos"], bool)
+        sources[name] = settings["source"], settings["n_images"]
+    assert sources == {"embedded": ("birds", 40), "paper": ("cub", None)}
+    with pytest.raises(ValueError, match="source must be one of"):
+        masking_source("photos")
 
 
 def test_sharded_and_resumed_equals_one_run(tmp_path):
@@ -339,11 +359,11 @@ def test_figure_maps():
     with torch.no_grad():
         pair = net(x).topk(2).indices
     maps = figure_maps(net, x, pair, "3")
-    assert set(maps) == {*METHODS, "FG", "logits"}
-    assert all(maps[name].shape == (2, 2, 2, 10, 10) for name in (*METHODS, "FG"))
+    assert set(maps) == {*MASKING_METHODS, "fullgrad", "logits"}
+    assert all(maps[name].shape == (2, 2, 2, 10, 10) for name in (*MASKING_METHODS, "fullgrad"))
     batched = FullGrad(net)(x, pair, list(EXPLANATIONS)).maps  # the stacked FullGrad equals one batched call
-    assert torch.allclose(maps["FG"], batched)
-    assert torch.allclose(maps["GC"], METHODS["GC"](net, "3")(x, pair, list(EXPLANATIONS)).upsampled((10, 10)))
+    assert torch.allclose(maps["fullgrad"], batched)
+    assert torch.allclose(maps["gradcam"], METHODS["gradcam"](net, "3")(x, pair, list(EXPLANATIONS)).upsampled((10, 10)))
 
 
 def test_full_precision_restores_the_flags():

@@ -10,21 +10,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
-from contrastive_explanations.methods.explain import deferred_checks
-from contrastive_explanations.methods.targets import TARGETS, explicit_contrast
+from contrastive_explanations.methods.targets import TARGETS, deferred_checks, explicit_contrast
 from contrastive_explanations.methods.explain import Explanation, classes_to, default_layer
 from contrastive_explanations.methods.gradient import Gradient
 
+from conftest import tiny_cnn  # conv, batch norm, ReLU, conv ('3'), ReLU, pool 2, linear: float64, random statistics
+
 METHODS = [Gradient, LinearApproximation, GradCAM, XGradCAM]
-
-
-def tiny_cnn(C: int, seed: int, dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1),
-                        nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, C)).to(dtype).eval()
-    net[1].running_mean.uniform_(-0.3, 0.3)
-    net[1].running_var.uniform_(0.5, 2)
-    return net
 
 
 def make(Method, net, layer="3"):

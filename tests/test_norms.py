@@ -221,12 +221,13 @@ def test_sharded_and_resumed_run_equals_a_single_run(tmp_path):
 def test_missing_imagenet_root_fails_before_anything_is_written(tmp_path, monkeypatch, capsys):
     empty = tmp_path / "data"
     empty.mkdir()
+    review = {"model": "vgg16", "dataset": "imagenet"}  # the paper profile's main run
     with pytest.raises(DatasetNotFoundError, match="ImageNet"):
-        NormLogit(profile="paper", data_root=str(tmp_path / "no-such-folder"))
+        NormLogit(**review, data_root=str(tmp_path / "no-such-folder"))
     with pytest.raises(DatasetNotFoundError, match="missing the folder val/"):
-        NormLogit(profile="paper", data_root=str(empty))
+        NormLogit(**review, data_root=str(empty))
     with pytest.raises(DatasetNotFoundError, match="needs a data root"):
-        NormLogit(profile="paper")
+        NormLogit(**review)
     # the command line: a clear error, exit code 2, and no results folder
     monkeypatch.setenv("CONTRASTIVE_EXPLANATIONS_RESULTS", str(tmp_path / "results"))
     assert main(["norm_logit", "--profile", "paper", "--param", f"data_root={empty}"]) == 2
@@ -235,7 +236,8 @@ def test_missing_imagenet_root_fails_before_anything_is_written(tmp_path, monkey
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"profile": "fast"}, "profile must be one of"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1"),
+    ({"seed": -1}, "seed must be an int >= 0"),
     ({"dataset": "cifar"}, "dataset must be one of"),
     ({"n_images": 0}, "n_images must be an int >= 1"),
     ({"n_images": 8}, "has only 7 images"),
@@ -246,3 +248,30 @@ def test_missing_imagenet_root_fails_before_anything_is_written(tmp_path, monkey
 def test_experiment_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_experiment(**kwargs)
+
+
+def test_the_profile_is_not_an_argument():
+    "What differed by profile is an explicit argument, set in params/<profile>.yaml."
+    with pytest.raises(TypeError, match="profile"):
+        tiny_experiment(profile="paper")
+
+
+def test_name_carries_the_results_folder():
+    assert tiny_experiment().name == "norm_logit/Sequential_tensor"
+    assert tiny_experiment().provenance()["experiment"] == "norm_logit/Sequential_tensor"
+
+
+def test_profiles_name_the_runs_and_their_folders():
+    from contrastive_explanations.results import load_profile
+    embedded = load_profile("embedded")
+    settings = embedded.run_settings("norm_logit")
+    assert list(settings) == ["main", "birds"] and "profile" not in settings["main"]
+    assert settings["main"] == {"device": "cpu", "data_root": "", "seed": 0, "download": False,
+                                "model": "efficientnet_lite0", "dataset": "packaged", "n_images": 4, "chunk": 4}
+    assert settings["birds"]["n_images"] == 300 and settings["birds"]["batch_size"] == 50
+    main_run = NormLogit(**settings["main"])
+    assert str(embedded.results_dir(main_run)).endswith("embedded/norm_logit/efficientnet_lite0_packaged")
+    paper = load_profile("paper", {"data_root": "/data"}).run_settings("norm_logit")
+    assert {k: paper["main"][k] for k in ("model", "dataset", "n_images", "chunk", "download")} == {
+        "model": "vgg16", "dataset": "imagenet", "n_images": 1000, "chunk": 32, "download": True}
+    assert paper["birds"]["n_images"] == 1000 and paper["birds"]["chunk"] == 32

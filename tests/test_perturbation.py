@@ -15,10 +15,13 @@ from torch import nn
 
 from contrastive_explanations.methods.targets import WeightedLogTarget, WeightedTarget
 from contrastive_explanations.data.datasets import DatasetNotFoundError
-from contrastive_explanations.experiments.perturbation import (EPSILONS, N_TOTS, SETUPS, SOURCES, ImageSet, Perturbation,
-                                                   check_epsilons, check_n_tots, image_subset, perturb,
-                                                   perturbation_bounds, perturbation_step, resolve_device,
-                                                   sign_targets, step_size, tensor_fingerprint)
+from torch.utils.data import TensorDataset
+
+from contrastive_explanations.experiments.perturbation import (EPSILONS, N_TOTS, NETWORKS, SOURCES, Perturbation,
+                                                               check_epsilons, check_n_tots, image_subset, perturb,
+                                                               perturbation_bounds, perturbation_step, sign_targets,
+                                                               step_size)
+from contrastive_explanations.experiments.toolkit import Source, load_batch, resolve_device
 from contrastive_explanations.results import load_results, main, run
 
 
@@ -30,21 +33,29 @@ def tiny_net(seed: int = 0, classes: int = 5) -> nn.Module:
     return net
 
 
-def tiny_setup(data_root: str = "", seed: int = 0, n: int = 11, labels: bool = True):
-    "A random double-precision net and n random 8x8 images: a stand-in for a model and its data."
+def tiny_source(data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu", n: int = 11,
+                labels: bool = True) -> Source:
+    "A random double-precision net and n random 8x8 images: a stand-in for a network of NETWORKS and its data."
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64)
     x[0, 0] = 0.0  # pixels at the ends of the range
     x[1, 1] = 1.0
     y = torch.randint(5, (n,), generator=g)
-    return tiny_net(seed), ImageSet(lambda idx: x[list(idx)], n, y if labels else None,
-                                    [f"img {i}" for i in range(n)], tensor_fingerprint(x))
+    return Source("tiny", "tiny", tiny_net(seed).to(device), TensorDataset(x, y), [str(c) for c in range(5)],
+                  labelled=labels, item_names=lambda i: f"img {i}")
+
+
+def tiny_setup(seed: int = 0, n: int = 11):
+    "The tiny network and its images: (net, x (n, 3, 8, 8), labels (n,))."
+    source = tiny_source(seed=seed, n=n)
+    x, y = load_batch(source, range(n))
+    return source.model, x, y
 
 
 @pytest.fixture
 def tiny(monkeypatch):
-    monkeypatch.setitem(SETUPS, "tiny", tiny_setup)
-    monkeypatch.setitem(SETUPS, "tiny_unlabelled", lambda data_root="", seed=0: tiny_setup(data_root, seed, 7, False))
+    monkeypatch.setitem(NETWORKS, "tiny", tiny_source)
+    monkeypatch.setitem(NETWORKS, "tiny_unlabelled", lambda **kw: tiny_source(**kw, n=7, labels=False))
 
 
 # Eq. eq-perturbation-step / eq-perturbation-bounds / Prop. prop-perturbation-box: any gradient, any x0, eps, n_tot
@@ -69,9 +80,8 @@ def test_iterates_stay_in_the_box_around_the_clean_image(seed, eps, n_tot, edge)
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 1000), eps=st.floats(1e-4, 0.5), n_tot=st.integers(1, 4))
 def test_perturb_stays_in_the_box_on_a_network(seed, eps, n_tot):
-    net, images = tiny_setup(seed=seed, n=3)
-    x0 = images.load(range(3))
-    xp = perturb(net, x0, images.labels, SOURCES, eps, n_tot)  # (3, 4, 1, 3, 8, 8)
+    net, x0, labels = tiny_setup(seed=seed, n=3)
+    xp = perturb(net, x0, labels, SOURCES, eps, n_tot)  # (3, 4, 1, 3, 8, 8)
     lower, upper = perturbation_bounds(x0, eps)
     assert (xp >= lower[:, None, None]).all() and (xp <= upper[:, None, None]).all()
 
@@ -89,8 +99,7 @@ def test_step_size_splits_the_budget(n_tot):
 
 
 def test_batched_sources_and_budgets_equal_separate_runs():
-    net, images = tiny_setup(n=5)
-    x0, t = images.load(range(5)), images.labels[:5]
+    net, x0, t = tiny_setup(n=5)
     net.train()
     batched = perturb(net, x0, t, SOURCES, EPSILONS, 3)
     assert batched.shape == (5, 4, 2, 3, 8, 8)
@@ -164,9 +173,9 @@ def test_bad_epsilons(eps, error, words):
 def test_bad_n_tot(n_tot, error):
     with pytest.raises(error, match=r"n_tot.*pass e\.g\. n_tot=10"):
         check_n_tots(n_tot)
-    net, images = tiny_setup(n=2)
+    net, x, _ = tiny_setup(n=2)
     with pytest.raises(error, match="n_tot"):
-        perturb(net, images.load([0, 1]), 0, "weighted", 1e-3, n_tot)
+        perturb(net, x, 0, "weighted", 1e-3, n_tot)
 
 
 @pytest.mark.parametrize("sources, error, words", [
@@ -178,8 +187,7 @@ def test_bad_sources(sources, error, words):
 
 
 def test_bad_images_and_classes():
-    net, images = tiny_setup(n=2)
-    x = images.load([0, 1])
+    net, x, _ = tiny_setup(n=2)
     with pytest.raises(ValueError, match=r"pixel values in \[0, 1\].*before normalisation"):
         perturb(net, x * 2 - 1, 0, "original", 1e-3, 1)
     with pytest.raises(ValueError, match="class indices must lie in"):
@@ -189,14 +197,15 @@ def test_bad_images_and_classes():
 def test_experiment_checks_its_settings_before_loading_anything(monkeypatch):
     def fail(**kwargs):
         raise AssertionError("the setup ran before the settings were checked")
-    monkeypatch.setitem(SETUPS, "tiny", fail)
+    monkeypatch.setitem(NETWORKS, "tiny", fail)
     for kwargs, error, words in [({"model": "resnet99"}, ValueError, "unknown model 'resnet99'"),
                                  ({"n_images": 0}, ValueError, "n_images"),
                                  ({"batch_size": 0}, ValueError, "batch_size"),
                                  ({"epsilons": (0.1, 5)}, ValueError, "eps must lie in"),
                                  ({"n_tots": (1, 0)}, ValueError, "n_tot must be at least 1"),
                                  ({"sources": ("weighted", "softmax")}, ValueError, "unknown source"),
-                                 ({"sources": (WeightedTarget(),)}, TypeError, "must be names")]:
+                                 ({"sources": (WeightedTarget(),)}, TypeError, "must be names"),
+                                 ({"profile": "paper"}, TypeError, "profile")]:  # settings come from the yaml
         with pytest.raises(error, match=words):
             Perturbation(**{"model": "tiny", **kwargs})
 
@@ -207,11 +216,11 @@ def test_missing_imagenet_root_fails_before_any_file_is_written(tmp_path, monkey
     empty = tmp_path / "imagenet"
     empty.mkdir()
     with pytest.raises(DatasetNotFoundError, match=r"ImageNet at .*missing the folder val/"):
-        Perturbation("resnet18", profile="paper", data_root=str(empty))
+        Perturbation("resnet18", data_root=str(empty), download=True)
     with pytest.raises(DatasetNotFoundError, match="ImageNet needs a data root"):
-        Perturbation("resnet18", profile="paper", data_root="")
+        Perturbation("resnet18", data_root="")
     out = tmp_path / "cli"
-    code = main(["perturbation", "--profile", "paper", "--param", f"data_root={empty}", "--param", "model=vgg16",
+    code = main(["perturbation", "--profile", "paper", "--param", f"data_root={empty}", "--run", "vgg16",
                  "--param", "device=cpu", "--out", str(out)])
     assert code == 2
     assert not results.exists() and not out.exists() and list(empty.iterdir()) == []
@@ -240,12 +249,13 @@ def test_rows_record_every_setting_per_image(tiny):
     assert set(rows.groupby("item").size()) == {24}
     assert (rows["linf"] <= rows["eps"] * (1 + 1e-12)).all()  # Prop. prop-perturbation-box
     assert set(rows["source"]) == set(SOURCES) and set(rows["n_tot"]) == set(N_TOTS)
-    net, images = tiny_setup()
+    net, x, labels = tiny_setup()
     with torch.no_grad():
-        p = net(images.load(exp.index[:4].tolist())).softmax(1)
+        p = net(x[exp.index[:4]]).softmax(1)
     first = rows.drop_duplicates("item")
-    assert first["t"].tolist() == images.labels[exp.index[:4]].tolist()
-    assert np.allclose(first["clean_pt"], p[torch.arange(4), images.labels[exp.index[:4]]].numpy())
+    assert first["t"].tolist() == labels[exp.index[:4]].tolist()
+    assert first["image"].tolist() == [f"img {i}" for i in exp.index[:4]]  # the source's item names
+    assert np.allclose(first["clean_pt"], p[torch.arange(4), labels[exp.index[:4]]].numpy())
     unlabelled = pd.DataFrame(Perturbation("tiny_unlabelled").rows([0, 1, 2]))
     assert (unlabelled["clean_correct"] == 1).all()  # t = the clean prediction
 
@@ -269,3 +279,16 @@ def test_sharded_and_resumed_equals_one_run(tiny, tmp_path):
     table, provenance = load_results(tmp_path / "sharded")
     assert provenance["experiment"] == "perturbation/tiny" and len(table) == 11 * 24
     assert provenance["params"]["epsilons"] == list(EPSILONS) and provenance["params"]["sources"] == list(SOURCES)
+    assert "profile" not in provenance["params"]
+
+
+def test_the_profiles_settings_are_the_constructors(tiny):
+    "Every run of both profiles names a network of NETWORKS and only arguments Perturbation takes."
+    from contrastive_explanations.results import load_profile
+
+    for name, overrides in (("embedded", {}), ("paper", {"data_root": "/data"})):
+        settings = load_profile(name, overrides).run_settings("perturbation")
+        assert settings and all(kwargs["model"] in NETWORKS and kwargs["model"] == label
+                                for label, kwargs in settings.items())
+    paper = load_profile("paper", {"data_root": "/data"}).run_settings("perturbation")
+    assert all(kwargs["download"] is True and kwargs["n_images"] is None for kwargs in paper.values())

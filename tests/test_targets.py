@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastive_explanations.methods.explain import check_later, deferred_checks
 from contrastive_explanations.methods.targets import (TARGETS, MaxTarget, MeanTarget, OriginalTarget, Target,
-                                                      WeightedLogTarget, WeightedTarget, as_classes, explicit_contrast,
-                                                      get_target, other_class_weights)
+                                                      WeightedLogTarget, WeightedTarget, as_classes, check_later,
+                                                      deferred_checks, explicit_contrast, get_target,
+                                                      other_class_weights)
 
 
 def per_class_gradients(net, x, C):

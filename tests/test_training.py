@@ -167,3 +167,15 @@ def test_finetune_refuses_to_resume_with_another_config(tmp_path):
         _fixture_run(tmp_path, FinetuneConfig(epochs=2, batch_size=4, lr=0.05, weight_decay=0.0, num_workers=0))
     with pytest.raises(ValueError, match="optimizer"):
         _fixture_run(tmp_path / "c", FinetuneConfig(epochs=1, batch_size=4, lr=0.05, weight_decay=0.0, optimizer="lion"))
+
+
+def test_profiles_set_the_training_chapter():
+    "The chapter's epochs are the cache's defaults in the embedded profile; `finetune` names fine-tuned networks."
+    from contrastive_explanations.data.models import MODELS, TORCHVISION_IMAGENET
+    from contrastive_explanations.data.training import EMBEDDED_EPOCHS
+    from contrastive_explanations.results import load_profile
+    embedded = load_profile("embedded").section("training")
+    assert {"small_cnn": embedded["cnn_epochs"], "small_vit": embedded["vit_epochs"]} == EMBEDDED_EPOCHS
+    assert embedded["finetune"] == []
+    paper = load_profile("paper", {"data_root": "/data"}).section("training")
+    assert paper["finetune"] == ["vgg16_bn_cub", "vit_b_16_food101"] and all(n in MODELS and n not in TORCHVISION_IMAGENET for n in paper["finetune"])

@@ -12,24 +12,12 @@ import torchvision.transforms.v2 as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torchvision.models.vision_transformer import VisionTransformer
 
 from contrastive_explanations.methods.targets import TARGETS, explicit_contrast, get_target
 from contrastive_explanations.methods.vit import (AttentionRollout, ViTGradCAM, attention_weights, captured_attention,
                                           discard_lowest, encoder_blocks, grad_rollout)
 
-
-def tiny_vit(seed: int, image_size: int = 16, classes: int = 4, num_layers: int = 2, num_heads: int = 2,
-             dtype=torch.float64) -> VisionTransformer:
-    "A random torchvision ViT with 8-pixel patches; its zero-initialised head and small positions made random."
-    torch.manual_seed(seed)
-    vit = VisionTransformer(image_size=image_size, patch_size=8, num_layers=num_layers, num_heads=num_heads,
-                            hidden_dim=16, mlp_dim=32, num_classes=classes)
-    nn.init.normal_(vit.heads.head.weight)
-    nn.init.normal_(vit.heads.head.bias)
-    nn.init.normal_(vit.encoder.pos_embedding, std=0.5)
-    nn.init.normal_(vit.class_token)
-    return vit.to(dtype).eval()
+from conftest import tiny_vit
 
 
 def images(seed: int, B: int, size: int, dtype=torch.float64) -> torch.Tensor:

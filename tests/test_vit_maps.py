@@ -1,5 +1,6 @@
 """Contrastive maps of a Vision Transformer (nbs/18_vit_maps.ipynb): the block mapping, the chance level of the
-part score, bad input, the paper profile without data, rows against direct computation, sharded + resumed runs."""
+part score, bad input, the Food-101 source without data, the profiles' settings, rows against direct computation,
+sharded + resumed runs."""
 from __future__ import annotations
 
 import math
@@ -10,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 from torch.utils.data import TensorDataset
-from torchvision.models.vision_transformer import VisionTransformer
 
-from contrastive_explanations.experiments.contrasts import Source, cosine, mask_share
+from contrastive_explanations.experiments.toolkit import Source, cosine, mask_share
 from contrastive_explanations.data.datasets import DatasetNotFoundError, write_fixture
-from contrastive_explanations.results import run
+from contrastive_explanations.results import load_profile, run
 from contrastive_explanations.methods.vit import AttentionRollout, ViTGradCAM
 from contrastive_explanations.experiments.vit_maps import MAP_KINDS, ViTMaps, map_block, stand_in_blocks
+
+from conftest import tiny_vit
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -65,13 +66,15 @@ def test_stand_in_blocks_are_distinct_and_keep_the_order(n_to, data):
 
 
 def test_block_mapping_refuses_bad_input():
-    for args, error, match in (((11, 12, 4), ValueError, "block=11 is out of range"),
-                               ((12, 12, 4), ValueError, r"\[0, 10\]"), ((-1, 12, 4), ValueError, "block=-1"),
-                               ((8.0, 12, 4), TypeError, "block must be an int"),
-                               ((True, 12, 4), TypeError, "block must be an int"),
-                               ((0, 12, 1), ValueError, "n_to=1"), ((0, 1, 4), ValueError, "n_from=1")):
-        with pytest.raises(error, match=match):
+    for args, match in (((11, 12, 4), "block=11 is out of range"), ((12, 12, 4), r"\[0, 10\]"),
+                        ((-1, 12, 4), "block must be an int >= 0, got -1"),
+                        ((8.0, 12, 4), "block must be an int >= 0, got 8.0"),
+                        ((True, 12, 4), "block must be an int >= 0, got True"),
+                        ((0, 12, 1), "n_to must be an int >= 2, got 1"),
+                        ((0, 1, 4), "n_from must be an int >= 2, got 1")):
+        with pytest.raises(ValueError, match=match) as error:
             map_block(*args)
+        assert "\n" not in str(error.value) and "pass" in str(error.value)  # one line, with a fix
     with pytest.raises(ValueError, match="distinct"):
         stand_in_blocks((8, 8), 12, 4)
     with pytest.raises(ValueError, match="do not fit a 3-block ViT"):
@@ -95,16 +98,6 @@ def test_a_map_shifted_over_the_image_scores_the_parts_area_on_average(seed, H, 
 # ---------------------------------------------------------------------------------------------------------------
 # The experiment
 
-def tiny_vit(seed: int, classes: int = 4) -> VisionTransformer:
-    "A random 3-block torchvision ViT on 16 x 16 images (2 x 2 patches of 8 pixels), double precision."
-    torch.manual_seed(seed)
-    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32,
-                            num_classes=classes)
-    nn.init.normal_(vit.heads.head.weight)
-    nn.init.normal_(vit.encoder.pos_embedding, std=0.5)
-    return vit.double().eval()
-
-
 class TinyViTMaps(ViTMaps):
     "The experiment on a tiny random ViT, 9 random images and random part masks (2 parts)."
     fail_at: int | None = None
@@ -113,7 +106,8 @@ class TinyViTMaps(ViTMaps):
         g = torch.Generator().manual_seed(self.seed)
         x = torch.rand(9, 3, 16, 16, generator=g, dtype=torch.float64)
         self.masks = torch.rand(9, 2, 16, 16, generator=g) < 0.3
-        return [Source("tiny", "tiny_vit", tiny_vit(self.seed), TensorDataset(x, torch.arange(9) % 4),
+        return [Source("tiny", "tiny_vit", tiny_vit(self.seed, num_layers=3, head_bias=False, class_token=False),
+                       TensorDataset(x, torch.arange(9) % 4),
                        [f"class {c}" for c in range(4)], sample=self.n_images or None,
                        part_mask=lambda i, c: self.masks[i, c % 2])]
 
@@ -128,23 +122,34 @@ def tiny_experiment() -> TinyViTMaps:
 
 
 def test_vit_maps_refuse_bad_parameters_before_loading_anything():
-    for kwargs, match in (({"profile": "quick"}, "profile"), ({"blocks": (8, 11)}, "block=11"),
+    for kwargs, match in (({"source": "quick"}, "unknown source 'quick'.*birds, food101"),
+                          ({"blocks": (8, 11)}, "block=11"),
                           ({"blocks": (8, 12)}, "block=12"), ({"blocks": (8,)}, "two blocks"),
                           ({"head_fusion": "median"}, "head_fusion"), ({"discard_ratio": 1.0}, "discard_ratio"),
                           ({"rank": 1}, "rank"), ({"n_images": -3}, "n_images")):
         with pytest.raises(ValueError, match=match):
             ViTMaps(**kwargs)
+    with pytest.raises(TypeError, match="profile"):  # the profile is not an argument: its settings are
+        ViTMaps(profile="paper")
 
 
-def test_paper_profile_without_data_or_checkpoint_says_what_is_missing(tmp_path):
+def test_food101_source_without_data_or_checkpoint_says_what_is_missing(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="Food-101"):
-        ViTMaps(profile="paper", data_root="")
+        ViTMaps(source="food101", data_root="")
     with pytest.raises(DatasetNotFoundError, match="food-101"):
-        ViTMaps(profile="paper", data_root=str(tmp_path))
+        ViTMaps(source="food101", data_root=str(tmp_path))
     root = write_fixture("food101", tmp_path / "data", n_classes=2, per_class=2)
     with pytest.raises(FileNotFoundError, match=r"checkpoints/vit_b_16_food101\.pt"):
-        ViTMaps(profile="paper", data_root=str(root))
+        ViTMaps(source="food101", data_root=str(root))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
+
+
+def test_the_profiles_settings_name_the_source():
+    "What differed by profile is in params/<profile>.yaml, as arguments of ViTMaps."
+    embedded = load_profile("embedded").run_settings("vit_maps")["main"]
+    paper = load_profile("paper", {"data_root": "/data"}).run_settings("vit_maps")["main"]
+    assert (embedded["source"], embedded["n_images"]) == ("birds", 96)
+    assert (paper["source"], paper["n_images"]) == ("food101", None) and "profile" not in paper
 
 
 def test_rows_agree_with_a_direct_computation():
@@ -152,6 +157,10 @@ def test_rows_agree_with_a_direct_computation():
     assert exp.model_blocks == [(0, 1)] and len(exp) == 9  # the review's 8 and 10 of 12 on 3 blocks
     rows = pd.DataFrame(exp.rows(list(range(len(exp)))))
     assert len(rows) == 9 * 2 * len(MAP_KINDS) and set(rows["map"]) == set(MAP_KINDS)
+    assert dict(zip(rows["map"], rows["method"])) == {"gradcam_a": "vit_gradcam", "gradcam_b": "vit_gradcam",
+                                                      "rollout_standard": "attention_rollout",
+                                                      "rollout_signed": "attention_rollout"}  # Method.name
+    assert exp.params["source"] == "tiny" and exp.params["n_images"] is None
     vit, x = exp.sources[0].model, exp.sources[0].dataset.tensors[0]
     classes = vit(x).topk(2).indices
     masks = torch.stack([torch.stack([exp.masks[i, int(c) % 2] for c in classes[i]]) for i in range(9)])

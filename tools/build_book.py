@@ -1,11 +1,13 @@
 """The main job: execute every chapter of the book with papermill on a parameter profile, then build the book.
 
-    python tools/build_book.py [--profile embedded|paper] [--param data_root=/data] [--force]
+    python -m tools.build_book [--profile embedded|paper] [--param data_root=/data] [--force]
 
 1. Reads `params/<profile>.yaml`; each notebook receives only the parameters its `parameters` cell declares.
 2. Executes `nbs/NAME.ipynb` for every `executed/NAME` entry of `_toc.yml` into `executed/NAME.ipynb` (git-ignored).
-   A copy whose notebook, parameters, package and pins are unchanged since its last run is kept (`--force` redoes it).
+   A copy whose notebook, parameters and the files it may read (`KEY_FILES`: package, reference numbers, benchmark
+   results, pins) are unchanged since its last run is kept (`--force` redoes it).
    Chapters whose notebook metadata says `book: {reads_results: true}` run last, and again whenever another ran.
+   Each executed copy is tidied for reading (`tidy_executed`): no nbdev `#|` directive lines, no progress bars.
 3. Builds the Jupyter Book with warnings as errors into `_build/staging`, and only on success moves it to
    `_build/html`, so a failed run never leaves a book that looks good. Timings go to `_build/timings-<profile>.json`.
 """
@@ -27,8 +29,7 @@ import nbformat
 import papermill as pm
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from book_assets import ensure_assets  # noqa: E402
+from .book_assets import ensure_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTED = "executed"  # toc entries `executed/NAME` are papermill copies of `nbs/NAME.ipynb`
@@ -90,14 +91,87 @@ def reads_results(root: Path, chapter: str) -> bool:
     return bool(meta.get("book", {}).get("reads_results"))
 
 
+#: The files besides its notebook that a chapter may read, as glob patterns under the project root: the package (every
+#: module of every subpackage), the review's published numbers, the benchmarks' results, the pins. A change to any of
+#: them re-executes every chapter: a chapter reads them through the package, so which ones it reads is not visible.
+KEY_FILES = ("contrastive_explanations/**/*.py", "reference/*.csv", "benchmarks/results/*.json", "constraints.txt")
+
+
+def key_files(root: Path) -> list[Path]:
+    "The files matching `KEY_FILES` under `root`, sorted, each once."
+    return sorted({f for pattern in KEY_FILES for f in root.glob(pattern) if f.is_file()})
+
+
 def build_key(root: Path, nb: Path, params: dict) -> str:
-    "A hash of everything an executed copy depends on: notebook, parameters, package code, pins."
+    "A hash of everything an executed copy depends on: notebook, parameters, and the files of `KEY_FILES`."
     h = hashlib.sha256(nb.read_bytes())
     h.update(json.dumps(params, sort_keys=True).encode())
-    for f in sorted((root / "contrastive_explanations").glob("*.py")) + [root / "constraints.txt"]:
-        if f.exists():
-            h.update(f.read_bytes())
+    for f in key_files(root):  # the path too, so that renaming or adding a file changes the key
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
+
+
+DIRECTIVE = re.compile(r"^[ \t]*#\|.*(?:\n|$)", re.MULTILINE)  # an nbdev directive line: #| export, #| hide, ...
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+PROGRESS_MODELS = {"FloatProgressModel", "IntProgressModel"}
+
+
+def progress_bar_models(state: dict) -> set[str]:
+    """The widget models of progress bars (tqdm's, in a kernel: an HBox of HTML labels around a progress bar), with
+    the layouts and styles only they use. Menus, stacks and images (the static explorers) are never among them."""
+    def refs(model: dict) -> set[str]:
+        found = set()
+        for value in model.get("state", {}).values():
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, str) and v.startswith("IPY_MODEL_") and v[10:] in state:
+                    found.add(v[10:])
+        return found
+
+    bars = set()
+    for model_id, model in state.items():
+        children = [c[10:] for c in model.get("state", {}).get("children", [])
+                    if isinstance(c, str) and c[10:] in state]
+        names = [state[c]["model_name"] for c in children]
+        if (model.get("model_name") == "HBoxModel" and PROGRESS_MODELS & set(names)
+                and all(n in PROGRESS_MODELS | {"HTMLModel"} for n in names)):
+            bars |= {model_id, *children}
+    bars |= {r for b in bars for r in refs(state[b])}  # their layouts and styles
+    kept = {r for model_id, model in state.items() if model_id not in bars for r in refs(model)}
+    return bars - kept
+
+
+def tidy_executed(path: Path) -> bool:
+    """Tidy an executed copy for reading, in place: drop nbdev's `#|` directive lines from the code cells (a cell
+    left empty, without outputs, is removed from the page) and every progress bar (tqdm's widgets, which show
+    nothing in a static page) from the outputs and the saved widget state. Returns whether it changed anything;
+    a tidy copy is left as it is, so its time stamp keeps meaning "last executed"."""
+    nb = nbformat.read(path, as_version=4)
+    changed = False
+    widgets = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {})
+    bars = progress_bar_models(widgets.get("state", {}))
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        source = DIRECTIVE.sub("", cell.source)
+        if source != cell.source:
+            cell.source, changed = source.lstrip("\n"), True
+            if not cell.source.strip() and not cell.outputs and "remove-cell" not in cell.metadata.get("tags", []):
+                cell.metadata["tags"] = [*cell.metadata.get("tags", []), "remove-cell"]
+        outputs = [o for o in cell.outputs if o.get("data", {}).get(WIDGET_VIEW, {}).get("model_id") not in bars]
+        if len(outputs) != len(cell.outputs):
+            cell.outputs, changed = outputs, True
+    if bars:
+        for model_id in bars:
+            del widgets["state"][model_id]
+        if not widgets["state"]:
+            del nb.metadata["widgets"]
+        changed = True
+    if changed:
+        tmp = path.with_suffix(".partial.ipynb")  # excluded from the book, like execute's
+        nbformat.write(nb, tmp)
+        tmp.replace(path)
+    return changed
 
 
 def execute(root: Path, chapter: str, profile, overrides: dict[str, str], force: bool) -> tuple[float, bool]:
@@ -206,6 +280,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         for i, chapter in enumerate([c for c in chapters if c not in readers] + readers, 1):
             print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb ...", end=" ", flush=True)
             seconds, ran = execute(root, chapter, profile, overrides, args.force or (chapter in readers and any_ran))
+            tidy_executed(root / EXECUTED / f"{chapter}.ipynb")
             any_ran |= ran
             timings[chapter] = {"seconds": seconds, "reused": not ran}
             print(f"{seconds:.1f} s" if ran else f"unchanged, kept (it ran in {seconds:.1f} s)", flush=True)

@@ -5,29 +5,23 @@
 # %% ../../nbs/16_contrasts.ipynb #edbd48ec
 from __future__ import annotations
 
-import hashlib
 import math
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..methods.cam import GradCAM, LinearApproximation, XGradCAM
+from contrastive_explanations.experiments.toolkit import (
+    Source, SourcesExperiment, ambiguous_items, birds_source, check_count, cosine, finetuned_source, photos_source,
+    positive_share, resolve_device)
+from ..methods import METHODS
+from ..methods.explain import ActivationMethod, Method
 from ..methods.targets import LinearTarget, as_classes, get_target, other_class_weights
-from ..methods.explain import Method
-from ..methods.gradient import Gradient
-from ..results import Experiment
 
 # %% auto #0
-__all__ = ['METHODS', 'CONTRASTS', 'PROFILES', 'PAIRS', 'MeanVariantTarget', 'head_mean_ratio', 'check_methods', 'make_method',
-           'Contrasts']
+__all__ = ['CONTRASTS', 'PAIRS', 'CONTRAST_METHODS', 'CONTRAST_SOURCES', 'MeanVariantTarget', 'head_mean_ratio', 'check_methods',
+           'make_method', 'check_sources', 'build_source', 'contrast_measures', 'Contrasts']
 
 # %% ../../nbs/16_contrasts.ipynb #0033000f
 class MeanVariantTarget(LinearTarget):
@@ -62,104 +56,119 @@ def head_mean_ratio(model: nn.Module) -> float:
     W = linear[-1].weight.detach().double()
     return float(W.mean(0).norm() / W.norm(dim=1).mean())
 
-# %% ../../nbs/16_contrasts.ipynb #4a7cf124
-METHODS: dict[str, type[Method]] = {"gradcam": GradCAM, "xgradcam": XGradCAM,
-                                    "linear_approximation": LinearApproximation, "gradient": Gradient}
-CONTRASTS: tuple[str, ...] = ("original", "mean", "max", "weighted")
-PROFILES: tuple[str, ...] = ("embedded", "paper")
+# %% ../../nbs/16_contrasts.ipynb #920c1377
+CONTRASTS: tuple[str, ...] = ("original", "mean", "max", "weighted")  # Target.name of the four contrasts
 PAIRS: dict[str, tuple[str, str]] = {  # column -> the two targets it compares
     "mean_vs_original_cosine": ("mean", "original"), "weighted_vs_max_cosine": ("weighted", "max"),
     "weighted_vs_original_cosine": ("weighted", "original"), "max_vs_original_cosine": ("max", "original"),
     "weighted_vs_mean_cosine": ("weighted", "mean"), "printed_mean_vs_original_cosine": ("mean_printed", "original"),
     "review_mean_vs_mean_cosine": ("mean_review", "mean")}
+CONTRAST_METHODS: tuple[str, ...] = ("gradcam", "xgradcam", "linear_approximation", "gradient")  # in methods.METHODS
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
-    "The method names, checked against METHODS."
-    if isinstance(methods, str):
-        methods = (methods,)
-    methods = tuple(methods)
-    bad = [m for m in methods if m not in METHODS]
+    "The method names, checked against CONTRAST_METHODS."
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    bad = [m for m in methods if m not in CONTRAST_METHODS]
     if bad or not methods:
         raise ValueError((f"unknown method {bad[0]!r}" if bad else "methods is empty")
-                         + f": choose from {', '.join(METHODS)}")
+                         + f": choose from {', '.join(CONTRAST_METHODS)}, e.g. methods=['gradcam']")
     return methods
 
 
 def make_method(name: str, source: Source) -> Method:
-    "The method called `name` on the source's model (at its layer, for activation methods)."
+    "The method `name` of methods.METHODS on the source's model (at the source's layer, for activation methods)."
     cls = METHODS[check_methods([name])[0]]
-    return cls(source.model) if cls is Gradient else cls(source.model, layer=source.layer)
+    return cls(source.model, layer=source.layer) if issubclass(cls, ActivationMethod) else cls(source.model)
+
+# %% ../../nbs/16_contrasts.ipynb #9a2c19f5
+CONTRAST_SOURCES: dict[str, str] = {  # name -> the model and the images it explains
+    "photos": "EfficientNet-Lite0 on the packaged photographs (all of them are screened)",
+    "birds": "the small CNN on the generated birds' test split",
+    "cub": "VGG16-bn fine-tuned on CUB-200 on its test split (needs data_root and the checkpoint)"}
+
+
+def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
+    "The source names: at least one, distinct, each in CONTRAST_SOURCES."
+    names = (sources,) if isinstance(sources, str) else tuple(sources)
+    bad = [s for s in names if s not in CONTRAST_SOURCES]
+    if bad or not names or len(set(names)) < len(names):
+        problem = (f"unknown source {bad[0]!r}" if bad else "sources is empty" if not names
+                   else f"sources={list(names)} names a source twice")
+        raise ValueError(f"{problem}: choose distinct sources from {', '.join(CONTRAST_SOURCES)}, "
+                         "e.g. sources=['photos', 'birds']")
+    return names
+
+
+def build_source(name: str, # one of CONTRAST_SOURCES
+                 seed: int = 0, # the birds' and the small CNN's seed
+                 n_images: int | None = None, # birds or CUB images to draw among the ambiguous ones (None: all)
+                 data_root: str = "", # source 'cub': the folder holding CUB_200_2011/
+                 checkpoint: str = "", # source 'cub': '' -> <data_root>/checkpoints/vgg16_bn_cub.pt
+                 device: str | torch.device = "cpu",
+                ) -> Source:
+    "The model and images of one source, with `sample` (how many ambiguous images to draw) set."
+    name = check_sources([name])[0]
+    if name == "photos":
+        return photos_source(device)
+    if name == "birds":
+        return birds_source("small_cnn", seed, n_images, device)
+    return finetuned_source("cub", data_root, checkpoint, n_images, device)
+
+# %% ../../nbs/16_contrasts.ipynb #2aadf1f3
+def contrast_measures(maps: Tensor, # (B, rank, targets, h, w): one method's maps
+                      names: Sequence[str], # the targets' names, in the order of the maps
+                     ) -> dict[str, Tensor]: # column -> (B, rank)
+    "The cosine of each pair of PAIRS and the positive share of each of CONTRASTS."
+    T = {n: maps[:, :, i] for i, n in enumerate(names)}
+    return {**{col: cosine(T[a], T[b]) for col, (a, b) in PAIRS.items()},
+            **{f"positive_share_{n}": positive_share(T[n]) for n in CONTRASTS}}
 
 # %% ../../nbs/16_contrasts.ipynb #17664a91
-class Contrasts(Experiment):
+class Contrasts(SourcesExperiment):
     "Original, mean, max and weighted maps of the top classes of ambiguous images, compared by cosine and positive share."
     name = "contrasts"
 
     def __init__(self,
-                 profile: str = "embedded", # 'embedded' (Lite0 on photos, small CNN on birds) or 'paper' (VGG16-bn, CUB)
+                 sources: Sequence[str] = ("photos", "birds"), # names in CONTRAST_SOURCES: the models and their images
                  device: str = "cpu",
-                 data_root: str = "", # the paper profile's data folder
+                 data_root: str = "", # source 'cub': the folder holding CUB_200_2011/
                  seed: int = 0, # the birds', the training's and the random choice's seed
-                 n_images: int = 48, # birds (or CUB images; 0: all) drawn at random among the ambiguous ones
-                 checkpoint: str = "", # the paper profile's VGG16-bn checkpoint ('' -> <data_root>/checkpoints/...)
-                 methods: Sequence[str] = ("gradcam",), # names in METHODS
+                 n_images: int | None = 48, # birds or CUB images drawn among the ambiguous ones (None, 0: all)
+                 checkpoint: str = "", # source 'cub': the fine-tuned VGG16-bn ('' -> <data_root>/checkpoints/...)
+                 methods: Sequence[str] = ("gradcam",), # names in CONTRAST_METHODS
                  rank: int = 3, # explain the top-`rank` classes of images with p_rank > threshold
                  threshold: float = 0.1,
                  batch_size: int = 16,
                 ):
-        if profile not in PROFILES:
-            raise ValueError(f"profile={profile!r} is not one of {PROFILES}: pass 'embedded' or 'paper'")
-        if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 0:
-            raise ValueError(f"n_images={n_images!r} must be a non-negative int (0: every ambiguous image)")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 2:
-            raise ValueError(f"rank={rank!r} must be an int >= 2: a contrast needs a rival class")
-        self.profile, self.device, self.data_root, self.seed = profile, device, data_root, seed
-        self.n_images, self.checkpoint, self.methods = n_images, checkpoint, check_methods(methods)
-        self.rank, self.threshold, self.batch_size = rank, threshold, batch_size
+        self.source_names, self.methods = check_sources(sources), check_methods(methods)
+        self.n_images = None if n_images is None or (type(n_images) is int and n_images == 0) else check_count(
+            "n_images", n_images, 1, "48 (or None: every ambiguous image)")
+        self.rank = check_count("rank", rank, 2, "3 (a contrast needs a rival class)")
+        self.device, self.data_root, self.seed = resolve_device(device), data_root, seed
+        self.checkpoint, self.threshold, self.batch_size = checkpoint, threshold, batch_size
         self.targets = (*map(get_target, CONTRASTS), MeanVariantTarget("printed"), MeanVariantTarget("review"))
         self.sources = self.build_sources()
+        workers = 4 if self.device.type == "cuda" else 0
         for s in self.sources:
-            s.items = ambiguous_items(s.model, s.dataset, rank, threshold, s.sample, seed, device=device,
-                                      num_workers=4 if torch.device(device).type == "cuda" else 0)
-        self.items = [(k, i) for k, s in enumerate(self.sources) for i in s.items]
+            s.items = ambiguous_items(s.model, s.dataset, self.rank, threshold, s.sample, seed, device=self.device,
+                                      num_workers=workers)
+        self.set_items()
         self._methods = [{m: make_method(m, s) for m in self.methods} for s in self.sources]
 
     def build_sources(self) -> list[Source]:
-        "The profile's models and images (each with `sample`, how many to draw)."
-        n = self.n_images or None
-        if self.profile == "paper":
-            return [cub_source(self.data_root, self.checkpoint, n, self.device)]
-        return [photos_source(self.device), birds_source("small_cnn", self.seed, n, self.device)]
+        "The models and images that the `sources` setting names."
+        return [build_source(name, self.seed, self.n_images, self.data_root, self.checkpoint, self.device)
+                for name in self.source_names]
 
     @property
     def params(self) -> dict:
-        return {"profile": self.profile, "seed": self.seed, "n_images": self.n_images, "methods": list(self.methods),
-                "rank": self.rank, "threshold": self.threshold}
-
-    def fingerprints(self) -> dict:
-        if not hasattr(self, "_fingerprints"):
-            self._fingerprints = {f"{s.name}_{what}": fp for s in self.sources for what, fp in
-                                  (("model", model_fingerprint(s.model)), ("data", dataset_fingerprint(s.dataset)))}
-        return self._fingerprints
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def rows(self, indices: Sequence[int]) -> list[dict]:
-        out = []
-        for k, items in group_runs([self.items[j] for j in indices]):
-            out += self.source_rows(k, items)
-        return out
+        return {"sources": [s.name for s in self.sources], "seed": self.seed, "n_images": self.n_images,
+                "methods": list(self.methods), "rank": self.rank, "threshold": self.threshold}
 
     def explain(self, k: int, items: Sequence[int], methods: Sequence[str] | None = None) -> dict:
         "Images, labels, logits, classes (B, rank) and, per method, its maps (B, rank, targets, h, w) for source k."
-        source = self.sources[k]
-        x, labels = source.batch(items)
-        x = x.to(self.device, next(source.model.parameters()).dtype)
-        with torch.no_grad():
-            logits = source.model(x)
-        classes = logits.topk(self.rank, dim=1).indices
+        source, x, labels, logits, classes = self.top_classes(k, items)
         maps = {m: self._methods[k][m](x, classes, self.targets).maps.cpu() for m in (methods or self.methods)}
         return {"x": x.float().cpu(), "labels": labels, "logits": logits.cpu(), "classes": classes.cpu(), "maps": maps}
 
@@ -171,11 +180,7 @@ class Contrasts(Experiment):
         names = [t.name for t in self.targets]
         ratio = head_mean_ratio(source.model)
         rivals = [other_class_weights(logits, classes[:, r]).max(1) for r in range(self.rank)]
-        measures = {}
-        for method, maps in e["maps"].items():
-            T = {n: maps[:, :, i] for i, n in enumerate(names)}  # (B, rank, h, w) each
-            measures[method] = {**{col: cosine(T[a], T[b]) for col, (a, b) in PAIRS.items()},
-                                **{f"positive_share_{n}": positive_share(T[n]) for n in CONTRASTS}}
+        measures = {method: contrast_measures(maps, names) for method, maps in e["maps"].items()}
         out = []
         for b, i in enumerate(items):  # item by item, so that the rows do not depend on how items are batched
             for r in range(self.rank):
@@ -203,9 +208,11 @@ class Contrasts(Experiment):
         bad = [t for t in targets if t not in names]
         if bad:
             raise ValueError(f"unknown target {bad[0]!r} for a figure: choose from {', '.join(names)}")
+        if method not in self.methods:
+            raise ValueError(f"method {method!r} was not run: choose one of {', '.join(self.methods)}")
         k = known.index(source)
         items = self.sources[k].items[:count]
-        e = self.explain(k, items, [check_methods([method])[0]])
+        e = self.explain(k, items, [method])
         maps = e["maps"][method][:, :, [names.index(t) for t in targets]]
         p = e["logits"].softmax(1)
         return {"images": (e["x"] * 255).round().to(torch.uint8).numpy(), "maps": maps.numpy(),
@@ -213,6 +220,3 @@ class Contrasts(Experiment):
                 "class_names": np.array([[str(self.sources[k].categories[c]) for c in row] for row in e["classes"].tolist()]),
                 "names": np.array([self.sources[k].name_of(i) for i in items]), "items": np.array(items),
                 "targets": np.array(list(targets)), "method": np.array(method)}
-
-
-

@@ -13,13 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from ..data.birds import CLASSES, GROUPS, PART_NAMES, Birds
-from .toolkit import check_count, model_fingerprint
+from .toolkit import (bootstrap_interval, check_count, mask_share, model_fingerprint,
+                                                         resolve_device, summarise)
+from ..methods import METHODS, Method
+from ..methods.explain import ActivationMethod
 from ..results import Experiment
 
 # %% auto #0
-__all__ = ['CLASS_GROUP', 'GROUP_PART', 'TARGETS', 'PROFILE_SETTINGS', 'MEASURES', 'contrast_parts', 'positive_mass_share',
-           'peak_on_part', 'area_share', 'bootstrap_ci', 'methods_for', 'Localisation', 'summarise',
-           'paired_differences']
+__all__ = ['CLASS_GROUP', 'GROUP_PART', 'EXPLAINED_TARGETS', 'CNN_METHODS', 'VIT_METHODS', 'MEASURES', 'contrast_parts',
+           'peak_on_part', 'area_share', 'methods_for', 'Localisation', 'measure_summary', 'paired_differences']
 
 # %% ../../nbs/19_localisation.ipynb #40ce2917
 CLASS_GROUP = torch.tensor([c.group for c in CLASSES])  # (C,) each class's group
@@ -46,26 +48,17 @@ def contrast_parts(t1: Tensor | Sequence[int], # (N,) classes
 
 # %% ../../nbs/19_localisation.ipynb #e7a9be1c
 def _check_maps(maps: Tensor, masks: Tensor) -> None:
+    "The checks of the toolkit's mask_share, for peak_on_part."
     if not (isinstance(maps, Tensor) and maps.is_floating_point() and maps.ndim >= 2):
-        raise ValueError(f"maps must be a floating tensor (..., H, W), got "
-                         f"{getattr(maps, 'dtype', type(maps).__name__)} {tuple(getattr(maps, 'shape', ()))}")
+        raise ValueError(f"maps must be floating maps of shape (..., H, W), got "
+                         f"{getattr(maps, 'dtype', type(maps).__name__)} {tuple(getattr(maps, 'shape', ()))}: pass e.g. "
+                         "Explanation.upsampled(size)")
     if not (isinstance(masks, Tensor) and masks.dtype == torch.bool):
         raise TypeError(f"masks must be a bool tensor (..., H, W), got {getattr(masks, 'dtype', type(masks).__name__)}: "
                         "pass e.g. birds.masks[i, part] or mask > 0.5")
     if masks.shape[-2:] != maps.shape[-2:]:
         raise ValueError(f"maps are {tuple(maps.shape[-2:])} pixels and masks {tuple(masks.shape[-2:])}: upsample the "
                          "maps to the image first, e.g. explanation.upsampled(masks.shape[-2:])")
-
-
-def positive_mass_share(maps: Tensor, # (..., H, W) signed maps
-                        masks: Tensor, # (..., H, W) bool, broadcastable to maps
-                       ) -> Tensor: # (...) in [0, 1]; NaN where a map has no positive value
-    "The share of each map's positive mass that falls on the mask (Eq. eq-mass-share)."
-    _check_maps(maps, masks)
-    positive = maps.clamp_min(0)
-    total = positive.sum((-2, -1))
-    on = (positive * masks).sum((-2, -1))
-    return torch.where(total > 0, on / total.clamp_min(torch.finfo(maps.dtype).tiny), torch.nan)
 
 
 def peak_on_part(maps: Tensor, # (..., H, W) signed maps
@@ -86,67 +79,34 @@ def area_share(masks: Tensor, # (..., H, W) bool
         raise TypeError(f"masks must be a bool tensor (..., H, W), got {getattr(masks, 'dtype', type(masks).__name__)}")
     return masks.float().mean((-2, -1))
 
-# %% ../../nbs/19_localisation.ipynb #6fd0b6d8
-def bootstrap_ci(values: np.ndarray | Sequence[float], # (n,) finite values, e.g. one measure per image
-                 confidence: float = 0.95,
-                 n_resamples: int = 2000,
-                 seed: int = 0,
-                ) -> tuple[float, float, float]: # the mean, and the interval's low and high ends
-    "The mean of `values` with a percentile bootstrap confidence interval (scipy.stats.bootstrap, seeded)."
-    from scipy.stats import bootstrap
-
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1 or len(values) < 2:
-        raise ValueError(f"values must be a 1-D array of at least 2 numbers, got shape {values.shape}: "
-                         "pass one value per image")
-    if not np.isfinite(values).all():
-        raise ValueError("values must be finite: drop the NaN (undefined) measures first, e.g. series.dropna()")
-    if not (isinstance(confidence, float) and 0 < confidence < 1):
-        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}: pass e.g. confidence=0.95")
-    if not (isinstance(n_resamples, int) and n_resamples >= 100):
-        raise ValueError(f"n_resamples must be an int >= 100, got {n_resamples!r}: pass e.g. n_resamples=2000")
-    mean = float(values.mean())
-    if np.ptp(values) == 0:  # every resample has the same mean
-        return mean, mean, mean
-    result = bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                       method="percentile", vectorized=True, rng=np.random.default_rng(seed))
-    return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 # %% ../../nbs/19_localisation.ipynb #b437c357
-TARGETS: tuple[str, ...] = ("original", "weighted", "mean", "max")
-PROFILE_SETTINGS: dict[str, dict] = {  # defaults of Localisation per profile; max_images 0: no cap
-    "embedded": {"n_test": 4000, "max_images": 300},
-    "paper": {"n_test": 20000, "max_images": 0},
-}
+EXPLAINED_TARGETS: tuple[str, ...] = ("original", "weighted", "mean", "max")  # Target.name of each target compared
+CNN_METHODS: tuple[str, ...] = ("gradient", "linear_approximation", "gradcam", "xgradcam", "fullgrad")  # Method.name
+VIT_METHODS: tuple[str, ...] = ("gradient", "vit_gradcam", "attention_rollout")
 
 
 def methods_for(model: nn.Module, # the small CNN, the small ViT, or another network on the birds
                 layer: str = "3", # the activation methods' layer in a CNN (the small CNN's last block)
-               ) -> dict:
-    "The explanation methods compared on a model: five for a CNN, three for a VisionTransformer."
+               ) -> dict[str, Method]: # Method.name -> the method on this model
+    "The explanation methods compared on a model, from METHODS: five for a CNN, three for a VisionTransformer."
     from torchvision.models import VisionTransformer
 
-    from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
-    from contrastive_explanations.methods.fullgrad import FullGrad
-    from contrastive_explanations.methods.gradient import Gradient
-    from contrastive_explanations.methods.vit import AttentionRollout, ViTGradCAM
-
-    if isinstance(model, VisionTransformer):
-        return {"gradient": Gradient(model), "vit_gradcam": ViTGradCAM(model), "attention_rollout": AttentionRollout(model)}
-    return {"gradient": Gradient(model), "linear_approximation": LinearApproximation(model, layer),
-            "gradcam": GradCAM(model, layer), "xgradcam": XGradCAM(model, layer), "fullgrad": FullGrad(model)}
+    names = VIT_METHODS if isinstance(model, VisionTransformer) else CNN_METHODS
+    return {name: METHODS[name](model, layer) if issubclass(METHODS[name], ActivationMethod) else METHODS[name](model)
+            for name in names}
 
 
+# %% ../../nbs/19_localisation.ipynb #be0f1852
 class Localisation(Experiment):
     "How much of each explanation of an ambiguous bird lies on the part that tells its top two classes apart."
-    name = "localisation"
+    name = "localisation"  # an instance's name adds its folder: localisation/<model>
 
     def __init__(self,
-                 profile: str = "embedded", # sets the defaults of n_test and max_images (PROFILE_SETTINGS)
                  model: str | nn.Module = "small_cnn", # 'small_cnn', 'small_vit', or a module on the birds' images
                  seed: int = 0, # the birds' and the small models' seed
-                 n_test: int | None = None, # test images to draw (the first 4,000 are the standard test split)
-                 max_images: int | None = None, # at most this many images, in test order; 0: all
+                 n_test: int = 4000, # test images to draw (the first 4,000 are the standard test split)
+                 max_images: int | None = 300, # at most this many images, in test order; None or 0: all
                  threshold: float = 0.1, # an image is ambiguous when its second probability exceeds this
                  layer: str = "3", # the activation methods' layer, for a CNN
                  batch_size: int = 50, # images per call of `rows`
@@ -156,15 +116,12 @@ class Localisation(Experiment):
                 ):
         from contrastive_explanations.data.birds import birds_splits, generate_birds, split_seed
 
-        if profile not in PROFILE_SETTINGS:
-            raise ValueError(f"profile must be one of {', '.join(PROFILE_SETTINGS)}, got {profile!r}")
-        defaults = PROFILE_SETTINGS[profile]
         self.seed = check_count("seed", seed, 0, "0")
-        self.n_test = check_count("n_test", defaults["n_test"] if n_test is None else n_test, 1, "4000")
-        self.max_images = check_count("max_images", defaults["max_images"] if max_images is None else max_images, 0, "300")
+        self.n_test = check_count("n_test", n_test, 1, "4000")
+        self.max_images = check_count("max_images", 0 if max_images is None else max_images, 0, "300")
         if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold < 1):
             raise ValueError(f"threshold must be a probability in [0, 1), got {threshold!r}: pass e.g. threshold=0.1")
-        self.threshold, self.layer, self.device = float(threshold), layer, str(device)
+        self.threshold, self.layer, self.device = float(threshold), layer, str(resolve_device(device))
         self.batch_size = check_count("batch_size", batch_size, 1, "50")
         if not (isinstance(model, nn.Module) or model in ("small_cnn", "small_vit")):
             raise ValueError(f"model must be 'small_cnn', 'small_vit' or a torch.nn.Module, got {model!r}")
@@ -181,6 +138,7 @@ class Localisation(Experiment):
             self.model_name, model = model, small_model(model, self.seed, birds=birds, log=None)[0]
         else:
             self.model_name = type(model).__name__
+        self.name = f"{Localisation.name}/{self.model_name}"  # results/<profile>/localisation/<model>
         self.model = model.eval().to(self.device)
         self.methods = methods_for(self.model, layer)
         self._select()
@@ -221,9 +179,9 @@ class Localisation(Experiment):
         area = area_share(masks)
         measures = {}
         for name, method in self.methods.items():
-            e = method(x, classes.to(self.device), list(TARGETS))
+            e = method(x, classes.to(self.device), list(EXPLAINED_TARGETS))
             maps = e.upsampled(tuple(masks.shape[-2:])).float().cpu()  # (B, 2, T, H, W), signed
-            measures[name] = (positive_mass_share(maps, masks[:, None, None]), peak_on_part(maps, masks[:, None, None]))
+            measures[name] = (mask_share(maps, masks[:, None, None]), peak_on_part(maps, masks[:, None, None]))
         out = []
         for b, i in enumerate(idx.tolist()):
             image = {"image": i, "label": int(self.test.labels[i]), "t1": int(self.t1[i]), "t2": int(self.t2[i]),
@@ -233,35 +191,25 @@ class Localisation(Experiment):
             for name, (mass, peak) in measures.items():
                 for k in range(2):
                     out.append({**image, "method": name, "k": k + 1, "class": int(classes[b, k]),
-                                **{f"mass_{t}": float(mass[b, k, j]) for j, t in enumerate(TARGETS)},
-                                **{f"peak_{t}": float(peak[b, k, j]) for j, t in enumerate(TARGETS)}})
+                                **{f"mass_{t}": float(mass[b, k, j]) for j, t in enumerate(EXPLAINED_TARGETS)},
+                                **{f"peak_{t}": float(peak[b, k, j]) for j, t in enumerate(EXPLAINED_TARGETS)}})
         return out
 
 # %% ../../nbs/19_localisation.ipynb #9f1a47e7
 MEASURES: tuple[str, ...] = ("mass", "peak")
 
 
-def _interval(values: pd.Series, n_resamples: int, seed: int) -> tuple[float, float, float]:
-    "bootstrap_ci, or NaN where fewer than two values are defined (e.g. a target whose maps have no positive part)."
-    values = values.dropna().to_numpy()
-    if len(values) < 2:
-        return (float(values.mean()) if len(values) else np.nan), np.nan, np.nan
-    return bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
-
-
-def summarise(table: pd.DataFrame, # Localisation rows
-              n_resamples: int = 2000, seed: int = 0,
-             ) -> pd.DataFrame: # one row per method, k, target and measure: mean, low, high, n, chance
-    "The mean of each measure with its bootstrap interval, per method, class (k) and target, and the chance level."
-    out = []
-    for (method, k), d in table.groupby(["method", "k"], sort=False):
-        for target in TARGETS:
-            for measure in MEASURES:
-                valid = d[f"{measure}_{target}"].notna()
-                mean, low, high = _interval(d.loc[valid, f"{measure}_{target}"], n_resamples, seed)
-                out.append({"method": method, "k": k, "target": target, "measure": measure, "mean": mean,
-                            "low": low, "high": high, "n": int(valid.sum()), "chance": d.loc[valid, "area"].mean()})
-    return pd.DataFrame(out)
+def measure_summary(table: pd.DataFrame, # Localisation rows
+                    seed: int = 0, # the bootstrap's seed
+                   ) -> pd.DataFrame: # one row per method, k, target and measure: mean, low, high, n, chance
+    "The mean of each measure with its bootstrap interval (the toolkit's summarise), per method, class (k) and target, and the chance level."
+    columns = [f"{measure}_{target}" for target in EXPLAINED_TARGETS for measure in MEASURES]
+    summary = summarise(table, columns, by=["method", "k"], statistic="mean", seed=seed)
+    summary[["measure", "target"]] = summary["metric"].str.split("_", n=1, expand=True)
+    chance = {(method, k, c): d.loc[d[c].notna(), "area"].mean()
+              for (method, k), d in table.groupby(["method", "k"], sort=False) for c in columns}
+    summary["chance"] = [chance[key] for key in zip(summary["method"], summary["k"], summary["metric"])]
+    return summary[["method", "k", "target", "measure", "mean", "low", "high", "n", "chance"]]
 
 
 def paired_differences(table: pd.DataFrame, # Localisation rows
@@ -271,14 +219,15 @@ def paired_differences(table: pd.DataFrame, # Localisation rows
     out = []
     for (method, k), d in table.groupby(["method", "k"], sort=False):
         for measure in MEASURES:
-            for target in TARGETS:
+            for target in EXPLAINED_TARGETS:
                 for baseline in ("original", "chance"):
                     if target == baseline:
                         continue
                     reference = d["area"] if baseline == "chance" else d[f"{measure}_{baseline}"]
                     diff = (d[f"{measure}_{target}"] - reference).dropna()
-                    mean, low, high = _interval(diff, n_resamples, seed)
+                    mean, low, high, n = bootstrap_interval(diff.to_numpy(), "mean", n_resamples=n_resamples, seed=seed)
                     out.append({"method": method, "k": k, "target": target, "measure": measure, "baseline": baseline,
-                                "difference": mean, "low": low, "high": high, "n": len(diff),
+                                "difference": mean, "low": low, "high": high, "n": n,
                                 "share_above": float((diff > 0).mean())})
     return pd.DataFrame(out)
+

@@ -6,28 +6,31 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms.functional import gaussian_blur
 
-from ..methods.cam import GradCAM, LinearApproximation, XGradCAM
+from ..data.birds import BirdsDataset
+from .toolkit import (Source, birds_source, check_count, dataset_fingerprint,
+                                                          finetuned_source, load_batch, model_fingerprint,
+                                                          resolve_device)
+from ..methods import METHODS
 from ..methods.explain import Method, default_layer
 from ..methods.fullgrad import FullGrad
 from ..results import Experiment
 
 # %% auto #0
-__all__ = ['FEATURES', 'VARIANTS', 'BASELINES', 'REVIEW_BLUR', 'METHODS', 'EXPLANATIONS', 'GROUPS', 'PAPER_CHECKPOINT',
+__all__ = ['FEATURES', 'VARIANTS', 'BASELINES', 'REVIEW_BLUR', 'MASKING_METHODS', 'EXPLANATIONS', 'GROUPS', 'MASKING_SOURCES',
            'relative_probability', 'pixel_ranks', 'sign_counts', 'kept_range', 'keep_masks', 'blur_settings',
-           'normalised_zero', 'baseline_images', 'explain_pairs', 'masking_scores', 'full_precision', 'embedded_setup',
-           'paper_setup', 'FeatureMasking', 'stacked_fullgrad', 'figure_maps']
+           'normalised_zero', 'baseline_images', 'explain_pairs', 'masking_scores', 'full_precision', 'masking_source',
+           'FeatureMasking', 'stacked_fullgrad', 'figure_maps']
 
 # %% ../../nbs/15_masking.ipynb #4e909f49
 def relative_probability(logits: Tensor, # (..., C) logits
@@ -129,17 +132,23 @@ def blur_settings(size: int, # the image's side in pixels
 
 
 def normalised_zero(model: nn.Module, # a classifier on pixels in [0, 1]
-                    images: Tensor | None = None, # (N, 3, H, W) uint8 or [0, 1]: for a model without normalisation
+                    images: Tensor | Dataset | None = None, # (N, 3, H, W) uint8 or [0, 1], or a dataset of such images
                    ) -> Tensor: # (3,) float32 colour in [0, 1]
-    "Eq. eq-zeros-review: the pixel colour the model's normalisation maps to zero (its mean); else the images' mean colour."
+    "Eq. eq-zeros-review: the pixel colour the model's normalisation maps to zero (its mean); else the images' (or dataset's) mean colour."
     norm = getattr(model, "normalize", None)
     if norm is not None and hasattr(norm, "mean"):
         return torch.as_tensor(norm.mean, dtype=torch.float32).flatten()
     if images is None:
         raise ValueError(f"{type(model).__name__} has no `normalize` with a mean, so zero in its input space is "
                          "black: pass images=... to use their mean colour (the review's zero, a standardised dataset's mean)")
-    total = images.sum(dim=(0, 2, 3), dtype=torch.float64) / (images[:, 0].numel())
-    return (total / 255 if images.dtype == torch.uint8 else total).float()
+    if isinstance(images, Tensor):
+        total = images.sum(dim=(0, 2, 3), dtype=torch.float64) / (images[:, 0].numel())
+        return (total / 255 if images.dtype == torch.uint8 else total).float()
+    total, pixels = torch.zeros(3, dtype=torch.float64), 0  # a dataset: its images' mean colour, batch by batch
+    for x, *_ in DataLoader(images, batch_size=256):
+        x = x.double() / 255 if x.dtype == torch.uint8 else x.double()
+        total, pixels = total + x.sum(dim=(0, 2, 3)), pixels + x[:, 0].numel()
+    return (total / pixels).float()
 
 
 def baseline_images(x: Tensor, # (B, 3, H, W) images in [0, 1]
@@ -153,7 +162,7 @@ def baseline_images(x: Tensor, # (B, 3, H, W) images in [0, 1]
     return torch.stack([blurred, fill.view(1, 3, 1, 1).expand_as(x), x.mean((2, 3), keepdim=True).expand_as(x)], 1)
 
 # %% ../../nbs/15_masking.ipynb #d5d314ee
-METHODS: dict[str, type[Method]] = {"LA": LinearApproximation, "GC": GradCAM, "XC": XGradCAM}  # the review's order
+MASKING_METHODS = ("linear_approximation", "gradcam", "xgradcam")  # names in methods.METHODS, the review's order
 EXPLANATIONS = ("original", "weighted_log")  # y_t, and p_t through log p_t: the same signs and ranks (Eq. eq-log-ranks)
 
 
@@ -195,18 +204,8 @@ def masking_scores(model: nn.Module,
     r = torch.stack([r[:, k, ..., k] for k in range(2)], 1)  # each class's own r_k
     return r, keep[:, :, :, :, 0].flatten(-2).sum(-1)
 
-# %% ../../nbs/15_masking.ipynb #0fc68b5c
+# %% ../../nbs/15_masking.ipynb #de704c86
 GROUPS = ("ambiguous", "confident")  # p2 above the threshold (Table 1), below it (Table 2)
-PAPER_CHECKPOINT = "checkpoints/vgg16_bn_cub.pt"  # the paper profile's default checkpoint, under data_root
-
-
-def _fingerprint(*tensors: Tensor) -> str:
-    "A short sha256 of tensors' dtypes, shapes and bytes."
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.flatten().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -219,132 +218,103 @@ def full_precision() -> Iterator[None]:
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-
-def _device(device: str) -> str:
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but torch sees no GPU: pass device='cpu'")
-    if d.type == "cuda" and d.index is None:  # under torchrun, this process's GPU
-        import os
-        d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return str(d)
+# %% ../../nbs/15_masking.ipynb #a6f76a10
+MASKING_SOURCES = ("birds", "cub")  # the small CNN on the generated birds; VGG16-bn fine-tuned on CUB-200
 
 
-def _positive_int(value, name: str, example: str, none_ok: bool = False):
-    if none_ok and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {value!r}: "
-                         f"pass e.g. {name}={example}")
-    return int(value)
+def masking_source(source: str = "birds", # one of MASKING_SOURCES
+                   data_root: str = "", # source 'cub': the folder holding CUB_200_2011/
+                   checkpoint: str = "", # source 'cub': the fine-tuned VGG16-bn ('' -> <data_root>/checkpoints/vgg16_bn_cub.pt)
+                   seed: int = 0, # source 'birds': the birds' and the small CNN's seed
+                   device: str = "cpu",
+                  ) -> Source: # with the layer to explain: the last convolution
+    "The model and images of a source; every missing file is an error before anything runs."
+    from contrastive_explanations.data.datasets import DatasetNotFoundError
 
-
-def embedded_setup(seed: int = 0) -> tuple[nn.Module, Tensor, list[str], str]:
-    "The small CNN of the training chapter and the generated birds' test split (uint8), with the class names."
-    from contrastive_explanations.data.birds import birds_splits
-    from contrastive_explanations.data.training import small_model
-
-    birds = birds_splits(seed)
-    net, _ = small_model("small_cnn", seed, birds=birds, log=None)
-    return net, birds["test"].images, list(birds["test"].class_names), "3.0"  # the last convolution, 128 x 8 x 8
-
-
-def paper_setup(data_root: str, checkpoint: str = ""):
-    "VGG16-bn fine-tuned on CUB-200 and CUB-200's test split; every missing file is an error before anything runs."
-    from contrastive_explanations.data.datasets import DatasetNotFoundError, cub200
-    from contrastive_explanations.data.models import build_model
-
+    _check_choice(source, "source", MASKING_SOURCES)
+    if source == "birds":  # its last convolution, 128 x 8 x 8, before the batch norm and ReLU (Prop. prop-gap-head)
+        return dataclasses.replace(birds_source("small_cnn", seed, sample=None, device=device), layer="3.0")
     if not data_root:
-        raise DatasetNotFoundError("the paper profile needs data_root=... : the folder holding CUB_200_2011/ "
+        raise DatasetNotFoundError("source 'cub' needs data_root=... : the folder holding CUB_200_2011/ "
                                    "(extract CUB_200_2011.tgz there)")
-    data = cub200(data_root, "test")  # a missing or incomplete CUB-200 is reported here, with the expected layout
-    path = Path(checkpoint) if checkpoint else Path(data_root) / PAPER_CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"the paper profile needs VGG16-bn fine-tuned on CUB-200, and checkpoint {path} does "
-                                f"not exist: pass checkpoint=... or put the file at <data_root>/{PAPER_CHECKPOINT}")
-    model = build_model("vgg16_bn_cub", checkpoint=path)
-    data.transform = model.preprocess
-    return model, data, list(data.classes), None  # VGG's default layer: the last convolution, features.40
+    return dataclasses.replace(finetuned_source("cub", data_root, checkpoint, device=device), layer=None)  # VGG's default: features.40
 
-
+# %% ../../nbs/15_masking.ipynb #b49aad16
 class FeatureMasking(Experiment):
     "Section 3.2 of the review: relative probabilities of t1 and t2 after keeping only a map's positive or negative pixels."
     name = "feature_masking"
 
     def __init__(self,
-                 profile: str = "embedded", # 'embedded': small CNN on the generated birds; 'paper': VGG16-bn on CUB-200
-                 data_root: str = "", # the paper profile's data root, holding CUB_200_2011/
-                 checkpoint: str = "", # the paper profile's fine-tuned VGG16-bn (default <data_root>/checkpoints/vgg16_bn_cub.pt)
+                 source: str = "birds", # one of MASKING_SOURCES: the model and its images
+                 data_root: str = "", # source 'cub': the folder holding CUB_200_2011/
+                 checkpoint: str = "", # source 'cub': the fine-tuned VGG16-bn ('' -> <data_root>/checkpoints/vgg16_bn_cub.pt)
                  seed: int = 0, # the birds', the small CNN's and the image sampling's seed
                  n_images: int | None = 40, # images per group (p2 above / below the threshold); None: all
                  threshold: float = 0.1, # the second probability p2 that splits the two groups
+                 methods: Sequence[str] = MASKING_METHODS, # activation methods, by their names in methods.METHODS
                  device: str = "cpu",
                  batch_size: int = 16, # images per `rows` call; each is perturbed 144 times
                  forward_batch: int = 256, # perturbed images per forward pass
-                 model: nn.Module | None = None, # a network instead of the profile's (tests); needs `images`
-                 images: Tensor | None = None, # (N, 3, H, W) uint8, or float in [0, 1], instead of the profile's
-                 layer: str | None = None, # the explained layer; None: the profile's (or the model's default_layer)
+                 model: nn.Module | None = None, # a network instead of the source's (tests); needs `images`
+                 images: Tensor | None = None, # (N, 3, H, W) uint8, or float in [0, 1], instead of the source's
+                 layer: str | None = None, # the explained layer; None: the source's (or the model's default_layer)
                 ):
-        _check_choice(profile, "profile", ("embedded", "paper"))
+        _check_choice(source, "source", MASKING_SOURCES)
         if (model is None) != (images is None):
             raise ValueError("pass model and images together (a network and the images it explains), or neither "
-                             "to use the profile's")
+                             "to use the source's")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 0.5:
             raise ValueError(f"threshold must be a number in (0, 0.5), the second probability that splits the "
                              f"groups, got {threshold!r}: pass e.g. threshold=0.1")
-        self.profile, self.data_root, self.checkpoint, self.seed = profile, data_root, checkpoint, int(seed)
-        self.n_images = _positive_int(n_images, "n_images", "40", none_ok=True)
-        self.batch_size = _positive_int(batch_size, "batch_size", "16")
-        self.forward_batch = _positive_int(forward_batch, "forward_batch", "256")
-        self.threshold, self.device = float(threshold), _device(device)
+        unknown = [m for m in methods if m not in METHODS] if not isinstance(methods, str) else [methods]
+        if unknown or not methods:
+            raise ValueError(f"methods must be a list of names in methods.METHODS, got {methods!r}: pass e.g. "
+                             f"methods={list(MASKING_METHODS)}")
+        self.seed = int(seed)
+        self.n_images = None if n_images is None else check_count("n_images", n_images, 1, "40")
+        self.batch_size = check_count("batch_size", batch_size, 1, "16")
+        self.forward_batch = check_count("forward_batch", forward_batch, 1, "256")
+        self.threshold, self.device = float(threshold), str(resolve_device(device))
         if model is not None:
             if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(f"images must be a tensor (N, 3, H, W), got {getattr(images, 'shape', type(images))}")
-            self.model_name, net, data, self.categories, default = "custom", model, images, None, None
-        elif profile == "embedded":
-            self.model_name = "small_cnn"
-            net, data, self.categories, default = embedded_setup(self.seed)
+            self.source = Source("custom", "custom", model, TensorDataset(images, torch.zeros(len(images))), None)
         else:
-            self.model_name = "vgg16_bn_cub"
-            net, data, self.categories, default = paper_setup(data_root, checkpoint)
-        self.layer = layer if layer is not None else default if default is not None else default_layer(net)
-        self.net, self.data = net.to(self.device).eval(), data
+            self.source = masking_source(source, data_root, checkpoint, self.seed, self.device)
+        self.model_name, self.categories = self.source.model_name, self.source.categories
+        net = self.source.model
+        self.layer = layer if layer is not None else self.source.layer or default_layer(net)
+        self.net = net.to(self.device).eval()
         self._dtype = next(self.net.parameters()).dtype
-        self.methods = {name: cls(self.net, self.layer) for name, cls in METHODS.items()}
-        self.zero = normalised_zero(self.net, data if isinstance(data, Tensor) else None)
+        self.methods = {name: METHODS[name](self.net, self.layer) for name in methods}
+        data = self.source.dataset  # the generated birds: their uint8 pixels at once (exact, and fast)
+        self.zero = normalised_zero(self.net, data.birds.images if isinstance(data, BirdsDataset) else data)
         self.blur = blur_settings(int(min(self.load([0]).shape[-2:])))
         with full_precision():
             self.items = self._select()
 
     @property
     def params(self) -> dict:
-        return {"profile": self.profile, "model": self.model_name, "seed": self.seed, "n_images": self.n_images,
-                "threshold": self.threshold, "layer": self.layer, "blur": list(self.blur), "methods": list(METHODS),
+        return {"source": self.source.name, "model": self.model_name, "seed": self.seed, "n_images": self.n_images,
+                "threshold": self.threshold, "layer": self.layer, "blur": list(self.blur), "methods": list(self.methods),
                 "explanations": list(EXPLANATIONS), "baselines": list(BASELINES), "variants": list(VARIANTS)}
 
     def fingerprints(self) -> dict:
-        data = _fingerprint(self.data) if isinstance(self.data, Tensor) else self.data.fingerprint()
-        return {"model": _fingerprint(*self.net.state_dict().values()), "data": data}
+        return {"model": model_fingerprint(self.net), "data": dataset_fingerprint(self.source.dataset)}
 
     def __len__(self) -> int:
         return len(self.items)
 
     def load(self, indices: Sequence[int]) -> Tensor:
         "(B, 3, H, W) images in [0, 1] from the data's indices, on the experiment's device and in the model's dtype."
-        if isinstance(self.data, Tensor):
-            x = self.data[list(indices)]
-            x = x.float() / 255 if x.dtype == torch.uint8 else x
-        else:
-            with ThreadPoolExecutor(8) as pool:
-                x = torch.stack(list(pool.map(lambda i: self.data[i][0], indices)))
-        return x.to(self.device, self._dtype)
+        return load_batch(self.source, indices)[0].to(self.device, self._dtype)
 
     def _select(self) -> list[tuple]:
         "n_images of each group, drawn in a random order from `seed`: (index, t1, t2, p1, p2, group), sorted by index."
-        n_data = len(self.data)
+        n_data = len(self.source.dataset)
         order = torch.randperm(n_data, generator=torch.Generator().manual_seed(self.seed)).tolist()
         found = {g: [] for g in GROUPS}
-        step = 256 if isinstance(self.data, Tensor) else 64
+        step = self.forward_batch
         for start in range(0, n_data, step):
             idx = order[start:start + step]
             with torch.inference_mode():
@@ -403,7 +373,8 @@ def figure_maps(model: nn.Module,
                 x: Tensor, # (B, 3, H, W) images in [0, 1]
                 pair: Tensor, # (B, 2) the classes t1, t2
                 layer: str | None = None, # the activation methods' layer (None: the model's default)
-               ) -> dict[str, Tensor]: # LA, GC, XC, FG: (B, 2, 2, H, W); logits (B, C)
+                methods: Sequence[str] = MASKING_METHODS, # activation methods, by their names in methods.METHODS
+               ) -> dict[str, Tensor]: # each method and 'fullgrad': (B, 2, 2, H, W); 'logits' (B, C)
     "The maps of Figures 2 and 3: the three activation methods and FullGrad (normalised, signed), original and weighted."
-    maps, logits = explain_pairs({name: cls(model, layer) for name, cls in METHODS.items()}, x, pair)
-    return maps | {"FG": stacked_fullgrad(model, x, pair), "logits": logits}
+    maps, logits = explain_pairs({name: METHODS[name](model, layer) for name in methods}, x, pair)
+    return maps | {FullGrad.name: stacked_fullgrad(model, x, pair), "logits": logits}

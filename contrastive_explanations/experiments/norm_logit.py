@@ -12,12 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.explain import as_class_matrix, check_images, explaining, input_channels
-from .toolkit import check_count, dataset_fingerprint, model_fingerprint, tensor_fingerprint
+from .toolkit import (check_count, dataset_fingerprint, model_fingerprint,
+                                                         resolve_device, tensor_fingerprint)
 from ..results import Experiment
 
 # %% auto #0
-__all__ = ['TOP_RANKS', 'MIDDLE_RANKS', 'BOTTOM_RANKS', 'SPACES', 'PROFILE_SETTINGS', 'DATASETS', 'target_ranks',
-           'ranked_classes', 'input_normalisation', 'gradient_norms', 'polyfit_r2', 'NormLogit']
+__all__ = ['TOP_RANKS', 'MIDDLE_RANKS', 'BOTTOM_RANKS', 'SPACES', 'DATASETS', 'target_ranks', 'ranked_classes',
+           'input_normalisation', 'gradient_norms', 'polyfit_r2', 'open_model', 'NormLogit']
 
 # %% ../../nbs/17_norm_logit.ipynb #61e7f103
 TOP_RANKS, MIDDLE_RANKS, BOTTOM_RANKS = 50, 45, 50  # the review's 145 targets per image
@@ -124,50 +125,61 @@ def polyfit_r2(x: np.ndarray, # (n,) abscissae, e.g. logits
     coefficients = np.polyfit(x, y, degree)
     return coefficients, 1 - float(((y - np.polyval(coefficients, x)) ** 2).sum()) / ss_tot
 
-# %% ../../nbs/17_norm_logit.ipynb #ea67b0d4
-PROFILE_SETTINGS: dict[str, dict] = {  # defaults of NormLogit per profile
-    "embedded": {"model": "efficientnet_lite0", "dataset": "packaged", "n_images": 4},
-    "paper": {"model": "vgg16", "dataset": "imagenet", "n_images": 1000},  # the review's network and data
-}
+# %% ../../nbs/17_norm_logit.ipynb #2cc9ea3c
 DATASETS = ("packaged", "imagenet", "birds")
 
 
+def open_model(model: str | nn.Module, # a build_model name, 'small_cnn' / 'small_vit', or a module
+               seed: int = 0, # the small models' seed
+               birds: dict | None = None, # `birds_splits(seed)`, for the small models (None: generated)
+               download: bool = False, # let torchvision download missing weights
+              ) -> tuple[nn.Module, str]: # the network and its name (a module's class name)
+    "The network NormLogit explains: a module as it is, a small model from the training cache, or a build_model name."
+    if isinstance(model, nn.Module):
+        return model, type(model).__name__
+    if model in ("small_cnn", "small_vit"):
+        from contrastive_explanations.data.training import small_model
+        return small_model(model, seed, birds=birds, log=None)[0], model
+    if isinstance(model, str):
+        from contrastive_explanations.data.models import TORCHVISION_IMAGENET, build_model
+        return build_model(model, **({"download": download} if model in TORCHVISION_IMAGENET else {})), model
+    raise ValueError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}: pass e.g. "
+                     "model='efficientnet_lite0'")
+
+
+# %% ../../nbs/17_norm_logit.ipynb #ea67b0d4
 class NormLogit(Experiment):
     "The input-gradient norm and the logit of each image's `target_ranks` classes: one row per image and target."
-    name = "norm_logit"
+    name = "norm_logit"  # an instance's name adds its folder: norm_logit/<model>_<dataset>
 
     def __init__(self,
-                 profile: str = "embedded", # sets the defaults of model, dataset and n_images (PROFILE_SETTINGS)
-                 model: str | nn.Module | None = None, # a build_model name, 'small_cnn' / 'small_vit', or a module
-                 dataset: str | Tensor | None = None, # 'packaged', 'imagenet', 'birds' (test split), or images (N, 3, H, W)
-                 n_images: int | None = None, # how many images: a seeded random choice
+                 model: str | nn.Module = "efficientnet_lite0", # a build_model name, 'small_cnn' / 'small_vit', or a module
+                 dataset: str | Tensor = "packaged", # 'packaged', 'imagenet', 'birds' (test split), or images (N, 3, H, W)
+                 n_images: int = 4, # how many images: a seeded random choice
                  data_root: str = "", # the folder holding ImageNet's val/, for dataset='imagenet'
                  seed: int = 0, # chooses the images; the birds' and the small models' seed
                  space: str = "normalised", # the norm w.r.t. the model's normalised input (as the review), or 'pixels'
                  chunk: int = 8, # classes per batched backward pass
                  batch_size: int = 1, # images per call of `rows`
                  device: str = "cpu",
-                 download: bool = False, # let torchvision download missing weights (never in the embedded profile)
+                 download: bool = False, # let torchvision download missing weights
                  birds: dict | None = None, # `birds_splits(seed)`, when the caller already has them
                 ):
-        if profile not in PROFILE_SETTINGS:
-            raise ValueError(f"profile must be one of {', '.join(PROFILE_SETTINGS)}, got {profile!r}")
-        defaults = PROFILE_SETTINGS[profile]
-        model = defaults["model"] if model is None else model
-        dataset = defaults["dataset"] if dataset is None else dataset
-        self.n_images = check_count("n_images", defaults["n_images"] if n_images is None else n_images, 1, "100")
+        self.n_images = check_count("n_images", n_images, 1, "100")
         self.seed = check_count("seed", seed, 0, "0")
         self.chunk = check_count("chunk", chunk, 1, "8")
         self.batch_size = check_count("batch_size", batch_size, 1, "1")
         input_normalisation(nn.Identity(), space)  # checks the name
-        self.space, self.device, self.data_root = space, str(device), str(data_root)
+        self.space, self.data_root = space, str(data_root or "")
         if not isinstance(dataset, Tensor) and dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or a tensor of images, got {dataset!r}")
         if birds is None and (dataset == "birds" or model in ("small_cnn", "small_vit")):
             from contrastive_explanations.data.birds import birds_splits
             birds = birds_splits(self.seed)
         self._open_data(dataset, birds)  # first: a missing dataset fails before the model loads
+        self.device = str(resolve_device(device))  # after the data: a missing dataset is named first
         self._open_model(model, birds, download)
+        self.name = f"{NormLogit.name}/{self.model_name}_{self.dataset}"
         if self._data is not None:
             if not callable(getattr(self.model, "preprocess", None)):
                 raise ValueError(f"dataset {dataset!r} holds image files, and the model {self.model_name} has no "
@@ -200,17 +212,7 @@ class NormLogit(Experiment):
         self._count = len(self._images) if self._images is not None else len(self._data)
 
     def _open_model(self, model, birds, download: bool) -> None:
-        if isinstance(model, nn.Module):
-            self.model, self.model_name = model, type(model).__name__
-        elif model in ("small_cnn", "small_vit"):
-            from contrastive_explanations.data.training import small_model
-            self.model, self.model_name = small_model(model, self.seed, birds=birds, log=None)[0], model
-        elif isinstance(model, str):
-            from contrastive_explanations.data.models import TORCHVISION_IMAGENET, build_model
-            kwargs = {"download": download} if model in TORCHVISION_IMAGENET else {}
-            self.model, self.model_name = build_model(model, **kwargs), model
-        else:
-            raise ValueError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}")
+        self.model, self.model_name = open_model(model, self.seed, birds, download)
         self.model = self.model.eval().to(self.device)
 
     @property

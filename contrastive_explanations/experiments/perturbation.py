@@ -5,27 +5,26 @@
 # %% ../../nbs/14_perturbation.ipynb #691723df
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import math
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..methods.targets import TARGETS, Target, as_classes, get_target
-from ..methods.explain import check_images, explaining, input_channels
 from ..data.models import TORCHVISION_IMAGENET
+from .toolkit import (Source, birds_source, check_count, dataset_fingerprint,
+                                                          imagenet_source, load_batch, model_fingerprint,
+                                                          photos_source, resolve_device)
+from ..methods.explain import check_images, explaining, input_channels
+from ..methods.targets import TARGETS, Target, as_classes, get_target
 from ..results import Experiment
 
 # %% auto #0
-__all__ = ['SOURCES', 'EPSILONS', 'N_TOTS', 'SIGN_OBJECTIVES', 'SETUPS', 'check_eps', 'check_n_tot', 'check_epsilons',
+__all__ = ['SOURCES', 'EPSILONS', 'N_TOTS', 'SIGN_OBJECTIVES', 'NETWORKS', 'check_eps', 'check_n_tot', 'check_epsilons',
            'check_n_tots', 'perturbation_bounds', 'step_size', 'perturbation_step', 'sign_targets', 'perturb',
-           'ImageSet', 'tensor_fingerprint', 'state_fingerprint', 'photos_setup', 'birds_setup', 'imagenet_setup',
            'image_subset', 'Perturbation']
 
 # %% ../../nbs/14_perturbation.ipynb #502c9ac3
@@ -158,91 +157,30 @@ def perturb(model: nn.Module, # a classifier on pixels in [0, 1] (normalisation 
     return x
 
 # %% ../../nbs/14_perturbation.ipynb #4a7dbdcb
-@dataclass
-class ImageSet:
-    "An experiment's images: `load(indices)` gives (B, 3, H, W) floats in [0, 1]."
-    load: Callable[[Sequence[int]], Tensor]
-    n: int
-    labels: Tensor | None  # (n,) the class to push up; None: each image's predicted class
-    names: list[str]  # one per image, for the results table
-    fingerprint: str
-
-    def __len__(self) -> int:
-        return self.n
+def _photos(data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu") -> Source:
+    "EfficientNet-Lite0 on the packaged photographs (unlabelled: the class pushed up is the prediction)."
+    return photos_source(device)
 
 
-def tensor_fingerprint(*tensors: Tensor) -> str:
-    "A short sha256 of the tensors' dtypes, shapes and bytes."
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+def _birds(model_name: str, data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu") -> Source:
+    "A small model of the training chapter on the generated birds' test split (labelled)."
+    source = birds_source(model_name, seed, sample=None, device=device)
+    return dataclasses.replace(source, item_names=lambda i: f"test {i}")  # the test split's indices, as in the results
 
 
-def state_fingerprint(net: nn.Module) -> str:
-    "A short sha256 of a network's parameters and buffers (names and bytes)."
-    h = hashlib.sha256()
-    for name, value in net.state_dict().items():
-        h.update(name.encode() + b"\0" + tensor_fingerprint(value).encode())
-    return h.hexdigest()[:16]
+def _imagenet(model_name: str, data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu") -> Source:
+    "A torchvision network with its DEFAULT weights on ImageNet val from `data_root` (labelled)."
+    return imagenet_source(model_name, data_root, download, device)
 
 
-def photos_setup(data_root: str = "", seed: int = 0) -> tuple[nn.Module, ImageSet]:
-    "EfficientNet-Lite0 on the packaged photographs; the class pushed up is each photo's predicted class."
-    from contrastive_explanations.data.datasets import packaged_photos
-    from contrastive_explanations.data.models import efficientnet_lite0
-
-    model = efficientnet_lite0()
-    photos = packaged_photos(transform=model.preprocess)
-    x = torch.stack([photos[i][0] for i in range(len(photos))])
-    return model, ImageSet(lambda idx: x[list(idx)], len(x), None, [p.name for p in photos.photos],
-                           tensor_fingerprint(x))
-
-
-def birds_setup(name: str, # 'small_cnn' or 'small_vit'
-                data_root: str = "", seed: int = 0) -> tuple[nn.Module, ImageSet]:
-    "A small model trained on the generated birds, on their test split; the class pushed up is the true label."
-    from contrastive_explanations.data.birds import birds_splits
-    from contrastive_explanations.data.training import small_model
-
-    birds = birds_splits(seed)
-    net, _ = small_model(name, seed, birds=birds, log=None)
-    test = birds["test"]
-    images = test.images
-    return net, ImageSet(lambda idx: images[list(idx)].float() / 255, len(test), test.labels.clone(),
-                         [f"test {i}" for i in range(len(test))], test.fingerprint()[:16])
-
-
-def imagenet_setup(name: str, # a network of models.TORCHVISION_IMAGENET
-                   data_root: str = "", seed: int = 0,
-                   workers: int = 8, # threads decoding JPEGs
-                  ) -> tuple[nn.Module, ImageSet]:
-    "A torchvision network with its DEFAULT weights on ImageNet val from `data_root`; the class pushed up is the label."
-    from contrastive_explanations.data.datasets import imagenet
-    from contrastive_explanations.data.models import build_model
-
-    data = imagenet(data_root)  # first: a missing data root is reported before the weights are looked for
-    model = build_model(name)
-    data.transform = model.preprocess
-    names = [os.path.basename(str(path)) for path, _ in data.samples]
-
-    def load(idx: Sequence[int]) -> Tensor:
-        with ThreadPoolExecutor(workers) as pool:
-            return torch.stack(list(pool.map(lambda i: data[i][0], idx)))
-
-    return model, ImageSet(load, len(data), torch.tensor(data.targets), names, data.fingerprint())
-
-# %% ../../nbs/14_perturbation.ipynb #89ef323e
-SETUPS: dict[str, Callable[..., tuple[nn.Module, ImageSet]]] = {  # model name -> (network, images)
-    "efficientnet_lite0": photos_setup,
-    "small_cnn": partial(birds_setup, "small_cnn"),
-    "small_vit": partial(birds_setup, "small_vit"),
-    **{name: partial(imagenet_setup, name) for name in TORCHVISION_IMAGENET},
+NETWORKS: dict[str, Callable[..., Source]] = {  # model name -> (data_root=, seed=, download=, device=) -> its Source
+    "efficientnet_lite0": _photos,
+    "small_cnn": partial(_birds, "small_cnn"),
+    "small_vit": partial(_birds, "small_vit"),
+    **{name: partial(_imagenet, name) for name in TORCHVISION_IMAGENET},
 }
 
-
+# %% ../../nbs/14_perturbation.ipynb #89ef323e
 def image_subset(n: int, # how many images there are
                  k: int | None, # how many to use; None: all
                  seed: int,
@@ -252,6 +190,13 @@ def image_subset(n: int, # how many images there are
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
+# %% ../../nbs/14_perturbation.ipynb #9cffd9b5
+def _scores(logits: Tensor, t: Tensor) -> list[dict]:
+    "Per row: whether the top class is t, the logit y_t and the probability p_t."
+    yt = logits.gather(1, t[:, None])[:, 0]
+    pt = logits.float().log_softmax(1).gather(1, t[:, None])[:, 0].exp()
+    correct = logits.argmax(1) == t
+    return [{"correct": int(c), "yt": y, "pt": p} for c, y, p in zip(correct.tolist(), yt.tolist(), pt.tolist())]
 
 # %% ../../nbs/14_perturbation.ipynb #27e13ab8
 class Perturbation(Experiment):
@@ -259,8 +204,7 @@ class Perturbation(Experiment):
     name = "perturbation"
 
     def __init__(self,
-                 model: str = "efficientnet_lite0", # a key of SETUPS: the network, and with it the images
-                 profile: str = "embedded",
+                 model: str = "efficientnet_lite0", # a key of NETWORKS: the network, and with it the images
                  data_root: str = "", # ImageNet's root, for the torchvision networks
                  device: str = "cpu",
                  seed: int = 0, # the birds' and the small models' seed, and the image subset's
@@ -269,34 +213,31 @@ class Perturbation(Experiment):
                  n_tots: Sequence[int] = N_TOTS,
                  sources: Sequence[str] = SOURCES,
                  batch_size: int = 8, # images per `rows` call (each becomes sources x epsilons rows)
+                 download: bool = False, # let torchvision download a network's DEFAULT weights
                 ):
-        if model not in SETUPS:
-            raise ValueError(f"unknown model {model!r}: choose one of {', '.join(SETUPS)}")
-        if n_images is not None and (isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer))
-                                     or n_images < 1):
-            raise ValueError(f"n_images must be a positive int or None (all images), got {n_images!r}: "
-                             "pass e.g. n_images=100")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}: pass e.g. batch_size=8")
+        if model not in NETWORKS:
+            raise ValueError(f"unknown model {model!r}: choose one of {', '.join(NETWORKS)}")
+        self.n_images = None if n_images is None else check_count("n_images", n_images, 1, "100")
+        self.batch_size = check_count("batch_size", batch_size, 1, "8")
         if any(not isinstance(s, str) for s in _items(sources, "sources", str(SOURCES))):
             raise TypeError(f"the experiment's sources must be names (they are written to the results), got {sources!r}")
         self.epsilons, self.n_tots = check_epsilons(epsilons), check_n_tots(n_tots)
         self.sources, self._targets = sign_targets(sources)
-        self.model, self.profile, self.data_root, self.seed = model, profile, data_root, seed
-        self.n_images, self.batch_size = None if n_images is None else int(n_images), int(batch_size)
+        self.model, self.data_root, self.seed = model, data_root, seed
         self.name = f"perturbation/{model}"  # one results folder per network
         self.device = str(resolve_device(device))
-        net, self.images = SETUPS[model](data_root=data_root, seed=seed)  # data errors surface here, before any file
-        self.net = net.to(self.device).eval()
-        self.index = image_subset(len(self.images), self.n_images, seed)
+        # data errors surface here, before any file is written
+        self.source = NETWORKS[model](data_root=data_root, seed=seed, download=download, device=self.device)
+        self.net = self.source.model.to(self.device).eval()
+        self.index = image_subset(len(self.source.dataset), self.n_images, seed)
 
     @property
     def params(self) -> dict:
-        return {"model": self.model, "profile": self.profile, "seed": self.seed, "n_images": self.n_images,
-                "epsilons": list(self.epsilons), "n_tots": list(self.n_tots), "sources": list(self.sources)}
+        return {"model": self.model, "seed": self.seed, "n_images": self.n_images, "epsilons": list(self.epsilons),
+                "n_tots": list(self.n_tots), "sources": list(self.sources)}
 
     def fingerprints(self) -> dict:
-        return {"model": state_fingerprint(self.net), "data": self.images.fingerprint}
+        return {"model": model_fingerprint(self.net), "data": dataset_fingerprint(self.source.dataset)}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -304,11 +245,11 @@ class Perturbation(Experiment):
     def rows(self, indices: Sequence[int]) -> list[dict]:
         "One row per image x n_tot x source x eps, each with the image's clean values beside the perturbed ones."
         items = self.index[list(indices)]
-        dtype = next(self.net.parameters()).dtype
-        x = self.images.load(items.tolist()).to(self.device, dtype)
+        x, labels = load_batch(self.source, items.tolist())
+        x = x.to(self.device, next(self.net.parameters()).dtype)
         with torch.no_grad():
             clean = self.net(x)
-        t = as_classes(clean.argmax(1) if self.images.labels is None else self.images.labels[items], clean)
+        t = as_classes(labels.to(self.device) if self.source.labelled else clean.argmax(1), clean)
         clean_scores = _scores(clean, t)
         out = [[] for _ in items]
         for n_tot in self.n_tots:
@@ -320,14 +261,6 @@ class Perturbation(Experiment):
             for r, ((b, s, e), score) in enumerate(zip(np.ndindex(xp.shape[:3]), scores)):
                 out[b].append({"n_tot": n_tot, "source": self.sources[s], "eps": self.epsilons[e], **score,
                                "linf": linf[r]})
-        return [{"item": int(i), "image": self.images.names[i], "t": int(t[b]),
+        return [{"item": int(i), "image": self.source.name_of(int(i)), "t": int(t[b]),
                  **{f"clean_{k}": v for k, v in clean_scores[b].items()}, **row}
                 for b, i in enumerate(items) for row in out[b]]
-
-
-def _scores(logits: Tensor, t: Tensor) -> list[dict]:
-    "Per row: whether the top class is t, the logit y_t and the probability p_t."
-    yt = logits.gather(1, t[:, None])[:, 0]
-    pt = logits.float().log_softmax(1).gather(1, t[:, None])[:, 0].exp()
-    correct = logits.argmax(1) == t
-    return [{"correct": int(c), "yt": y, "pt": p} for c, y, p in zip(correct.tolist(), yt.tolist(), pt.tolist())]

@@ -19,11 +19,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..results import Experiment
 
 # %% auto #0
-__all__ = ['Source', 'tensor_fingerprint', 'model_fingerprint', 'dataset_fingerprint', 'photos_source', 'birds_source',
-           'checkpoint_path', 'cub_source', 'resolve_device', 'check_count', 'group_runs', 'cosine', 'positive_share',
-           'mask_share', 'bootstrap_interval', 'summarise', 'interval_text', 'ambiguous_items']
+__all__ = ['FINETUNED', 'Source', 'tensor_fingerprint', 'model_fingerprint', 'dataset_fingerprint', 'sources_fingerprints',
+           'photos_source', 'birds_source', 'checkpoint_path', 'finetuned_source', 'imagenet_source', 'load_batch',
+           'resolve_device', 'check_count', 'group_runs', 'SourcesExperiment', 'cosine', 'positive_share', 'mask_share',
+           'bootstrap_interval', 'summarise', 'interval_text', 'ambiguous_items']
 
 # %% ../../nbs/12_toolkit.ipynb #c755e9a9
 @dataclass
@@ -89,6 +91,12 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     raise TypeError(f"cannot fingerprint a {type(dataset).__name__}: give it a fingerprint() method")
 
 
+def sources_fingerprints(sources: Sequence[Source]) -> dict[str, str]:
+    "The model's and the data's fingerprint of each source, keyed '<source>_model' and '<source>_data'."
+    return {f"{s.name}_{what}": fp for s in sources for what, fp in
+            (("model", model_fingerprint(s.model)), ("data", dataset_fingerprint(s.dataset)))}
+
+
 # %% ../../nbs/12_toolkit.ipynb #f6ee0791
 def photos_source(device: str | torch.device = "cpu") -> Source:
     "EfficientNet-Lite0 (ImageNet) on the packaged photographs: the embedded ImageNet example."
@@ -134,21 +142,65 @@ def checkpoint_path(data_root: str, # the paper profile's data folder
     return path
 
 
-def cub_source(data_root: str, # the folder holding CUB_200_2011/
-               checkpoint: str = "", # '' -> <data_root>/checkpoints/vgg16_bn_cub.pt
-               sample: int | None = None,
-               device: str | torch.device = "cpu",
-              ) -> Source:
-    "VGG16-bn fine-tuned on CUB-200 on the CUB-200-2011 test split: the review's Figure 4 setting."
-    from contrastive_explanations.data.datasets import cub200
+FINETUNED: dict[str, tuple[str, str, str]] = {  # source -> (network in data.models, dataset loader, what it is)
+    "cub": ("vgg16_bn_cub", "cub200", "VGG16-bn fine-tuned on CUB-200"),  # the review's Figures 2-4
+    "food101": ("vit_b_16_food101", "food101", "ViT-B/16 fine-tuned on Food-101"),  # the review's Figure 5
+}
+
+
+def finetuned_source(name: str, # a key of FINETUNED: 'cub' or 'food101'
+                     data_root: str, # the folder holding CUB_200_2011/ or food-101/
+                     checkpoint: str = "", # '' -> <data_root>/checkpoints/<network>.pt
+                     sample: int | None = None,
+                     device: str | torch.device = "cpu",
+                    ) -> Source:
+    "A network fine-tuned by the training chapter on its dataset's test split (a paper-scale source)."
+    from contrastive_explanations.data import datasets
     from contrastive_explanations.data.models import build_model
 
-    data = cub200(data_root or None, "test")  # a missing or incomplete folder fails here, saying what to put where
-    path = checkpoint_path(data_root, checkpoint, "vgg16_bn_cub.pt", "VGG16-bn fine-tuned on CUB-200")
-    model = build_model("vgg16_bn_cub", checkpoint=path).to(device)
+    if name not in FINETUNED:
+        raise ValueError(f"unknown fine-tuned source {name!r}: choose one of {', '.join(FINETUNED)}")
+    network, loader, what = FINETUNED[name]
+    data = getattr(datasets, loader)(data_root or None, "test")  # a missing or incomplete folder fails here, saying what to put where
+    path = checkpoint_path(data_root, checkpoint, f"{network}.pt", what)
+    model = build_model(network, checkpoint=path).to(device)
     data.transform = model.preprocess
-    return Source("cub", "vgg16_bn_cub", model, data, model.categories, sample=sample,
+    return Source(name, network, model, data, model.categories, sample=sample,
                   item_names=lambda i: data.samples[i][0].name)
+
+
+# %% ../../nbs/12_toolkit.ipynb #d21cbc41
+def imagenet_source(model_name: str, # a network of models.TORCHVISION_IMAGENET
+                    data_root: str, # the folder holding ImageNet's val/
+                    download: bool = False, # let torchvision download the DEFAULT weights when they are not cached
+                    device: str | torch.device = "cpu",
+                   ) -> Source:
+    "A torchvision network with its DEFAULT weights on ImageNet val, labelled: the review's Figure 1 setting."
+    from contrastive_explanations.data.datasets import imagenet
+    from contrastive_explanations.data.models import build_model
+
+    data = imagenet(data_root)  # first: a missing data root is reported before the weights are looked for
+    model = build_model(model_name, download=download).to(device)
+    data.transform = model.preprocess
+    return Source("imagenet", model_name, model, data, model.categories,
+                  item_names=lambda i: Path(str(data.samples[i][0])).name)
+
+
+def load_batch(source: Source, # the model and its images
+               items: Sequence[int], # dataset indices
+               workers: int = 8, # threads decoding the items (JPEG datasets); 1: in this thread
+              ) -> tuple[Tensor, Tensor]: # images (B, 3, H, W) float in [0, 1], labels (B,) (-1 where unlabelled)
+    "`Source.batch` with the items decoded in `workers` threads; uint8 images become floats in [0, 1]."
+    items = [int(i) for i in items]
+    if workers > 1 and len(items) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(items))) as pool:
+            parts = list(pool.map(lambda i: source.batch([i]), items))
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    else:
+        x, y = source.batch(items)
+    return (x.float() / 255 if x.dtype == torch.uint8 else x), y
 
 # %% ../../nbs/12_toolkit.ipynb #37733376
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -179,6 +231,44 @@ def group_runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, list[int]]]:
             runs.append((k, [i]))
     return runs
 
+
+# %% ../../nbs/12_toolkit.ipynb #88011795
+class SourcesExperiment(Experiment):
+    "An experiment over the chosen items of its sources: item j is a pair (source k, item i); rows a source at a time."
+    sources: list[Source]
+    device: str = "cpu"
+    rank: int = 1  # how many of the most probable classes `top_classes` returns
+
+    def set_items(self) -> None:
+        "Number every chosen item of every source, in order."
+        self.items = [(k, i) for k, s in enumerate(self.sources) for i in s.items]
+
+    def fingerprints(self) -> dict:
+        if not hasattr(self, "_fingerprints"):
+            self._fingerprints = sources_fingerprints(self.sources)
+        return self._fingerprints
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def rows(self, indices: Sequence[int]) -> list[dict]:
+        out = []
+        for k, items in group_runs([self.items[j] for j in indices]):
+            out += self.source_rows(k, items)
+        return out
+
+    def top_classes(self, k: int, items: Sequence[int]) -> tuple[Source, Tensor, Tensor, Tensor, Tensor]:
+        "Source k, its images of `items` on the device (in the model's dtype), their labels, logits, top-`rank` classes."
+        source = self.sources[k]
+        x, labels = source.batch(items)
+        x = x.to(self.device, next(source.model.parameters()).dtype)
+        with torch.no_grad():
+            logits = source.model(x)
+        return source, x, labels, logits, logits.topk(self.rank, dim=1).indices
+
+    def source_rows(self, k: int, items: Sequence[int]) -> list[dict]:
+        "The rows of some items of source k."
+        raise NotImplementedError
 
 # %% ../../nbs/12_toolkit.ipynb #43006790
 def _check_maps(name: str, a: Tensor) -> None:

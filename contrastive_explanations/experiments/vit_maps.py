@@ -11,29 +11,22 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
-from .contrasts import PROFILES
-from .toolkit import (
-    Source, ambiguous_items, birds_source, checkpoint_path, cosine, dataset_fingerprint, group_runs,
-    mask_share, model_fingerprint, positive_share)
-from ..results import Experiment
-from ..methods.vit import AttentionRollout, ViTGradCAM, encoder_blocks, find_vit
+from contrastive_explanations.experiments.toolkit import (
+    Source, SourcesExperiment, ambiguous_items, birds_source, check_count, cosine, finetuned_source, mask_share,
+    positive_share, resolve_device)
+from ..methods import METHODS
+from ..methods.explain import Method
+from ..methods.vit import check_rollout_options, encoder_blocks, find_vit
 
 # %% auto #0
-__all__ = ['REVIEW_BLOCKS', 'REVIEW_DEPTH', 'MAP_KINDS', 'VIT_TARGETS', 'map_block', 'stand_in_blocks', 'food101_source',
-           'ViTMaps']
+__all__ = ['REVIEW_BLOCKS', 'REVIEW_DEPTH', 'MAP_KINDS', 'VIT_TARGETS', 'VIT_SOURCES', 'map_block', 'stand_in_blocks',
+           'vit_methods', 'map_measures', 'check_vit_source', 'build_vit_source', 'ViTMaps']
 
 # %% ../../nbs/18_vit_maps.ipynb #40358022
 REVIEW_BLOCKS: tuple[int, ...] = (8, 10)  # the review's blocks of vit_b_16, 0-based
 REVIEW_DEPTH: int = 12  # vit_b_16's encoder blocks
-
-
-def _check_int(name: str, value, low: int, high: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}: {hint}")
-    if not low <= value <= high:
-        raise ValueError(f"{name}={value} is out of range: pass an int in [{low}, {high}] ({hint})")
-    return int(value)
 
 
 def map_block(block: int, # a block of an n_from-block ViT, 0-based, not the last
@@ -41,10 +34,12 @@ def map_block(block: int, # a block of an n_from-block ViT, 0-based, not the las
               n_to: int = REVIEW_DEPTH, # the number of blocks of the ViT to map to
              ) -> int: # a block of the n_to-block ViT, 0-based, in [0, n_to - 2]
     "The block at the nearest relative depth, kept below the last block (Eq. eq-vitmaps-block)."
-    n_from = _check_int("n_from", n_from, 2, 10_000, "a ViT with at least 2 blocks")
-    n_to = _check_int("n_to", n_to, 2, 10_000, "GradCAM needs a block before the last, so at least 2 blocks")
-    block = _check_int("block", block, 0, n_from - 2, f"the blocks of a {n_from}-block ViT whose patch tokens "
-                       "reach the logits; the last block's never do")
+    n_from = check_count("n_from", n_from, 2, "12 (a ViT has at least 2 blocks)")
+    n_to = check_count("n_to", n_to, 2, "4 (GradCAM needs a block before the last, so at least 2 blocks)")
+    block = check_count("block", block, 0, "8")
+    if block > n_from - 2:
+        raise ValueError(f"block={block} is out of range: pass an int in [0, {n_from - 2}] (the blocks of a "
+                         f"{n_from}-block ViT whose patch tokens reach the logits; the last block's never do)")
     nearest = (2 * (block + 1) * n_to + n_from) // (2 * n_from)  # floor((block + 1) n_to / n_from + 1/2), exactly
     return min(n_to - 2, max(0, nearest - 1))
 
@@ -70,39 +65,71 @@ def stand_in_blocks(blocks: Sequence[int] = REVIEW_BLOCKS, # distinct blocks of 
         out[b] = above = max(out[b], above + 1)
     return tuple(out[b] for b in blocks)
 
-# %% ../../nbs/18_vit_maps.ipynb #b39495f0
+# %% ../../nbs/18_vit_maps.ipynb #10572fce
 MAP_KINDS: tuple[str, ...] = ("gradcam_a", "gradcam_b", "rollout_standard", "rollout_signed")
-VIT_TARGETS: tuple[str, ...] = ("original", "weighted")
+VIT_TARGETS: tuple[str, ...] = ("original", "weighted")  # Target.name
 
 
-def food101_source(data_root: str, # the folder holding food-101/
-                   checkpoint: str = "", # '' -> <data_root>/checkpoints/vit_b_16_food101.pt
-                   sample: int | None = None,
-                   device: str | torch.device = "cpu",
-                  ) -> Source:
-    "ViT-B/16 fine-tuned on Food-101 on the Food-101 test split: the review's Figure 5 setting."
-    from contrastive_explanations.data.datasets import food101
-    from contrastive_explanations.data.models import build_model
+def vit_methods(model: nn.Module, # a torchvision VisionTransformer, or a module wrapping one
+                blocks: tuple[int, int], # blocks a and b of this ViT, 0-based
+                head_fusion: str = "mean", # rollout's head fusion
+                discard_ratio: float = 0.9, # rollout's share of smallest fused values set to zero per block
+               ) -> dict[str, Method]: # kind of map (MAP_KINDS) -> its method
+    "GradCAM on blocks a and b and attention rollout, standard and signed, from methods.METHODS."
+    a, b = blocks
+    gradcam, rollout = METHODS["vit_gradcam"], METHODS["attention_rollout"]
+    return {"gradcam_a": gradcam(model, block=a), "gradcam_b": gradcam(model, block=b),
+            "rollout_standard": rollout(model, head_fusion, "standard", discard_ratio),
+            "rollout_signed": rollout(model, head_fusion, "signed", discard_ratio)}
 
-    data = food101(data_root or None, "test")  # a missing or incomplete folder fails here, saying what to put where
-    path = checkpoint_path(data_root, checkpoint, "vit_b_16_food101.pt", "ViT-B/16 fine-tuned on Food-101")
-    model = build_model("vit_b_16_food101", checkpoint=path).to(device)
-    data.transform = model.preprocess
-    return Source("food101", "vit_b_16_food101", model, data, model.categories, sample=sample,
-                  item_names=lambda i: data.samples[i][0].name)
+# %% ../../nbs/18_vit_maps.ipynb #902dda92
+def map_measures(maps: Tensor, # (B, rank, 2, h, w): one kind's maps from the two VIT_TARGETS
+                 masks: Tensor | None, # (B, rank, H, W) bool: the explained classes' parts; None: no scores
+                 size: tuple[int, int], # (H, W): the images' size
+                ) -> dict[str, Tensor]:
+    "share (B, rank, 2) on the part, positive share (B, rank, 2), cosine of the targets (B, rank) and of t1, t2 (B, 2)."
+    up = F.interpolate(maps.flatten(1, 2), size=size, mode="bilinear", align_corners=False).view(*maps.shape[:3], *size)
+    return {"share": mask_share(up, masks[:, :, None]) if masks is not None else torch.full(maps.shape[:3], math.nan),
+            "positive": positive_share(maps), "same": cosine(maps[:, :, 0], maps[:, :, 1]),
+            "t12": cosine(maps[:, 0], maps[:, 1])}  # (B, 2): t1 against t2, per target
+
+# %% ../../nbs/18_vit_maps.ipynb #2df45c27
+VIT_SOURCES: dict[str, str] = {  # name -> the ViT and the images it explains
+    "birds": "the small ViT on the generated birds' test split, with the discriminating parts",
+    "food101": "ViT-B/16 fine-tuned on Food-101 on its test split (needs data_root and the checkpoint)"}
 
 
-class ViTMaps(Experiment):
+def check_vit_source(source: str) -> str:
+    "The source's name, checked against VIT_SOURCES."
+    if not isinstance(source, str) or source not in VIT_SOURCES:
+        raise ValueError(f"unknown source {source!r}: choose one of {', '.join(VIT_SOURCES)}, e.g. source='birds'")
+    return source
+
+
+def build_vit_source(name: str, # one of VIT_SOURCES
+                     seed: int = 0, # the birds' and the small ViT's seed
+                     n_images: int | None = None, # images to draw among the ambiguous ones (None: all)
+                     data_root: str = "", # source 'food101': the folder holding food-101/
+                     checkpoint: str = "", # source 'food101': '' -> <data_root>/checkpoints/vit_b_16_food101.pt
+                     device: str | torch.device = "cpu",
+                    ) -> Source:
+    "The ViT and images of one source, with `sample` (how many ambiguous images to draw) set."
+    if check_vit_source(name) == "birds":
+        return birds_source("small_vit", seed, n_images, device)
+    return finetuned_source("food101", data_root, checkpoint, n_images, device)
+
+# %% ../../nbs/18_vit_maps.ipynb #b39495f0
+class ViTMaps(SourcesExperiment):
     "GradCAM on two ViT blocks and attention rollout (standard, signed), from y_t and p_t, scored on ground-truth parts."
     name = "vit_maps"
 
     def __init__(self,
-                 profile: str = "embedded", # 'embedded' (small ViT, birds) or 'paper' (ViT-B/16, Food-101)
+                 source: str = "birds", # one of VIT_SOURCES: the ViT and its images
                  device: str = "cpu",
-                 data_root: str = "", # the paper profile's data folder
+                 data_root: str = "", # source 'food101': the folder holding food-101/
                  seed: int = 0, # the birds', the training's and the random choice's seed
-                 n_images: int = 96, # images drawn at random among the ambiguous ones (0: all)
-                 checkpoint: str = "", # the paper profile's ViT-B/16 checkpoint ('' -> <data_root>/checkpoints/...)
+                 n_images: int | None = 96, # images drawn at random among the ambiguous ones (None, 0: all)
+                 checkpoint: str = "", # source 'food101': the fine-tuned ViT-B/16 ('' -> <data_root>/checkpoints/...)
                  blocks: Sequence[int] = REVIEW_BLOCKS, # the review's blocks, in vit_b_16's numbering (0-based of 12)
                  head_fusion: str = "mean", # rollout's head fusion
                  discard_ratio: float = 0.9, # rollout's share of smallest fused values set to zero per block
@@ -110,67 +137,45 @@ class ViTMaps(Experiment):
                  threshold: float = 0.1,
                  batch_size: int = 32,
                 ):
-        from contrastive_explanations.methods.vit import check_rollout_options
-
-        if profile not in PROFILES:
-            raise ValueError(f"profile={profile!r} is not one of {PROFILES}: pass 'embedded' or 'paper'")
-        if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 0:
-            raise ValueError(f"n_images={n_images!r} must be a non-negative int (0: every ambiguous image)")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 2:
-            raise ValueError(f"rank={rank!r} must be an int >= 2: a contrast needs a rival class")
+        self.source = check_vit_source(source)
+        self.n_images = None if n_images is None or (type(n_images) is int and n_images == 0) else check_count(
+            "n_images", n_images, 1, "96 (or None: every ambiguous image)")
+        self.rank = check_count("rank", rank, 2, "2 (a contrast needs a rival class)")
         check_rollout_options(head_fusion, "standard", discard_ratio)
         blocks = tuple(blocks)
         if len(blocks) != 2:
             raise ValueError(f"blocks={blocks!r} must name two blocks (a, b), as the review's (8, 10)")
         for b in blocks:
             map_block(b, REVIEW_DEPTH, REVIEW_DEPTH)  # in range for vit_b_16, not its last block
-        self.profile, self.device, self.data_root, self.seed = profile, device, data_root, seed
-        self.n_images, self.checkpoint, self.blocks = n_images, checkpoint, blocks
+        self.device, self.data_root, self.seed = resolve_device(device), data_root, seed
+        self.checkpoint, self.blocks = checkpoint, blocks
         self.head_fusion, self.discard_ratio = head_fusion, discard_ratio
-        self.rank, self.threshold, self.batch_size = rank, threshold, batch_size
+        self.threshold, self.batch_size = threshold, batch_size
         self.sources = self.build_sources()
         self.model_blocks, self._methods = [], []
+        workers = 4 if self.device.type == "cuda" else 0
         for s in self.sources:
-            depth = len(encoder_blocks(find_vit(s.model)))
-            a, b = stand_in_blocks(blocks, REVIEW_DEPTH, depth)
-            self.model_blocks.append((a, b))
-            self._methods.append({"gradcam_a": ViTGradCAM(s.model, block=a), "gradcam_b": ViTGradCAM(s.model, block=b),
-                                  "rollout_standard": AttentionRollout(s.model, head_fusion, "standard", discard_ratio),
-                                  "rollout_signed": AttentionRollout(s.model, head_fusion, "signed", discard_ratio)})
-            s.items = ambiguous_items(s.model, s.dataset, rank, threshold, s.sample, seed, device=device,
-                                      num_workers=4 if torch.device(device).type == "cuda" else 0)
-        self.items = [(k, i) for k, s in enumerate(self.sources) for i in s.items]
+            blocks_here = stand_in_blocks(blocks, REVIEW_DEPTH, len(encoder_blocks(find_vit(s.model))))
+            self.model_blocks.append(blocks_here)
+            self._methods.append(vit_methods(s.model, blocks_here, head_fusion, discard_ratio))
+            s.items = ambiguous_items(s.model, s.dataset, self.rank, threshold, s.sample, seed, device=self.device,
+                                      num_workers=workers)
+        self.set_items()
 
     def build_sources(self) -> list[Source]:
-        "The profile's ViT and images."
-        n = self.n_images or None
-        if self.profile == "paper":
-            return [food101_source(self.data_root, self.checkpoint, n, self.device)]
-        return [birds_source("small_vit", self.seed, n, self.device)]
+        "The ViT and images that the `source` setting names."
+        return [build_vit_source(self.source, self.seed, self.n_images, self.data_root, self.checkpoint, self.device)]
 
     @property
     def params(self) -> dict:
-        return {"profile": self.profile, "seed": self.seed, "n_images": self.n_images, "blocks": list(self.blocks),
-                "head_fusion": self.head_fusion, "discard_ratio": self.discard_ratio, "rank": self.rank,
-                "threshold": self.threshold}
-
-    def fingerprints(self) -> dict:
-        if not hasattr(self, "_fingerprints"):
-            self._fingerprints = {f"{s.name}_{what}": fp for s in self.sources for what, fp in
-                                  (("model", model_fingerprint(s.model)), ("data", dataset_fingerprint(s.dataset)))}
-        return self._fingerprints
-
-    def __len__(self) -> int:
-        return len(self.items)
+        return {"source": self.sources[0].name, "seed": self.seed, "n_images": self.n_images,
+                "blocks": list(self.blocks), "head_fusion": self.head_fusion, "discard_ratio": self.discard_ratio,
+                "rank": self.rank, "threshold": self.threshold}
 
     def explain(self, k: int, items: Sequence[int]) -> dict:
         "Images, labels, logits, classes (B, rank), part masks (B, rank, H, W) or None, and maps per kind (B, rank, 2, h, w)."
-        source = self.sources[k]
-        x, labels = source.batch(items)
-        x = x.to(self.device, next(source.model.parameters()).dtype)
-        with torch.no_grad():
-            logits = source.model(x)
-        classes = logits.topk(self.rank, dim=1).indices.cpu()
+        source, x, labels, logits, classes = self.top_classes(k, items)
+        classes = classes.cpu()
         maps = {kind: self._methods[k][kind](x, classes.to(self.device), list(VIT_TARGETS)).maps.cpu()
                 for kind in MAP_KINDS}
         masks = None
@@ -179,12 +184,6 @@ class ViTMaps(Experiment):
                                  for b, i in enumerate(items)])
         return {"x": x.float().cpu(), "labels": labels, "logits": logits.cpu(), "classes": classes, "masks": masks,
                 "maps": maps}
-
-    def rows(self, indices: Sequence[int]) -> list[dict]:
-        out = []
-        for k, items in group_runs([self.items[j] for j in indices]):
-            out += self.source_rows(k, items)
-        return out
 
     def source_rows(self, k: int, items: Sequence[int]) -> list[dict]:
         "One row per item, class rank and kind of map."
@@ -195,15 +194,8 @@ class ViTMaps(Experiment):
         block = {"gradcam_a": a, "gradcam_b": b, "rollout_standard": -1, "rollout_signed": -1}
         masks = e["masks"]
         chance = masks.float().mean((-2, -1)) if masks is not None else None
-        measures = {}
-        for kind in MAP_KINDS:
-            maps = e["maps"][kind]  # (B, rank, 2, h, w)
-            up = F.interpolate(maps.flatten(1, 2), size=(H, W), mode="bilinear", align_corners=False).view(
-                *maps.shape[:3], H, W)
-            measures[kind] = {
-                "share": mask_share(up, masks[:, :, None]) if masks is not None else torch.full(maps.shape[:3], math.nan),
-                "positive": positive_share(maps), "same": cosine(maps[:, :, 0], maps[:, :, 1]),
-                "t12": cosine(maps[:, 0], maps[:, 1])}  # (B, 2): t1 against t2, per target
+        measures = {kind: map_measures(e["maps"][kind], masks, (H, W)) for kind in MAP_KINDS}
+        method = {kind: m.name for kind, m in self._methods[k].items()}  # its Method.name
         out = []
         for i_b, i in enumerate(items):  # item by item, so that the rows do not depend on how items are batched
             label = int(e["labels"][i_b])
@@ -213,7 +205,8 @@ class ViTMaps(Experiment):
                     out.append({"source": source.name, "model": source.model_name, "item": i,
                                 "name": source.name_of(i), "label": label, "rank": r + 1, "class": c,
                                 "class_name": str(source.categories[c]), "p": float(p[i_b, c]),
-                                "is_label": int(c == label), "map": kind, "block": block[kind],
+                                "is_label": int(c == label), "map": kind, "method": method[kind],
+                                "block": block[kind],
                                 "share_original": float(m["share"][i_b, r, 0]),
                                 "share_weighted": float(m["share"][i_b, r, 1]),
                                 "chance": float(chance[i_b, r]) if chance is not None else math.nan,

@@ -6,20 +6,18 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .targets import Target, as_classes, get_target
+from .targets import Target, as_classes, check_later, deferred_checks, get_target
 
 # %% auto #0
 __all__ = ['check_images', 'input_channels', 'as_class_matrix', 'classes_to', 'as_targets', 'objectives', 'batched_grad',
-           'explaining', 'find_layer', 'leaf_output', 'Explanation', 'check_later', 'deferred_checks', 'Method',
-           'default_layer', 'ActivationMethod']
+           'explaining', 'find_layer', 'leaf_output', 'Explanation', 'Method', 'default_layer', 'ActivationMethod']
 
 # %% ../../nbs/02_explain.ipynb #6be0fb71
 def check_images(x: Tensor, # (B, C, H, W) images in [0, 1]
@@ -182,64 +180,6 @@ class Explanation:
         B, K, T, h, w = self.maps.shape
         up = F.interpolate(self.maps.reshape(B, K * T, h, w).float(), size=size, mode="bilinear", align_corners=False)
         return up.reshape(B, K, T, *size).to(self.maps.dtype)
-
-# %% ../../nbs/02_explain.ipynb #722db796
-class _Verdicts(list):
-    "The (ok, error) pairs a `deferred_checks` block has queued."
-
-    def __init__(self, include_cpu: bool):
-        super().__init__()
-        self.include_cpu = include_cpu
-
-
-_VERDICTS: contextvars.ContextVar[_Verdicts | None] = contextvars.ContextVar("verdicts", default=None)
-
-
-def check_later(ok: Tensor, # () bool: whether the values pass
-                error: Callable[[], Exception], # builds the exception to raise if they do not
-               ) -> bool: # True if the verdict was queued for later, False if it was read now (and passed)
-    "Raise `error()` unless `ok`; inside `deferred_checks`, a verdict on an accelerator is read at the block's end."
-    verdicts = _VERDICTS.get()
-    if verdicts is not None and (ok.device.type != "cpu" or verdicts.include_cpu):
-        verdicts.append((ok, error))
-        return True
-    if not bool(ok):
-        raise error()
-    return False
-
-
-@contextlib.contextmanager
-def deferred_checks(include_cpu: bool = False, # defer CPU verdicts too (for tests: reading them costs nothing)
-                   ) -> Iterator[None]:
-    "Queue the block's `check_later` verdicts and read them all, with one host-device transfer, at its end."
-    if _VERDICTS.get() is not None:  # nested: the outermost block reads the verdicts
-        yield
-        return
-    verdicts = _Verdicts(include_cpu)
-    token = _VERDICTS.set(verdicts)
-    try:
-        yield
-    except Exception as failure:
-        _VERDICTS.reset(token)
-        _raise_failed(verdicts, failure)  # a failed check explains the failure better than what it caused
-        raise
-    _VERDICTS.reset(token)
-    _raise_failed(verdicts)
-
-
-def _raise_failed(verdicts: _Verdicts, cause: Exception | None = None) -> None:
-    "Read every queued verdict in one transfer; raise the first failure's error."
-    if not verdicts:
-        return
-    try:
-        passed = torch.stack([ok.reshape(()).to(verdicts[0][0].device) for ok, _ in verdicts]).tolist()
-    except Exception:
-        if cause is None:
-            raise
-        return  # the device itself failed: the block's own error says more
-    for ok, (_, error) in zip(passed, verdicts):
-        if not ok:
-            raise error() from cause
 
 # %% ../../nbs/02_explain.ipynb #e9b1d13c
 class Method:

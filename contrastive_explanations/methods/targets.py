@@ -5,39 +5,18 @@
 # %% ../../nbs/01_targets.ipynb #214c2274
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['TARGETS', 'as_classes', 'other_class_weights', 'Target', 'LinearTarget', 'OriginalTarget', 'MeanTarget', 'MaxTarget',
-           'WeightedTarget', 'WeightedLogTarget', 'rival_margin', 'get_target', 'explicit_contrast']
-
-# %% ../../nbs/01_targets.ipynb #f0a4f39f
-def as_classes(t: Tensor | int | list[int], # class per sample: (B,) integers, or one int for the whole batch
-               logits: Tensor, # (B, C) raw model outputs
-              ) -> Tensor: # (B,) int64 on the logits' device
-    "Check `logits` and `t`, and return `t` as one class index per sample."
-    from contrastive_explanations.methods.explain import check_later  # the method machinery, which imports this module
-    if not (isinstance(logits, Tensor) and logits.ndim == 2 and logits.is_floating_point()):
-        got = f"shape {tuple(logits.shape)}, dtype {logits.dtype}" if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"logits must be a floating tensor of shape (batch, classes), got {got}: "
-                         "pass the model's raw outputs, flattened to two dimensions")
-    B, C = logits.shape
-    if C < 2:
-        raise ValueError(f"a contrast needs at least 2 classes, got logits with {C}: explain a multi-class output")
-    t = torch.as_tensor(t, device=logits.device)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"class indices must be integers, got dtype {t.dtype}: pass e.g. logits.argmax(1) or t.long()")
-    if t.ndim == 0:
-        t = t.expand(B)
-    if t.shape != (B,):
-        raise ValueError(f"expected one class per sample, shape ({B},), got {tuple(t.shape)}: "
-                         "pass a 1-D tensor with one class index per row of logits")
-    if B and check_later(((t >= 0) & (t < C)).all(), lambda t=t: ValueError(
-            f"class indices must lie in [0, {C}), got values from {int(t.min())} to {int(t.max())}")):
-        t = t.clamp(0, C - 1)  # the verdict is read later: keep every index in bounds until then
-    return t.long()
+__all__ = ['TARGETS', 'other_class_weights', 'Target', 'LinearTarget', 'OriginalTarget', 'MeanTarget', 'MaxTarget',
+           'WeightedTarget', 'WeightedLogTarget', 'rival_margin', 'get_target', 'explicit_contrast', 'check_later',
+           'deferred_checks', 'as_classes']
 
 # %% ../../nbs/01_targets.ipynb #f6dd22af
 def other_class_weights(logits: Tensor, # (B, C)
@@ -166,3 +145,86 @@ def explicit_contrast(phi: Tensor, # (B, C, ...) one explanation per class
         raise ValueError(f"phi must start with the weights' shape (batch, classes) = {tuple(weights.shape)}, "
                          f"got {tuple(phi.shape)}: stack one explanation per class along dimension 1")
     return torch.einsum("bc,bc...->b...", weights.to(phi.dtype), phi)
+
+# %% ../../nbs/01_targets.ipynb #722db796
+class _Verdicts(list):
+    "The (ok, error) pairs a `deferred_checks` block has queued."
+
+    def __init__(self, include_cpu: bool):
+        super().__init__()
+        self.include_cpu = include_cpu
+
+
+_VERDICTS: contextvars.ContextVar[_Verdicts | None] = contextvars.ContextVar("verdicts", default=None)
+
+
+def check_later(ok: Tensor, # () bool: whether the values pass
+                error: Callable[[], Exception], # builds the exception to raise if they do not
+               ) -> bool: # True if the verdict was queued for later, False if it was read now (and passed)
+    "Raise `error()` unless `ok`; inside `deferred_checks`, a verdict on an accelerator is read at the block's end."
+    verdicts = _VERDICTS.get()
+    if verdicts is not None and (ok.device.type != "cpu" or verdicts.include_cpu):
+        verdicts.append((ok, error))
+        return True
+    if not bool(ok):
+        raise error()
+    return False
+
+
+@contextlib.contextmanager
+def deferred_checks(include_cpu: bool = False, # defer CPU verdicts too (for tests: reading them costs nothing)
+                   ) -> Iterator[None]:
+    "Queue the block's `check_later` verdicts and read them all, with one host-device transfer, at its end."
+    if _VERDICTS.get() is not None:  # nested: the outermost block reads the verdicts
+        yield
+        return
+    verdicts = _Verdicts(include_cpu)
+    token = _VERDICTS.set(verdicts)
+    try:
+        yield
+    except Exception as failure:
+        _VERDICTS.reset(token)
+        _raise_failed(verdicts, failure)  # a failed check explains the failure better than what it caused
+        raise
+    _VERDICTS.reset(token)
+    _raise_failed(verdicts)
+
+
+def _raise_failed(verdicts: _Verdicts, cause: Exception | None = None) -> None:
+    "Read every queued verdict in one transfer; raise the first failure's error."
+    if not verdicts:
+        return
+    try:
+        passed = torch.stack([ok.reshape(()).to(verdicts[0][0].device) for ok, _ in verdicts]).tolist()
+    except Exception:
+        if cause is None:
+            raise
+        return  # the device itself failed: the block's own error says more
+    for ok, (_, error) in zip(passed, verdicts):
+        if not ok:
+            raise error() from cause
+
+# %% ../../nbs/01_targets.ipynb #f0a4f39f
+def as_classes(t: Tensor | int | list[int], # class per sample: (B,) integers, or one int for the whole batch
+               logits: Tensor, # (B, C) raw model outputs
+              ) -> Tensor: # (B,) int64 on the logits' device
+    "Check `logits` and `t`, and return `t` as one class index per sample."
+    if not (isinstance(logits, Tensor) and logits.ndim == 2 and logits.is_floating_point()):
+        got = f"shape {tuple(logits.shape)}, dtype {logits.dtype}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a floating tensor of shape (batch, classes), got {got}: "
+                         "pass the model's raw outputs, flattened to two dimensions")
+    B, C = logits.shape
+    if C < 2:
+        raise ValueError(f"a contrast needs at least 2 classes, got logits with {C}: explain a multi-class output")
+    t = torch.as_tensor(t, device=logits.device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"class indices must be integers, got dtype {t.dtype}: pass e.g. logits.argmax(1) or t.long()")
+    if t.ndim == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"expected one class per sample, shape ({B},), got {tuple(t.shape)}: "
+                         "pass a 1-D tensor with one class index per row of logits")
+    if B and check_later(((t >= 0) & (t < C)).all(), lambda t=t: ValueError(
+            f"class indices must lie in [0, {C}), got values from {int(t.min())} to {int(t.max())}")):
+        t = t.clamp(0, C - 1)  # the verdict is read later: keep every index in bounds until then
+    return t.long()

@@ -75,11 +75,8 @@ def checked_image_size(vit: VisionTransformer) -> Iterator[None]:
             raise ValueError(f"the VisionTransformer takes {s}x{s} images, got x of shape {shape}: resize the "
                              f"images first, e.g. with torchvision.transforms.v2.Resize(({s}, {s}))")
 
-    handle = vit.register_forward_pre_hook(hook)
-    try:
+    with vit.register_forward_pre_hook(hook):  # a hook handle removes its hook on exit
         yield
-    finally:
-        handle.remove()
 
 # %% ../../nbs/06_vit.ipynb #67c3ef21
 class ViTGradCAM(Method):
@@ -251,11 +248,8 @@ def captured_attention(blocks: Sequence[nn.Module]) -> Iterator[list[list[Tensor
 @contextlib.contextmanager
 def leaf_input(module: nn.Module) -> Iterator[None]:
     "Feed `module` a detached copy of its input that requires grad, so that everything above it is in the graph."
-    handle = module.register_forward_pre_hook(lambda m, args: (args[0].detach().requires_grad_(True), *args[1:]))
-    try:
+    with module.register_forward_pre_hook(lambda m, args: (args[0].detach().requires_grad_(True), *args[1:])):
         yield
-    finally:
-        handle.remove()
 
 # %% ../../nbs/06_vit.ipynb #f21c7d9d
 class AttentionRollout(Method):

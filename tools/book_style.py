@@ -1,0 +1,19 @@
+"""Sphinx extension for the book: its own style sheet, `tools/static/book.css`, on every page.
+
+The sheet is served from this folder's `static/` (added to `html_static_path` here, so it is there also when the
+build falls back to the CDN assets and `_config.yml`'s `html_static_path` is dropped).
+"""
+from pathlib import Path
+
+STATIC = Path(__file__).resolve().with_name("static")
+CSS = "book.css"
+
+
+def _serve_static(app, config):
+    config.html_static_path = [*config.html_static_path, str(STATIC)]
+
+
+def setup(app):
+    app.connect("config-inited", _serve_static)
+    app.add_css_file(CSS)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
