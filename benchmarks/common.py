@@ -148,8 +148,8 @@ def peak_child(module: str, model_name: str, variant: str, options: dict) -> str
     bench = importlib.import_module(f"{__package__}.{module}")  # e.g. benchmarks.bench_masking
     fns = bench.variants_for(model_name, options)
     fns[variant]()
-    before = status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident set
+    before = status_kb("VmRSS")  # read after the reset, so that the peak cannot fall below it
     fns[variant]()
     peak = status_kb("VmHWM")
     return f"{peak / 1024} {(peak - before) / 1024}"

@@ -14,8 +14,8 @@ load average is at most --max-load, since other work on the machine makes CPU ti
 records the load average when its benchmark started and ended.
 
 --book executes every chapter of the book (`python -m tools.build_book --no-html --force`, minutes) and writes
-book.json: its wall time, the seconds per chapter it printed, and the peak resident memory of the build and its papermill
-kernels (the largest single process, as /usr/bin/time -v reports it).
+book.json: its wall time, the seconds per chapter it printed, and the peak resident memory of the build and its
+papermill kernels (the largest single process, as /usr/bin/time -v reports it).
 """
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def run(root: Path, *args: str, capsys) -> tuple[int, str, str]:
 def test_unknown_profile_is_a_one_line_error_and_builds_nothing(book, capsys):
     status, out, err = run(book, "--profile", "fast", capsys=capsys)
     assert status == 2
-    assert err.strip() == "error: unknown profile 'fast': choose one of embedded, paper (files in params/)"
+    assert err.strip() == "error: unknown profile 'fast': choose one of embedded, paper"
     assert (book / "_build" / "html" / "index.html").read_text() == "an old book"
     assert not (book / "executed").exists()
 
@@ -64,7 +64,7 @@ def test_a_profile_value_left_null_must_be_given(book, capsys):
     status, _, err = run(book, "--profile", "paper", capsys=capsys)
     assert status == 2 and "profile 'paper' needs data_root" in err and "DATA_ROOT=" in err
     status, _, err = run(book, "--profile", "embedded", "-p", "dataroot=/x", capsys=capsys)
-    assert status == 2 and "unknown parameter 'dataroot'" in err
+    assert status == 2 and "unknown setting 'dataroot': known are profile, data_root, seed" in err
 
 
 def test_a_failing_chapter_stops_the_job_and_names_notebook_and_cell(book, capsys):

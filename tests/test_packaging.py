@@ -40,7 +40,7 @@ NAMED = ["__init__.py", "methods/__init__.py", "data/__init__.py", "experiments/
 
 @pytest.mark.parametrize("path", NAMED)
 def test_the_wheel_holds_the_named_modules(wheel_files, path):
-    assert f"contrastive_explanations/{path}" in wheel_files, sorted(f for f in wheel_files if f.startswith("contrastive_explanations/"))
+    assert f"contrastive_explanations/{path}" in wheel_files, sorted(wheel_files)
 
 
 def test_the_wheel_holds_every_module_of_the_source_tree(wheel_files):
