@@ -179,3 +179,16 @@ def test_profiles_set_the_training_chapter():
     assert embedded["finetune"] == []
     paper = load_profile("paper", {"data_root": "/data"}).section("training")
     assert paper["finetune"] == ["vgg16_bn_cub", "vit_b_16_food101"] and all(n in MODELS and n not in TORCHVISION_IMAGENET for n in paper["finetune"])
+
+
+def test_a_small_model_s_initialisation_depends_on_its_seed_alone():
+    "The chapter that first trains a model may have drawn random numbers before: its initial weights must not depend on that."
+    from contrastive_explanations.data.training import initialised
+    for name in ("small_cnn", "small_vit"):
+        torch.manual_seed(123)
+        a = initialised(name, 12, seed=0)
+        torch.randn(1000)
+        state = torch.random.get_rng_state()
+        b = initialised(name, 12, seed=0)
+        assert torch.equal(state, torch.random.get_rng_state()), "the caller's random state changed"
+        assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict()), name

@@ -21,9 +21,9 @@ from torchvision.models.vision_transformer import ConvStemConfig, VisionTransfor
 
 # %% auto #0
 __all__ = ['EMBEDDED_EPOCHS', 'SMALL_MODELS', 'CUB_FINETUNE', 'FOOD101_FINETUNE', 'small_cnn', 'small_vit', 'TrainConfig',
-           'predict', 'train', 'cache_dir', 'fingerprint', 'cached_training', 'small_model_key', 'small_model',
-           'FinetuneConfig', 'cub_train_transform', 'cub_eval_transform', 'food101_train_transform', 'stratified_split',
-           'with_new_head', 'finetune']
+           'predict', 'train', 'cache_dir', 'fingerprint', 'cached_training', 'initialised', 'small_model_key',
+           'small_model', 'FinetuneConfig', 'cub_train_transform', 'cub_eval_transform', 'food101_train_transform',
+           'stratified_split', 'with_new_head', 'finetune']
 
 # %% ../../nbs/10_training.ipynb #1926bc00
 def small_cnn(num_classes: int, widths: tuple[int, ...] = (24, 48, 96, 128)) -> nn.Sequential:
@@ -151,9 +151,19 @@ EMBEDDED_EPOCHS = {"small_cnn": 4, "small_vit": 5}  # the embedded profile's tra
 SMALL_MODELS: dict[str, Callable[[int], nn.Module]] = {"small_cnn": small_cnn, "small_vit": small_vit}
 
 
+def initialised(name: str, # a key of SMALL_MODELS
+                classes: int,
+                seed: int = 0,
+               ) -> nn.Module:
+    "A fresh small model whose initial weights depend on `seed` alone, not on what drew random numbers before."
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        return SMALL_MODELS[name](classes)
+
+
 def small_model_key(name: str, config: TrainConfig, data_key: dict) -> str:
-    "The cache fingerprint of a small model: its architecture's and `train`'s source, the config, the data."
-    return fingerprint(SMALL_MODELS[name], train, asdict(config), data_key)
+    "The cache fingerprint of a small model: its architecture's, its initialisation's and `train`'s source, the config, the data."
+    return fingerprint(SMALL_MODELS[name], initialised, train, asdict(config), data_key)
 
 
 def small_model(name: str, # 'small_cnn' or 'small_vit'
@@ -173,7 +183,7 @@ def small_model(name: str, # 'small_cnn' or 'small_vit'
     classes = len(birds["train"].class_names)
     fit = lambda net: train(net, (birds["train"].images, birds["train"].labels),
                             (birds["val"].images, birds["val"].labels), config, log)
-    return cached_training(name, lambda: SMALL_MODELS[name](classes), fit, key)
+    return cached_training(name, lambda: initialised(name, classes, seed), fit, key)
 
 # %% ../../nbs/10_training.ipynb #f12af112
 @dataclass(frozen=True)
