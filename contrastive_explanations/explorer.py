@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .viz import STATIC_CLASS, colour_range, comparison_figure, figure_png, static_grid
+from .viz import comparison_figure, figure_png, static_grid
 
 # %% auto #0
 __all__ = ['CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'class_choices', 'explain_all', 'static_explorer', 'parse_classes',
