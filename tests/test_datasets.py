@@ -287,7 +287,9 @@ def test_cub_splits_labels_and_names(tmp_path, split, ids):
 
 def test_cub_root_may_be_the_cub_folder_itself(tmp_path):
     make_cub(tmp_path)
-    assert cub200(tmp_path / "CUB_200_2011", "train").targets == cub200(tmp_path, "train").targets
+    itself, parent = cub200(tmp_path / "CUB_200_2011", "train"), cub200(tmp_path, "train")
+    assert itself.targets == parent.targets
+    assert itself.fingerprint() == parent.fingerprint()  # the same data, whichever root names it
 
 
 def test_cub_transform_is_applied(tmp_path):
@@ -420,7 +422,9 @@ def test_food101_splits_labels_and_names(tmp_path, split, n, monkeypatch):
 
 def test_food101_root_may_be_the_food_folder_itself(tmp_path):
     make_food(tmp_path)
-    assert food101(tmp_path / "food-101").targets == food101(tmp_path).targets == [0, 1, 2]
+    itself, parent = food101(tmp_path / "food-101"), food101(tmp_path)
+    assert itself.targets == parent.targets == [0, 1, 2]
+    assert itself.fingerprint() == parent.fingerprint()
 
 
 def test_food101_half_present_root(tmp_path):

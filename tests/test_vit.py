@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from contrastive_explanations.methods.targets import TARGETS, explicit_contrast, get_target
-from contrastive_explanations.methods.vit import (AttentionRollout, ViTGradCAM, attention_weights, captured_attention,
-                                          discard_lowest, encoder_blocks, grad_rollout)
+from contrastive_explanations.methods.vit import (AttentionRollout, ViTGradCAM, ViTMethod, attention_weights,
+                                                 captured_attention, discard_lowest, encoder_blocks, grad_rollout)
 
 from conftest import tiny_vit
 
@@ -409,6 +409,16 @@ def test_not_a_vision_transformer():
         ViTGradCAM("vit_b_16")
     with pytest.raises(ValueError, match="contains 2 VisionTransformers"):
         AttentionRollout(nn.ModuleList([tiny_vit(0), tiny_vit(1)]))
+
+
+def test_both_methods_find_the_wrapped_vit_once_and_lay_tokens_out_row_by_row():
+    vit = tiny_vit(0, image_size=24)  # a 3 x 3 patch grid
+    wrapped = nn.Sequential(nn.Identity(), vit)
+    for method in (ViTGradCAM(wrapped), AttentionRollout(wrapped)):
+        assert isinstance(method, ViTMethod) and method.vit is vit and method.grid == (3, 3)
+        assert method.blocks == list(vit.encoder.layers)
+        tokens = torch.arange(2 * 9.).reshape(1, 2, 9)  # token 1 + 3i + j is patch (i, j)
+        assert method.on_grid(tokens)[0, 1, 2, 0] == 9 + 6 and method.on_grid(tokens).shape == (1, 2, 3, 3)
 
 
 def test_no_encoder_blocks():

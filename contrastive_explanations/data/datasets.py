@@ -117,6 +117,25 @@ def _check_split(split: str, splits: tuple[str, ...], what: str) -> str:
     return split
 
 
+def _official_folder(root: str | os.PathLike, split: str, splits: tuple[str, ...], what: str, tree: str,
+                     folder: str, # the folder the official archive extracts to
+                     required: tuple[str, ...], # entries it must hold, folders ending in '/'
+                     hint: str, # where to get the archive
+                     itself: Callable[[Path], bool], # whether `root` is `folder` itself
+                    ) -> Path:
+    "A dataset's own folder under `root` (or `root` itself), with every required entry present; else one message."
+    root = _existing_root(root, what, tree)
+    _check_split(split, splits, what)
+    base = root / folder
+    if not base.is_dir() and itself(root):
+        base = root
+    missing = [f for f in required if not (base / f).exists()]
+    if missing:
+        where = f"missing the folder {folder}/" if not base.is_dir() else f"missing {', '.join(missing)} in {base.name}/"
+        raise DatasetNotFoundError(_tree_message(what, root, where, tree, hint))
+    return base
+
+
 def _check_errors(errors: str) -> str:
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
@@ -352,7 +371,7 @@ CUB_TREE = """
         └── ...                   200 class folders, 11,788 images (5,994 train, 5,794 test)
 """
 
-_CUB_FILES = ("classes.txt", "image_class_labels.txt", "images.txt", "train_test_split.txt", "images")
+_CUB_FILES = ("classes.txt", "image_class_labels.txt", "images.txt", "train_test_split.txt", "images/")
 
 
 def _read_pairs(path: Path) -> dict[int, str]:
@@ -379,17 +398,9 @@ def cub200(root: str | os.PathLike, # the folder holding CUB_200_2011/ (or CUB_2
            errors: Literal["raise", "skip"] = "raise", # unreadable or missing images: fail, or leave out with a warning
           ) -> ImageDataset:
     "CUB-200-2011 from its official folder, split by train_test_split.txt, labels 0..199 (image_class_labels.txt - 1)."
-    root = _existing_root(root, "CUB-200-2011", CUB_TREE)
-    _check_split(split, ("train", "test"), "CUB-200-2011")
-    base = root / "CUB_200_2011"
-    if not base.is_dir() and (root / "images.txt").is_file():
-        base = root  # root is CUB_200_2011 itself
-    missing = [f + ("/" if f == "images" else "") for f in _CUB_FILES if not (base / f).exists()]
-    if missing:
-        where = "missing the folder CUB_200_2011/" if not base.is_dir() else f"missing {', '.join(missing)} in {base.name}/"
-        raise DatasetNotFoundError(_tree_message("CUB-200-2011", root, where, CUB_TREE,
-                                                 "Extract CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/"
-                                                 "cub_200_2011/) into <root>."))
+    base = _official_folder(root, split, ("train", "test"), "CUB-200-2011", CUB_TREE, "CUB_200_2011", _CUB_FILES,
+                            "Extract CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/cub_200_2011/) into <root>.",
+                            itself=lambda r: (r / "images.txt").is_file())
     class_folders = _read_pairs(base / "classes.txt")
     images, is_train, labels = (_read_pairs(base / f) for f in ("images.txt", "train_test_split.txt", "image_class_labels.txt"))
     if sorted(class_folders) != list(range(1, len(class_folders) + 1)):
@@ -406,7 +417,7 @@ def cub200(root: str | os.PathLike, # the folder holding CUB_200_2011/ (or CUB_2
     want = "1" if split == "train" else "0"
     samples = [(base / "images" / images[i], int(labels[i]) - 1) for i in sorted(images) if is_train[i] == want]
     ds = ImageDataset("CUB-200-2011", samples, [_cub_class_name(class_folders[k]) for k in sorted(class_folders)],
-                      transform, errors, root, split)
+                      transform, errors, base, split)
     ds.class_folders = [class_folders[k] for k in sorted(class_folders)]
     return ds
 
@@ -432,23 +443,16 @@ def food101(root: str | os.PathLike, # the folder holding food-101/ (or food-101
             errors: Literal["raise", "skip"] = "raise", # unreadable or missing images: fail, or leave out with a warning
            ) -> ImageDataset:
     "Food-101 through `torchvision.datasets.Food101` (never downloading), classes in its sorted order."
-    root = _existing_root(root, "Food-101", FOOD101_TREE)
-    _check_split(split, ("train", "test"), "Food-101")
-    if not (root / "food-101").is_dir() and root.name == "food-101" and (root / "meta").is_dir():
-        root = root.parent  # root is food-101 itself
-    base = root / "food-101"
-    missing = [f for f in (f"meta/{split}.json", "images/") if not (base / f).exists()]
-    if missing:
-        where = "missing the folder food-101/" if not base.is_dir() else f"missing {', '.join(missing)} in food-101/"
-        raise DatasetNotFoundError(_tree_message("Food-101", root, where, FOOD101_TREE,
-                                                 "Extract food-101.tar.gz (https://data.vision.ee.ethz.ch/cvl/"
-                                                 "datasets_extra/food-101/) into <root>."))
+    base = _official_folder(root, split, ("train", "test"), "Food-101", FOOD101_TREE, "food-101",
+                            (f"meta/{split}.json", "images/"), "Extract food-101.tar.gz (https://data.vision.ee.ethz.ch/"
+                            "cvl/datasets_extra/food-101/) into <root>.",
+                            itself=lambda r: r.name == "food-101" and (r / "meta").is_dir())
     try:
-        tv = torchvision.datasets.Food101(str(root), split=split, download=False)
+        tv = torchvision.datasets.Food101(str(base.parent), split=split, download=False)  # it reads <root>/food-101
     except json.JSONDecodeError as e:
-        raise ValueError(f"Food-101 at {root}: food-101/meta/{split}.json is not valid JSON ({e})") from e
+        raise ValueError(f"Food-101 at {base.parent}: food-101/meta/{split}.json is not valid JSON ({e})") from e
     samples = list(zip(tv._image_files, tv._labels))
-    ds = ImageDataset("Food-101", samples, [c.replace("_", " ") for c in tv.classes], transform, errors, root, split)
+    ds = ImageDataset("Food-101", samples, [c.replace("_", " ") for c in tv.classes], transform, errors, base, split)
     ds.class_folders = list(tv.classes)
     return ds
 

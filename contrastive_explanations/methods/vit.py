@@ -19,8 +19,8 @@ from .explain import Method, leaf_output
 
 # %% auto #0
 __all__ = ['HEAD_FUSIONS', 'ROLLOUT_VARIANTS', 'find_vit', 'encoder_blocks', 'patch_grid', 'block_index', 'checked_image_size',
-           'ViTGradCAM', 'check_rollout_options', 'fuse_heads', 'discard_lowest', 'grad_rollout', 'attention_weights',
-           'check_attention', 'captured_attention', 'leaf_input', 'AttentionRollout']
+           'ViTMethod', 'ViTGradCAM', 'check_rollout_options', 'fuse_heads', 'discard_lowest', 'grad_rollout',
+           'attention_weights', 'check_attention', 'captured_attention', 'leaf_input', 'AttentionRollout']
 
 # %% ../../nbs/06_vit.ipynb #8d716e01
 def find_vit(model: nn.Module) -> VisionTransformer:
@@ -78,8 +78,22 @@ def checked_image_size(vit: VisionTransformer) -> Iterator[None]:
     with vit.register_forward_pre_hook(hook):  # a hook handle removes its hook on exit
         yield
 
+
+class ViTMethod(Method):
+    "A method on a VisionTransformer: the ViT inside `model`, its encoder blocks and patch grid, found once."
+
+    def __init__(self, model: nn.Module): # a torchvision VisionTransformer, or a module wrapping one
+        super().__init__(model)
+        self.vit = find_vit(model)
+        self.blocks = encoder_blocks(self.vit)
+        self.grid = patch_grid(self.vit)
+
+    def on_grid(self, maps: Tensor) -> Tensor:
+        "(B, J, h, w) from one value per patch token (B, J, h*w), row by row."
+        return maps.reshape(*maps.shape[:2], *self.grid)
+
 # %% ../../nbs/06_vit.ipynb #67c3ef21
-class ViTGradCAM(Method):
+class ViTGradCAM(ViTMethod):
     "GradCAM on the patch tokens one encoder block outputs: channels weighted by their grid-mean gradient, summed; no ReLU."
     name = "vit_gradcam"
 
@@ -88,15 +102,12 @@ class ViTGradCAM(Method):
                  block: int = -2, # which encoder block's output tokens; negative counts from the end
                 ):
         super().__init__(model)
-        self.vit = find_vit(model)
-        blocks = encoder_blocks(self.vit)
-        self.block = block_index(block, len(blocks))
-        if self.block == len(blocks) - 1 and type(self.vit).forward is VisionTransformer.forward:
+        self.block = block_index(block, len(self.blocks))
+        if self.block == len(self.blocks) - 1 and type(self.vit).forward is VisionTransformer.forward:
             raise ValueError(f"block={block} is the last encoder block, whose patch tokens never reach the logits "
                              "(the head reads the class token only), so every map would be zero: choose an earlier "
                              "block, e.g. block=-2")
-        self.layer = blocks[self.block]
-        self.grid = patch_grid(self.vit)
+        self.layer = self.blocks[self.block]
 
     def _forward(self, x):
         with checked_image_size(self.vit), leaf_output(self.layer) as captured:
@@ -112,8 +123,7 @@ class ViTGradCAM(Method):
 
     def _maps(self, grads: Tensor, tokens: Tensor) -> Tensor:
         "(B, J, h, w) from the gradients (B, J, N, D) and the block's tokens (B, N, D); the class token is dropped."
-        maps = torch.einsum("bjd,bnd->bjn", grads[:, :, 1:].mean(2), tokens[:, 1:])
-        return maps.reshape(*maps.shape[:2], *self.grid)
+        return self.on_grid(torch.einsum("bjd,bnd->bjn", grads[:, :, 1:].mean(2), tokens[:, 1:]))
 
     def __repr__(self) -> str:
         return f"ViTGradCAM({type(self.model).__name__}, block={self.block})"
@@ -252,7 +262,7 @@ def leaf_input(module: nn.Module) -> Iterator[None]:
         yield
 
 # %% ../../nbs/06_vit.ipynb #f21c7d9d
-class AttentionRollout(Method):
+class AttentionRollout(ViTMethod):
     "Gradient-weighted attention rollout (Eq. eq-rollout): the class token's row of R over the patch grid."
     name = "attention_rollout"
 
@@ -262,14 +272,11 @@ class AttentionRollout(Method):
                  variant: str = "standard", # 'standard' (positive part) or 'signed'
                  discard_ratio: float = 0.0, # fraction of each block's fused values to zero (vit-explain: 0.9)
                 ):
-        super().__init__(model)
         check_rollout_options(head_fusion, variant, discard_ratio)
+        super().__init__(model)
         self.head_fusion, self.variant, self.discard_ratio = head_fusion, variant, discard_ratio
-        self.vit = find_vit(model)
-        self.blocks = encoder_blocks(self.vit)
         for i, block in enumerate(self.blocks):
             check_attention(block, i)
-        self.grid = patch_grid(self.vit)
 
     def _forward(self, x):
         with checked_image_size(self.vit), leaf_input(self.blocks[0]), captured_attention(self.blocks) as records:
@@ -283,7 +290,7 @@ class AttentionRollout(Method):
     def _maps(self, grads: tuple[Tensor, ...], attentions: tuple[Tensor, ...]) -> Tensor:
         "(B, J, h, w): the class token's row of the rollout, without its own entry, on the patch grid."
         R = grad_rollout(attentions, grads, self.head_fusion, self.variant, self.discard_ratio)
-        return R[:, :, 0, 1:].reshape(*R.shape[:2], *self.grid)
+        return self.on_grid(R[:, :, 0, 1:])
 
     def __repr__(self) -> str:
         return (f"AttentionRollout({type(self.model).__name__}, head_fusion={self.head_fusion!r}, "
