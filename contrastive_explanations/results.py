@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import hashlib
 import inspect
@@ -15,7 +16,8 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from importlib import import_module
 from pathlib import Path
@@ -27,12 +29,21 @@ import yaml
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['PACKAGES', 'EXPERIMENTS', 'COMMON_KEYS', 'write_atomic', 'write_json', 'write_arrays', 'read_arrays', 'project_root',
-           'git_commit', 'package_versions', 'code_version', 'device_name', 'provenance', 'Experiment', 'shard_range',
-           'shard_path', 'ResultsMismatchError', 'compute_shard', 'merge', 'run', 'load_results', 'results_dir',
-           'find_experiment', 'reference_table', 'ProfileError', 'Profile', 'load_profile', 'main']
+__all__ = ['PACKAGES', 'CONSOLE_PROGRESS', 'EXPERIMENTS', 'COMMON_KEYS', 'current_umask', 'write_atomic', 'write_json',
+           'write_arrays', 'read_arrays', 'project_root', 'git_commit', 'package_versions', 'imported_files',
+           'installed_package', 'code_files', 'code_version', 'device_name', 'provenance', 'Experiment', 'shard_range',
+           'shard_path', 'ResultsMismatchError', 'progress_bar', 'compute_shard', 'merge', 'keep_aside', 'run',
+           'results_folders', 'load_results', 'output_dir', 'results_dir', 'find_experiment', 'reference_table',
+           'ProfileError', 'Profile', 'load_profile', 'init_distributed', 'wait_for_shards', 'main']
 
 # %% ../nbs/11_results.ipynb #bf68bdc9
+def current_umask() -> int:
+    "The process's umask (read by setting it and setting it back)."
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, # the file to (over)write
                  data: str | bytes, # its whole content
                 ) -> Path:
@@ -43,6 +54,7 @@ def write_atomic(path: str | os.PathLike, # the file to (over)write
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600, made what open() would have made
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -125,14 +137,80 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def code_version() -> str:
-    "A short sha256 of the package's source files: equal for results computed by the same code."
+def _package_file(parts: Sequence[str], package: Path) -> Path | None:
+    "The file of the package's module `parts` (dotted name split, the package's own name first), or None."
+    base = package.joinpath(*parts[1:])
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def imported_files(path: Path, package: Path) -> set[Path]:
+    "The files of the package's modules that the module at `path` imports anywhere in its body (one level)."
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    inside = path.is_relative_to(package)
+    here = [package.name, *path.relative_to(package).parent.parts] if inside else [package.name]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name.split(".") for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = here[:len(here) - node.level + 1] if node.level else []
+            module = [*base, *(node.module.split(".") if node.module else [])]
+            names = [module] + [[*module, a.name] for a in node.names]  # `from pkg import submodule` too
+        else:
+            continue
+        found |= {f for parts in names if parts[0] == package.name and (f := _package_file(parts, package))}
+    return found
+
+
+def _without_docstrings(source: str) -> str:
+    "The module's code as Python reads it, without comments, layout or docstrings."
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def installed_package() -> Path:
+    "The folder of the installed package."
     from importlib.util import find_spec
+    return Path(find_spec("contrastive_explanations").origin).parent
+
+
+def code_files(module: str | None = None, # a module's dotted name; None: the whole package
+               package: str | os.PathLike | None = None, # the package folder (default: the installed one)
+              ) -> set[Path]:
+    "The source files `module` runs: its own and the package modules it imports, directly or through others."
+    package = Path(package) if package else installed_package()
+    start = None
+    if module is not None:
+        parts = module.split(".")
+        start = _package_file(parts, package) if parts[0] == package.name else None
+        if start is None and getattr(sys.modules.get(module), "__file__", None):
+            start = Path(sys.modules[module].__file__)  # a module of one's own, outside the package
+    if start is None:  # the whole package (also for classes defined in a notebook or at the prompt)
+        return {p for p in package.rglob("*.py") if p.name != "_modidx.py"}
+    files, todo = set(), [start]
+    while todo:
+        path = todo.pop()
+        if path not in files:
+            files.add(path)
+            todo += imported_files(path, package) - files
+    return files
+
+
+def code_version(module: str | None = None, # a module's dotted name; None: the whole package
+                 package: str | os.PathLike | None = None, # the package folder (default: the installed one)
+                ) -> str:
+    "A short sha256 of the code `module` runs (`code_files`), read without comments, layout or docstrings."
+    package = Path(package) if package else installed_package()
     h = hashlib.sha256()
-    package = Path(find_spec("contrastive_explanations").origin).parent
-    for path in sorted(package.rglob("*.py")):  # every subpackage: methods/, data/, experiments/
-        if path.name != "_modidx.py":
-            h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    for path in sorted(code_files(module, package)):
+        name = path.relative_to(package).as_posix() if path.is_relative_to(package) else path.name
+        h.update(name.encode() + b"\0" + _without_docstrings(path.read_text(encoding="utf-8")).encode() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -148,10 +226,11 @@ def provenance(experiment: str, # the experiment's name
                params: dict, # everything that changes the numbers: profile, seed, sizes, ...
                fingerprints: dict | None = None, # model and data fingerprints
                device: str | torch.device = "cpu",
+               code: str | None = None, # the code version (default: the whole package's)
               ) -> dict:
     "Where a results file comes from; `key` identifies what must match for two files to be merged."
     fingerprints = dict(fingerprints or {})
-    code = code_version()
+    code = code or code_version()
     key = hashlib.sha256(json.dumps([experiment, params, fingerprints, code], sort_keys=True,
                                     default=_jsonable).encode()).hexdigest()[:16]
     return {"experiment": experiment, "key": key, "code_version": code, "git_commit": git_commit(),
@@ -182,7 +261,8 @@ class Experiment:
     device: str = "cpu"
 
     def provenance(self) -> dict:
-        return provenance(self.name, self.params, self.fingerprints(), self.device)
+        "Where its results come from, with the version of the code its class's module runs."
+        return provenance(self.name, self.params, self.fingerprints(), self.device, code_version(type(self).__module__))
 
 
 def shard_range(index: int, count: int, n: int) -> range:
@@ -215,8 +295,22 @@ def _check_same(path: Path, theirs: dict, ours: dict) -> None:
     what = [f for f in ("experiment", "code_version", "params", "fingerprints") if theirs.get(f) != ours[f]]
     detail = "; ".join(f"{f}: file has {theirs.get(f)!r}, this run has {ours[f]!r}" for f in what)
     raise ResultsMismatchError(f"{path} was computed by another run ({detail or 'different key'}), so its rows "
-                               f"cannot be merged with this run's. Delete {path.parent} (or pass force=True / "
-                               "--force) to recompute everything.")
+                               f"cannot be merged with this run's. Run again with --force (force=True) to delete "
+                               f"{path.parent} and recompute, or with on_stale='recompute' to keep it aside and recompute.")
+
+
+CONSOLE_PROGRESS = "CONTRASTIVE_EXPLANATIONS_CONSOLE"  # set by the book build for the chapters' kernels
+
+
+def progress_bar(iterable: Iterable, desc: str, total: int | None = None, disable: bool = False, unit: str = "batch"):
+    "tqdm's bar, with the time left: a widget in a notebook; on the console of a book build, and nothing in the page."
+    if os.environ.get(CONSOLE_PROGRESS) and not disable:
+        from tqdm.std import tqdm as console_bar
+        out = sys.__stderr__  # the kernel's own stderr: the terminal that runs the build, not a cell's output
+        tty = out.isatty()
+        return console_bar(iterable, desc=f"      {desc}", total=total, unit=unit, file=out, leave=True, ascii=not tty,
+                           mininterval=0.5 if tty else 30, dynamic_ncols=tty)
+    return tqdm(iterable, desc=desc, total=total, disable=disable, unit=unit, leave=False)
 
 
 def compute_shard(experiment: Experiment, out: str | os.PathLike, index: int, count: int,
@@ -229,8 +323,8 @@ def compute_shard(experiment: Experiment, out: str | os.PathLike, index: int, co
         return path
     items = shard_range(index, count, len(experiment))
     rows = []
-    for start in tqdm(range(items.start, items.stop, _chunk(experiment)), disable=not progress,
-                      desc=f"{experiment.name} shard {index + 1}/{count}", unit="batch", leave=False):
+    for start in progress_bar(range(items.start, items.stop, _chunk(experiment)), disable=not progress,
+                              desc=f"{experiment.name} shard {index + 1}/{count}"):
         rows += experiment.rows(list(range(start, min(start + _chunk(experiment), items.stop))))
     return write_json(path, {**prov, "shard": [index, count], "items": [items.start, items.stop], "rows": rows})
 
@@ -258,31 +352,56 @@ def merge(out: str | os.PathLike, count: int, prov: dict | None = None) -> pd.Da
     return table
 
 
+def keep_aside(out: Path, # a results folder
+               earlier: dict, # the provenance of one of its shards
+              ) -> Path:
+    "Move `out` to <parent>/.stale/<name>.from-<commit>-<code version>, a name that says which code made it."
+    commit = str(earlier.get("git_commit", "unknown"))
+    commit = commit[:12] + ("-dirty" if commit.endswith("+dirty") else "")
+    stem = out.parent / ".stale" / f"{out.name}.from-{commit}-{earlier.get('code_version', 'unknown')}"
+    aside, n = stem, 1
+    while aside.exists():
+        n += 1
+        aside = stem.with_name(f"{stem.name}.{n}")
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    out.rename(aside)
+    return aside
+
+
 def run(experiment: Experiment,
         out: str | os.PathLike, # the experiment's results folder
         count: int = 1, # how many shards the items are split into
         shards: Iterable[int] | None = None, # which shards this process computes (default: all)
         force: bool = False, # delete earlier results in `out` first
         progress: bool = True,
-        on_stale: str = "raise", # earlier results of another run in `out`: 'raise' (say why), or 'recompute' them
+        on_stale: str = "raise", # earlier results of another run in `out`: 'raise' (say why), or 'recompute' (kept aside)
        ) -> pd.DataFrame | None:
     "Compute the missing shards, then merge them when all are there (returns the table, or None if some are not)."
     if on_stale not in ("raise", "recompute"):
         raise ValueError(f"on_stale must be 'raise' or 'recompute', got {on_stale!r}")
     out = Path(out)
     prov = experiment.provenance()
-    stale = on_stale == "recompute" and out.exists() and any(
-        _read_shard(p).get("key") != prov["key"] for p in out.glob("shard-*.json"))
-    if (force or stale) and out.exists():
+    if force and out.exists():
         import shutil
-        if stale and progress:
-            print(f"{out}: earlier results come from other code or parameters; recomputing")
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # asked for
+    elif on_stale == "recompute" and out.exists():
+        earlier = [_read_shard(p) for p in sorted(out.glob("shard-*.json"))]
+        if any(shard.get("key") != prov["key"] for shard in earlier):
+            aside = keep_aside(out, earlier[0])
+            if progress:
+                print(f"{out}: earlier results come from other code or parameters; kept in {aside}, recomputing")
     for i in (range(count) if shards is None else shards):
         compute_shard(experiment, out, i, count, prov, progress)
     if all(shard_path(out, i, count).exists() for i in range(count)):
         return merge(out, count, prov)
     return None
+
+
+def results_folders(root: str | os.PathLike) -> list[Path]:
+    "Every folder under `root` that holds merged results, in path order, leaving out those kept aside (.stale/)."
+    root = Path(root)
+    return [p.parent for p in sorted(root.glob("**/results.csv"))
+            if not any(part.startswith(".") for part in p.parent.relative_to(root).parts)]
 
 
 def load_results(out: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
@@ -301,6 +420,18 @@ EXPERIMENTS: dict[str, str] = {  # name -> "module:Class", one per experiment ch
     "norm_logit": "contrastive_explanations.experiments.norm_logit:NormLogit",
     "localisation": "contrastive_explanations.experiments.localisation:Localisation",
 }
+
+
+def output_dir(output_root: str | os.PathLike = "", # the profile's output_root; '' -> <project>/.cache
+               *parts: str, # a folder inside it, e.g. 'checkpoints'
+              ) -> Path:
+    "Where the book writes what it makes besides results (checkpoints, parsed dataset indices), never under data_root."
+    if output_root:
+        base = Path(output_root).expanduser()
+    else:
+        root = project_root()
+        base = root / ".cache" if root else Path.home() / ".cache" / "contrastive_explanations"
+    return base.joinpath(*parts)
 
 
 def results_dir(profile: str, experiment: str, root: str | os.PathLike | None = None) -> Path:
@@ -339,7 +470,7 @@ def reference_table(name: str, # e.g. 'review_figure1' (a file in the project's 
     return pd.read_csv(path, comment="#")
 
 # %% ../nbs/11_results.ipynb #81e89185
-COMMON_KEYS = ("device", "data_root", "seed", "download")  # profile-wide settings an experiment takes if it names them
+COMMON_KEYS = ("device", "data_root", "output_root", "seed", "download")  # profile-wide keys, to experiments that take them
 
 
 class ProfileError(ValueError):
@@ -480,6 +611,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", help="only this run of the section (a label under runs; repeatable)")
     p.add_argument("--out", help="results folder, for a single run (default results/<profile>/<experiment>)")
     p.add_argument("--force", action="store_true", help="delete earlier results first")
+    p.add_argument("--timeout", type=float, default=1800, metavar="SECONDS",
+                   help="under torchrun: how long processes wait for each other at the start (default 1800)")
     return p
 
 
@@ -488,6 +621,28 @@ def _overrides(pairs: Sequence[str]) -> dict[str, str]:
     if bad:
         raise ProfileError(f"--param takes KEY=VALUE, got {bad[0]!r}: e.g. --param data_root=/data")
     return dict(p.split("=", 1) for p in pairs)
+
+
+def init_distributed(timeout: float) -> None:
+    "Join torchrun's process group (NCCL on GPUs, each process on the GPU of its LOCAL_RANK; gloo on CPUs)."
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout))
+
+
+def wait_for_shards(out: str | os.PathLike, count: int, poll: float = 2.0, # seconds between looks
+                    say: Callable[[str], None] | None = print) -> None:
+    "Wait until every shard file of `out` exists (other processes write them), saying now and then how many are left."
+    paths = [shard_path(out, i, count) for i in range(count)]
+    said, start = None, time.monotonic()
+    while missing := [p for p in paths if not p.exists()]:
+        if say and len(missing) != said:
+            said = len(missing)
+            say(f"waiting for {said} of {count} shards from the other processes ({time.monotonic() - start:.0f} s)")
+        time.sleep(poll)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -515,26 +670,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         import torch.distributed as dist
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed(args.timeout)
     try:
+        experiments = {}
         for label in labels:
             try:
-                experiment = find_experiment(args.experiment)(**settings[label])
+                experiments[label] = find_experiment(args.experiment)(**settings[label])
             except (ValueError, TypeError, FileNotFoundError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
-            out = Path(args.out) if args.out else config.results_dir(experiment)
-            if args.force and rank == 0 and out.exists():
-                import shutil
-                shutil.rmtree(out)
-            if world > 1:
-                dist.barrier()
+        outs = {label: Path(args.out) if args.out else config.results_dir(e) for label, e in experiments.items()}
+        if args.force and rank == 0:
+            import shutil
+            for out in outs.values():
+                if out.exists():
+                    shutil.rmtree(out)  # asked for
+        if world > 1 and args.force:
+            dist.barrier()  # the only wait on each other: at the start, before anyone computes
+        for label, experiment in experiments.items():
+            out = outs[label]
             mine = args.shard if args.shard is not None else range(rank, count, world)
-            table = run(experiment, out, count, mine, progress=rank == 0)
-            if world > 1:
-                dist.barrier()
-                if rank == 0:
-                    table = merge(out, count, experiment.provenance())
+            if world == 1:
+                table = run(experiment, out, count, mine)
+            else:  # each rank writes its shards; rank 0 merges once all the files are there, whenever that is
+                prov = experiment.provenance()
+                for i in mine:
+                    compute_shard(experiment, out, i, count, prov, progress=rank == 0)
+                table = None
+                if rank == 0 and args.shard is None:
+                    wait_for_shards(out, count)
+                    table = merge(out, count, prov)
             if rank == 0:
                 done = "merged into " + str(out / "results.csv") if table is not None else "shards written to " + str(out)
                 print(f"{experiment.name}: {done}")

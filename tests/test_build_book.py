@@ -245,3 +245,38 @@ def test_executed_copies_have_no_directive_lines_and_no_progress_bars(book, caps
 
 def _values(state: dict) -> list[str]:
     return [x for v in state.values() for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]
+
+
+SHARDED_CHAPTER = '''
+from contrastive_explanations.results import Experiment, run
+class Count(Experiment):
+    name = "count"
+    batch_size = 1
+    def __len__(self):
+        return 3
+    def rows(self, indices):
+        return [{"item": i} for i in indices]
+table = run(Count(), "results-here", count=1)
+assert len(table) == 3
+'''
+
+
+def test_progress_goes_to_the_console_of_the_build_not_into_the_page(book, capfd):
+    notebook(book / "nbs" / "01_ok.ipynb", SHARDED_CHAPTER)
+    status = build_book.main(["--no-html"], root=book)
+    out, err = capfd.readouterr()
+    assert status == 0, out + err
+    assert "count shard 1/1" in err and "3/3" in err, err  # the kernel's bar, with its count (and time left)
+    assert "chapters executed in" in out and "[2/2] nbs/01_ok.ipynb" in out
+    nb = nbformat.read(book / "executed" / "01_ok.ipynb", as_version=4)
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert not any("count shard" in str(o) for o in outputs), outputs  # neither text nor widget in the page
+    assert "widgets" not in nb.metadata
+
+
+def test_a_second_build_estimates_the_time_left_from_the_first(book, capsys):
+    run(book, capsys=capsys)
+    (book / "_build" / "timings-embedded.json").write_text('{"index": {"seconds": 30}, "01_ok": {"seconds": 90}}')
+    status, out, _ = run(book, "--force", capsys=capsys)
+    assert status == 0 and "[1/2] nbs/index.ipynb (at most about 2 min 00 s left" in out, out
+    assert build_book.duration(7384) == "2 h 03 min" and build_book.duration(5) == "5 s"

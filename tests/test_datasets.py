@@ -6,6 +6,7 @@ import io
 import json
 import re
 import tarfile
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -489,18 +490,27 @@ def test_imagenet_devkit_is_parsed_into_meta_bin_atomically(tmp_path, monkeypatc
     md5 = make_devkit(tmp_path)
     monkeypatch.setitem(tv_imagenet.ARCHIVE_META, "devkit", ("ILSVRC2012_devkit_t12.tar.gz", md5))
     make_val_folders(tmp_path, ["n01440764", "n01484850", "n01494475"], per_class=1)
-    ds = imagenet(tmp_path, layout="torchvision")
+    root, index = tmp_path / "imagenet", tmp_path / "index"
+    root.mkdir()
+    for entry in list(tmp_path.iterdir()):
+        if entry != root:
+            entry.rename(root / entry.name)
+    ds = imagenet(root, layout="torchvision", index_dir=index)
     assert ds.targets == [0, 2, 4] and ds.classes[2] == "great white shark" and len(ds.classes) == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ILSVRC2012_devkit_t12.tar.gz", "meta.bin", "val"]
-    wnid_to_classes, val_wnids = torch.load(tmp_path / "meta.bin", weights_only=True)
+    assert sorted(p.name for p in root.iterdir()) == ["ILSVRC2012_devkit_t12.tar.gz", "val"]  # nothing under the root
+    (meta,) = index.iterdir()
+    assert meta.name.startswith("meta-") and meta.suffix == ".bin"
+    wnid_to_classes, val_wnids = torch.load(meta, weights_only=True)
     assert wnid_to_classes == META_WNIDS and val_wnids == ["n01440764", "n01484850", "n01484850", "n01494475"]
+    assert imagenet(root, index_dir=index).targets == ds.targets  # read again, not parsed again
+    assert list(index.iterdir()) == [meta]
 
 
 def test_imagenet_devkit_with_wrong_checksum_writes_nothing(tmp_path):
     make_devkit(tmp_path)
     make_val_folders(tmp_path, ["n01440764"], per_class=1)
     with pytest.raises(DatasetNotFoundError, match="is not the official devkit"):
-        imagenet(tmp_path)
+        imagenet(tmp_path, index_dir=tmp_path / "index")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ILSVRC2012_devkit_t12.tar.gz", "val"]
 
 
@@ -675,3 +685,32 @@ def test_packaged_photos_transform_and_unknown_names():
     assert ds[0] == ((512, 512, 3), 0) and ds[1] == ((427, 640, 3), 1) and ds.classes == ["camera", "china"]
     with pytest.raises(ValueError, match=r"no packaged photo 'chelsae' \(did you mean 'chelsea'\?\)"):
         packaged_photos(["chelsae"])
+
+
+def tree_state(root: Path) -> dict:
+    "Every path under root with its size, mode and modification time: what a writer would change."
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mode, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_a_read_only_data_root_is_read_and_never_written(tmp_path):
+    data = tmp_path / "data"
+    for name, folder, classes in (("imagenet", "imagenet", 1), ("cub200", "cub", 3), ("food101", "food", 3)):
+        write_fixture(name, data / folder, n_classes=classes, per_class=2)  # ImageNet: tench, a class of the test devkit
+    md5 = make_devkit(tmp_path / "devkit_root")
+    (tmp_path / "devkit_root" / "ILSVRC2012_devkit_t12.tar.gz").rename(data / "imagenet" / "ILSVRC2012_devkit_t12.tar.gz")
+    (data / "imagenet" / "meta.bin").unlink()  # so that the devkit must be parsed
+    subprocess.run(["chmod", "-R", "a-w", str(data)], check=True)
+    try:
+        before = tree_state(data)
+        with pytest.MonkeyPatch.context() as m:
+            m.setitem(tv_imagenet.ARCHIVE_META, "devkit", ("ILSVRC2012_devkit_t12.tar.gz", md5))
+            sets = [imagenet(data / "imagenet", index_dir=tmp_path / "out"), cub200(data / "cub", "train"),
+                    cub200(data / "cub", "test"), food101(data / "food", "train"), food101(data / "food")]
+        for ds in sets:
+            assert len(ds) > 0 and all(ds[i][0].size for i in range(len(ds)))  # every image decodes
+            ds.fingerprint()
+        assert tree_state(data) == before  # nothing created, changed or touched under the data root
+        assert [p.suffix for p in (tmp_path / "out").iterdir()] == [".bin"]  # the parsed index went to the output folder
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(data)], check=True)

@@ -266,7 +266,7 @@ def test_profiles_name_the_runs_and_their_folders():
     embedded = load_profile("embedded")
     settings = embedded.run_settings("norm_logit")
     assert list(settings) == ["main", "birds"] and "profile" not in settings["main"]
-    assert settings["main"] == {"device": "cpu", "data_root": "", "seed": 0, "download": False,
+    assert settings["main"] == {"device": "cpu", "data_root": "", "output_root": "", "seed": 0, "download": False,
                                 "model": "efficientnet_lite0", "dataset": "packaged", "n_images": 4, "chunk": 4}
     assert settings["birds"]["n_images"] == 300 and settings["birds"]["batch_size"] == 50
     main_run = NormLogit(**settings["main"])

@@ -33,8 +33,8 @@ def tiny_net(seed: int = 0, classes: int = 5) -> nn.Module:
     return net
 
 
-def tiny_source(data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu", n: int = 11,
-                labels: bool = True) -> Source:
+def tiny_source(data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu",
+                output_root: str = "", n: int = 11, labels: bool = True) -> Source:
     "A random double-precision net and n random 8x8 images: a stand-in for a network of NETWORKS and its data."
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64)

@@ -117,6 +117,88 @@ def test_other_code_or_params_refused_then_recomputed(tmp_path):
         R.run(Squares(), tmp_path, on_stale="ignore")
 
 
+def test_stale_results_are_kept_aside_under_the_name_of_their_code(tmp_path):
+    out = tmp_path / "squares"
+    R.run(Squares(), out, count=2, progress=False)
+    before = R.load_results(out)[0]
+    data = json.loads(R.shard_path(out, 0, 2).read_text())
+    data["code_version"], data["key"] = "0123456789abcdef", "f" * 16  # as if other code had computed it
+    R.shard_path(out, 0, 2).write_text(json.dumps(data))
+    table = R.run(Squares(power=3), out, count=2, progress=False, on_stale="recompute")
+    assert table["value"].tolist() == [i ** 3 for i in range(10)]
+    (aside,) = (tmp_path / ".stale").iterdir()
+    assert aside.name.startswith("squares.from-") and aside.name.endswith("-0123456789abcdef")
+    pd.testing.assert_frame_equal(R.load_results(aside)[0], before)  # nothing lost
+    assert R.results_folders(tmp_path) == [out]  # what the book reads leaves it out
+    R.run(Squares(power=4), out, count=2, progress=False, on_stale="recompute")  # a second one gets its own name
+    assert len(list((tmp_path / ".stale").iterdir())) == 2
+    R.run(Squares(power=4), out, count=2, progress=False, force=True)  # deleting needs asking
+    assert len(list((tmp_path / ".stale").iterdir())) == 2 and R.load_results(out)[0]["value"].iloc[2] == 16
+
+
+def test_refusal_names_the_commands_that_recompute(tmp_path):
+    R.run(Squares(), tmp_path, count=2, progress=False)
+    with pytest.raises(R.ResultsMismatchError, match=r"--force.*on_stale='recompute' to keep it aside"):
+        R.run(Squares(power=3), tmp_path, count=2, progress=False)
+
+
+def package_copy(tmp_path) -> Path:
+    import shutil
+    copy = tmp_path / "contrastive_explanations"
+    shutil.copytree(R.installed_package(), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+PERTURBATION = "contrastive_explanations.experiments.perturbation"
+
+
+def test_code_version_covers_the_code_an_experiment_runs_only(tmp_path):
+    package = package_copy(tmp_path)
+    before = R.code_version(PERTURBATION, package)
+    explorer = package / "explorer.py"
+    explorer.write_text(explorer.read_text() + "\n\ndef new_widget():\n    return 42\n")  # an unrelated module
+    other = package / "experiments" / "masking.py"
+    other.write_text(other.read_text().replace("def ", "def _renamed_", 1))  # another experiment
+    own = package / "experiments" / "perturbation.py"
+    text = own.read_text()
+    doc = text.split('"""')[1]
+    own.write_text(text.replace(doc, doc + " Reworded.", 1).replace("\nimport math\n", "\n# a comment\n\nimport math\n"))
+    assert own.read_text().count("Reworded") == 1 and "# a comment" in own.read_text()
+    assert R.code_version(PERTURBATION, package) == before  # results stay valid
+    assert R.code_version(None, package) != R.code_version(None, R.installed_package())  # the whole package moved
+    toolkit = package / "experiments" / "toolkit.py"  # code it imports
+    toolkit.write_text(toolkit.read_text() + "\nEXTRA = 1\n")
+    assert R.code_version(PERTURBATION, package) != before
+    targets = package / "methods" / "targets.py"  # and code that code imports
+    after_toolkit = R.code_version(PERTURBATION, package)
+    targets.write_text(targets.read_text() + "\nEXTRA = 2\n")
+    assert R.code_version(PERTURBATION, package) != after_toolkit
+
+
+def test_code_files_follow_relative_absolute_and_submodule_imports():
+    names = {p.relative_to(R.installed_package()).as_posix() for p in R.code_files(PERTURBATION)}
+    assert {"experiments/perturbation.py", "experiments/toolkit.py", "methods/targets.py", "methods/explain.py",
+            "results.py", "data/models.py", "data/datasets.py"} <= names  # data.datasets: `from ...data import datasets`
+    assert not names & {"explorer.py", "viz.py", "experiments/masking.py", "methods/cam.py"}
+
+
+def test_experiment_provenance_uses_its_module_code_version():
+    assert Squares().provenance()["code_version"] == R.code_version(__name__) != R.code_version()
+    assert ROOT / "tests" / "test_results.py" in R.code_files(__name__)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_get_the_umask_not_0600(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = R.write_json(tmp_path / "a.json", {"x": 1})
+        shard = R.run(Squares(), tmp_path / "run", progress=False)
+    finally:
+        os.umask(old)
+    for f in (path, tmp_path / "run" / "results.csv", R.shard_path(tmp_path / "run", 0, 1)):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
 def test_corrupt_shard_is_named(tmp_path):
     R.shard_path(tmp_path, 0, 1).write_text("{not json")
     with pytest.raises(R.ResultsMismatchError, match="shard-0000-of-0001.json is not a results file"):
@@ -137,6 +219,7 @@ def test_registry_names_resolve_to_modules():
 
 
 TOY = textwrap.dedent('''
+    import os, time
     from contrastive_explanations.results import Experiment
     class Toy(Experiment):
         name = "toy"
@@ -145,13 +228,15 @@ TOY = textwrap.dedent('''
         def __len__(self):
             return self.n
         def rows(self, indices):
+            if os.environ.get("RANK", "") == os.environ.get("TOY_SLOW_RANK", "none"):  # a rank far slower than the others
+                time.sleep(float(os.environ["TOY_SLOW_SECONDS"]))
             return [{"item": i, "value": (i * 7 + self.seed) % 5} for i in indices]
 ''')
 
 
-def _cli(tmp_path, *args, torchrun=False):
+def _cli(tmp_path, *args, torchrun=False, env=None):
     (tmp_path / "toy_experiment.py").write_text(TOY)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1", **(env or {})}
     head = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
             else [sys.executable])
     return subprocess.run([*head, "-m", "contrastive_explanations.results", *args], cwd=ROOT, env=env,
@@ -296,3 +381,14 @@ def test_cli_bad_settings_exit_2(tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert not any(tmp_path.iterdir()), "nothing is written on bad input"
+
+
+def test_torchrun_survives_a_rank_slower_than_the_timeout(tmp_path):
+    "Rank 1 takes 3x the process group's timeout over its shards; rank 0 waits for the files, not at a collective."
+    slow = {"TOY_SLOW_RANK": "1", "TOY_SLOW_SECONDS": "3"}  # per rows call: rank 1's two shards take 6 s or more
+    two = _cli(tmp_path, "toy_experiment:Toy", "--shards", "4", "--out", str(tmp_path / "two"), "--timeout", "2",
+               "--force", torchrun=True, env=slow)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "waiting for 2 of 4 shards" in two.stdout + two.stderr
+    one = _cli(tmp_path, "toy_experiment:Toy", "--out", str(tmp_path / "one"))
+    pd.testing.assert_frame_equal(R.load_results(tmp_path / "one")[0], R.load_results(tmp_path / "two")[0])

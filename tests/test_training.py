@@ -169,6 +169,28 @@ def test_finetune_refuses_to_resume_with_another_config(tmp_path):
         _fixture_run(tmp_path / "c", FinetuneConfig(epochs=1, batch_size=4, lr=0.05, weight_decay=0.0, optimizer="lion"))
 
 
+def test_finetune_never_overwrites_a_checkpoint_it_did_not_write(tmp_path):
+    config = FinetuneConfig(epochs=1, batch_size=4, lr=0.05, weight_decay=0.0, num_workers=0)
+    brought = tmp_path / "ckpt" / "net.pt"
+    brought.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "categories": ["a user's"]}, brought)
+    kept = brought.read_bytes()
+    with pytest.raises(FileExistsError, match=r"net.pt exists.*overwrite=True \(the profile's training.retrain: true\)"):
+        _fixture_run(tmp_path, config)
+    assert brought.read_bytes() == kept and sorted(p.name for p in brought.parent.iterdir()) == ["net.pt"]
+    _, h = _fixture_run_overwriting(tmp_path, config)
+    assert h["epoch"] == [1] and brought.read_bytes() != kept and (brought.parent / "net.last.pt").exists()
+
+
+def _fixture_run_overwriting(tmp_path, config):
+    from contrastive_explanations.data.datasets import cub200
+    full = cub200(tmp_path / "data", "train", cub_eval_transform(24))
+    tr, va = stratified_split(full.targets, 0.25)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    return net, finetune(net, torch.utils.data.Subset(full, tr), torch.utils.data.Subset(full, va), config,
+                         tmp_path / "ckpt" / "net.pt", device="cpu", log=None, overwrite=True)
+
+
 def test_profiles_set_the_training_chapter():
     "The chapter's epochs are the cache's defaults in the embedded profile; `finetune` names fine-tuned networks."
     from contrastive_explanations.data.models import MODELS, TORCHVISION_IMAGENET

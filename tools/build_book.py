@@ -29,6 +29,8 @@ import nbformat
 import papermill as pm
 import yaml
 
+from contrastive_explanations.results import CONSOLE_PROGRESS
+
 from .book_assets import ensure_assets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +225,32 @@ def _parameter_cell_tags(nb) -> list[str]:
     return []
 
 
+def duration(seconds: float) -> str:
+    "12 s, 4 min 05 s, 2 h 03 min."
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def previous_timings(root: Path, profile: str) -> dict[str, float]:
+    "Each chapter's running time in the last build of this profile on this checkout (empty before the first)."
+    try:
+        data = json.loads((root / "_build" / f"timings-{profile}.json").read_text())
+        return {k: float(v["seconds"]) for k, v in data.items() if isinstance(v, dict) and "seconds" in v}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def time_left(earlier: dict[str, float], chapters: list[str]) -> str:
+    "', about 12 min left' from the last build's times of these chapters, when all are known; '' otherwise."
+    if not chapters or any(c not in earlier for c in chapters):
+        return ""
+    return f" (at most about {duration(sum(earlier[c] for c in chapters))} left, from the last build)"
+
+
 def cdn_config(config: dict, root: Path) -> dict:
     "A copy of the book's config without the local assets, so that Sphinx and myst-nb use their CDN defaults."
     config = copy.deepcopy(config)
@@ -273,18 +301,22 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         if html.exists():  # from now on the old book no longer matches the sources
             shutil.rmtree(html)
         (root / EXECUTED).mkdir(exist_ok=True)
-        timings = {}
+        timings, began = {}, time.perf_counter()
+        earlier = previous_timings(root, args.profile)
+        os.environ[CONSOLE_PROGRESS] = "1"  # the chapters' kernels draw their progress bars here, not in the pages
         print(f"==> executing {len(chapters)} chapters with papermill, profile {args.profile!r}", flush=True)
         readers = [c for c in chapters if reads_results(root, c)]
         any_ran = False
-        for i, chapter in enumerate([c for c in chapters if c not in readers] + readers, 1):
-            print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb ...", end=" ", flush=True)
+        order = [c for c in chapters if c not in readers] + readers
+        for i, chapter in enumerate(order, 1):
+            print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb{time_left(earlier, order[i - 1:])} ...", flush=True)
             seconds, ran = execute(root, chapter, profile, overrides, args.force or (chapter in readers and any_ran))
             tidy_executed(root / EXECUTED / f"{chapter}.ipynb")
             any_ran |= ran
             timings[chapter] = {"seconds": seconds, "reused": not ran}
-            print(f"{seconds:.1f} s" if ran else f"unchanged, kept (it ran in {seconds:.1f} s)", flush=True)
+            print(f"      {seconds:.1f} s" if ran else f"      unchanged, kept (it ran in {seconds:.1f} s)", flush=True)
         if args.no_html:
+            print(f"==> chapters executed in {duration(time.perf_counter() - began)}", flush=True)
             return 0
         offline = ensure_assets(root / "book_assets")
         print("==> building the book with Jupyter Book (warnings are errors)", flush=True)
@@ -295,7 +327,8 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         shutil.move(str(staging / "_build" / "html"), html)
         (root / "_build" / f"timings-{args.profile}.json").write_text(json.dumps(timings, indent=1) + "\n")
         (html / f".built-{args.profile}").write_text(json.dumps(dict(profile)))
-        print(f"==> book built in {time.perf_counter() - start:.0f} s: {html / 'index.html'}\n"
+        print(f"==> book built in {duration(time.perf_counter() - began)} (chapters "
+              f"{duration(start - began)}, Jupyter Book {duration(time.perf_counter() - start)}): {html / 'index.html'}\n"
               f"    open it with: .venv/bin/python -m http.server -d {html.relative_to(root)} 8000"
               f"  and browse http://127.0.0.1:8000", flush=True)
         return 0

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .models import imagenet_categories
+from ..results import current_umask, output_dir
 
 # %% auto #0
 __all__ = ['IMAGENET_DEVKIT', 'IMAGENET_TREE', 'CUB_TREE', 'FOOD101_TREE', 'PHOTOS', 'DATASETS', 'ImageReadError', 'to_rgb',
@@ -221,7 +222,7 @@ IMAGENET_DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
 IMAGENET_TREE = """
 torchvision layout (class names from the devkit):
 <root>/
-├── ILSVRC2012_devkit_t12.tar.gz    the official devkit; meta.bin is written next to it on first use
+├── ILSVRC2012_devkit_t12.tar.gz    the official devkit (or the meta.bin parsed from it)
 └── val/
     ├── n01440764/                  one folder per class, named by its WordNet id
     │   ├── ILSVRC2012_val_00000293.JPEG
@@ -243,9 +244,11 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _imagenet_meta(root: Path) -> dict[str, tuple[str, ...]]:
-    "WordNet id -> class names from torchvision's meta.bin, written (atomically) from the devkit if it is missing."
+def _imagenet_meta(root: Path, index_dir: Path) -> dict[str, tuple[str, ...]]:
+    "WordNet id -> class names from torchvision's meta.bin: <root>'s own, else one parsed from the devkit into index_dir."
     meta, devkit = root / "meta.bin", root / IMAGENET_DEVKIT
+    if not meta.is_file() and devkit.is_file():  # never written under root, which may be read-only or shared
+        meta = index_dir / f"meta-{hashlib.sha256(devkit.read_bytes()).hexdigest()[:16]}.bin"  # this devkit's parse
     if not meta.is_file():
         if not devkit.is_file():
             raise DatasetNotFoundError(_tree_message("ImageNet (torchvision layout)", root,
@@ -258,6 +261,7 @@ def _imagenet_meta(root: Path) -> dict[str, tuple[str, ...]]:
             except RuntimeError as e:
                 raise DatasetNotFoundError(f"ImageNet at {root}: {devkit.name} is not the official devkit "
                                            f"(torchvision says: {e})") from e
+            meta.parent.mkdir(parents=True, exist_ok=True)
             _atomic_copy(Path(tmp) / "meta.bin", meta)
     try:
         wnid_to_classes, _ = torch.load(meta, weights_only=True)
@@ -273,6 +277,7 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             shutil.copyfileobj(inp, out)
+        os.chmod(tmp, 0o666 & ~current_umask())  # not mkstemp's 0600
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -284,8 +289,9 @@ def imagenet(root: str | os.PathLike, # the folder holding val/ (and the devkit,
              transform: Callable | None = None, # applied to each RGB PIL image
              layout: Literal["auto", "torchvision", "folders"] = "auto", # 'auto': torchvision if the devkit or meta.bin is there
              errors: Literal["raise", "skip"] = "raise", # unreadable images: fail at first read, or leave out with a warning
+             index_dir: str | os.PathLike | None = None, # where the class index parsed from the devkit is kept (default: output_dir('', 'imagenet'))
             ) -> ImageDataset:
-    "ImageNet-1k from `root`, labelled with the standard 1,000-class indices (sorted WordNet ids)."
+    "ImageNet-1k from `root` (only read), labelled with the standard 1,000-class indices (sorted WordNet ids)."
     root = _existing_root(root, "ImageNet", IMAGENET_TREE)
     _check_split(split, ("val", "train"), "ImageNet")
     if layout not in ("auto", "torchvision", "folders"):
@@ -312,15 +318,14 @@ def imagenet(root: str | os.PathLike, # the folder holding val/ (and the devkit,
                                                  "does it with the devkit." if loose else ""))
     subset = ""
     if layout == "torchvision":
-        wnid_to_classes = _imagenet_meta(root)
+        wnid_to_classes = _imagenet_meta(root, Path(index_dir) if index_dir else output_dir("", "imagenet"))
         unknown = [d for d in dirs if d not in wnid_to_classes]
         if unknown:
             raise DatasetNotFoundError(_tree_message("ImageNet", root, f"{split}/ has folders that are not classes "
                                                      f"of the devkit: {', '.join(unknown[:5])}", IMAGENET_TREE))
-        tv = torchvision.datasets.ImageNet(str(root), split=split, allow_empty=True)  # reads meta.bin, writes nothing
         wnids = sorted(wnid_to_classes)  # the standard order, also when only some classes have folders
         index = {w: i for i, w in enumerate(wnids)}
-        samples = [(p, index[tv.wnids[y]]) for p, y in tv.samples]
+        samples = make_dataset(str(folder), {d: index[d] for d in dirs}, extensions=IMG_EXTENSIONS, allow_empty=True)
         classes = [wnid_to_classes[w][0] for w in wnids]
     else:
         if all(_WNID.fullmatch(d) for d in dirs):

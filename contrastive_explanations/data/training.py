@@ -282,6 +282,7 @@ def finetune(model: nn.Module, # an ImageClassifier (pixels in, logits out) with
              device: str = "cuda",
              categories: Sequence[str] | None = None, # stored in the checkpoint
              log: Callable[[str], None] | None = print,
+             overwrite: bool = False, # start again over an existing checkpoint (and its NAME.last.pt)
             ) -> dict:
     "Fine-tune `model` keeping the best epoch by validation accuracy; resumes from NAME.last.pt; returns the history."
     from torch.utils.data import DataLoader
@@ -289,8 +290,12 @@ def finetune(model: nn.Module, # an ImageClassifier (pixels in, logits out) with
         raise ValueError(f"optimizer must be 'sgd' or 'adamw' and schedule 'constant' or 'cosine', got "
                          f"{config.optimizer!r} and {config.schedule!r}")
     checkpoint = Path(checkpoint)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     last = checkpoint.with_name(checkpoint.stem + ".last.pt")
+    if checkpoint.exists() and not last.exists() and not overwrite:
+        raise FileExistsError(f"{checkpoint} exists and no interrupted run of finetune left {last.name} beside it: "
+                              "it is somebody's checkpoint, which fine-tuning would overwrite. Use it as it is, or "
+                              "pass overwrite=True (the profile's training.retrain: true) to fine-tune again")
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -301,11 +306,11 @@ def finetune(model: nn.Module, # an ImageClassifier (pixels in, logits out) with
     val_loader = DataLoader(val_set, config.batch_size, num_workers=config.num_workers)
     history = {"epoch": [], "train_loss": [], "val_accuracy": [], "seconds": [], "config": asdict(config)}
     start_epoch, best = 0, -1.0
-    if last.exists():
+    if last.exists() and not overwrite:
         state = torch.load(last, map_location=device, weights_only=True)
         if state["config"] != asdict(config):
-            raise ValueError(f"{last} was written with another configuration ({state['config']}); delete it to "
-                             "start again, or fine-tune with that configuration")
+            raise ValueError(f"{last} was written with another configuration ({state['config']}); pass "
+                             "overwrite=True to start again, or fine-tune with that configuration")
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         history, best, start_epoch = json.loads(state["history"]), state["best"], state["epoch"]

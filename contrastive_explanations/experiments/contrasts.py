@@ -104,8 +104,9 @@ def build_source(name: str, # one of CONTRAST_SOURCES
                  seed: int = 0, # the birds' and the small CNN's seed
                  n_images: int | None = None, # birds or CUB images to draw among the ambiguous ones (None: all)
                  data_root: str = "", # source 'cub': the folder holding CUB_200_2011/
-                 checkpoint: str = "", # source 'cub': '' -> <data_root>/checkpoints/vgg16_bn_cub.pt
+                 checkpoint: str = "", # source 'cub': '' -> <output_root>/checkpoints/vgg16_bn_cub.pt
                  device: str | torch.device = "cpu",
+                 output_root: str = "", # where the training chapter writes its checkpoints ('' -> <project>/.cache)
                 ) -> Source:
     "The model and images of one source, with `sample` (how many ambiguous images to draw) set."
     name = check_sources([name])[0]
@@ -113,7 +114,7 @@ def build_source(name: str, # one of CONTRAST_SOURCES
         return photos_source(device)
     if name == "birds":
         return birds_source("small_cnn", seed, n_images, device)
-    return finetuned_source("cub", data_root, checkpoint, n_images, device)
+    return finetuned_source("cub", data_root, checkpoint, n_images, device, output_root)
 
 # %% ../../nbs/16_contrasts.ipynb #2aadf1f3
 def contrast_measures(maps: Tensor, # (B, rank, targets, h, w): one method's maps
@@ -135,7 +136,8 @@ class Contrasts(SourcesExperiment):
                  data_root: str = "", # source 'cub': the folder holding CUB_200_2011/
                  seed: int = 0, # the birds', the training's and the random choice's seed
                  n_images: int | None = 48, # birds or CUB images drawn among the ambiguous ones (None, 0: all)
-                 checkpoint: str = "", # source 'cub': the fine-tuned VGG16-bn ('' -> <data_root>/checkpoints/...)
+                 checkpoint: str = "", # source 'cub': the fine-tuned VGG16-bn ('' -> <output_root>/checkpoints/...)
+                 output_root: str = "", # where the training chapter writes its checkpoints ('' -> <project>/.cache)
                  methods: Sequence[str] = ("gradcam",), # names in CONTRAST_METHODS
                  rank: int = 3, # explain the top-`rank` classes of images with p_rank > threshold
                  threshold: float = 0.1,
@@ -147,6 +149,7 @@ class Contrasts(SourcesExperiment):
         self.rank = check_count("rank", rank, 2, "3 (a contrast needs a rival class)")
         self.device, self.data_root, self.seed = resolve_device(device), data_root, seed
         self.checkpoint, self.threshold, self.batch_size = checkpoint, threshold, batch_size
+        self._output_root = output_root  # where files are, not what is computed: not in params
         self.targets = (*map(get_target, CONTRASTS), MeanVariantTarget("printed"), MeanVariantTarget("review"))
         self.sources = self.build_sources()
         workers = 4 if self.device.type == "cuda" else 0
@@ -158,7 +161,8 @@ class Contrasts(SourcesExperiment):
 
     def build_sources(self) -> list[Source]:
         "The models and images that the `sources` setting names."
-        return [build_source(name, self.seed, self.n_images, self.data_root, self.checkpoint, self.device)
+        return [build_source(name, self.seed, self.n_images, self.data_root, self.checkpoint, self.device,
+                             self._output_root)
                 for name in self.source_names]
 
     @property

@@ -224,9 +224,10 @@ MASKING_SOURCES = ("birds", "cub")  # the small CNN on the generated birds; VGG1
 
 def masking_source(source: str = "birds", # one of MASKING_SOURCES
                    data_root: str = "", # source 'cub': the folder holding CUB_200_2011/
-                   checkpoint: str = "", # source 'cub': the fine-tuned VGG16-bn ('' -> <data_root>/checkpoints/vgg16_bn_cub.pt)
+                   checkpoint: str = "", # source 'cub': the fine-tuned VGG16-bn ('' -> <output_root>/checkpoints/vgg16_bn_cub.pt)
                    seed: int = 0, # source 'birds': the birds' and the small CNN's seed
                    device: str = "cpu",
+                   output_root: str = "", # where the training chapter writes its checkpoints ('' -> <project>/.cache)
                   ) -> Source: # with the layer to explain: the last convolution
     "The model and images of a source; every missing file is an error before anything runs."
     from contrastive_explanations.data.datasets import DatasetNotFoundError
@@ -237,7 +238,8 @@ def masking_source(source: str = "birds", # one of MASKING_SOURCES
     if not data_root:
         raise DatasetNotFoundError("source 'cub' needs data_root=... : the folder holding CUB_200_2011/ "
                                    "(extract CUB_200_2011.tgz there)")
-    return dataclasses.replace(finetuned_source("cub", data_root, checkpoint, device=device), layer=None)  # VGG's default: features.40
+    return dataclasses.replace(finetuned_source("cub", data_root, checkpoint, device=device, output_root=output_root),
+                               layer=None)  # VGG's default: features.40
 
 # %% ../../nbs/15_masking.ipynb #b49aad16
 class FeatureMasking(Experiment):
@@ -247,7 +249,8 @@ class FeatureMasking(Experiment):
     def __init__(self,
                  source: str = "birds", # one of MASKING_SOURCES: the model and its images
                  data_root: str = "", # source 'cub': the folder holding CUB_200_2011/
-                 checkpoint: str = "", # source 'cub': the fine-tuned VGG16-bn ('' -> <data_root>/checkpoints/vgg16_bn_cub.pt)
+                 checkpoint: str = "", # source 'cub': the fine-tuned VGG16-bn ('' -> <output_root>/checkpoints/vgg16_bn_cub.pt)
+                 output_root: str = "", # where the training chapter writes its checkpoints ('' -> <project>/.cache)
                  seed: int = 0, # the birds', the small CNN's and the image sampling's seed
                  n_images: int | None = 40, # images per group (p2 above / below the threshold); None: all
                  threshold: float = 0.1, # the second probability p2 that splits the two groups
@@ -280,7 +283,7 @@ class FeatureMasking(Experiment):
                 raise ValueError(f"images must be a tensor (N, 3, H, W), got {getattr(images, 'shape', type(images))}")
             self.source = Source("custom", "custom", model, TensorDataset(images, torch.zeros(len(images))), None)
         else:
-            self.source = masking_source(source, data_root, checkpoint, self.seed, self.device)
+            self.source = masking_source(source, data_root, checkpoint, self.seed, self.device, output_root)
         self.model_name, self.categories = self.source.model_name, self.source.categories
         net = self.source.model
         self.layer = layer if layer is not None else self.source.layer or default_layer(net)

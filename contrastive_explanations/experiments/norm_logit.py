@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..methods.explain import as_class_matrix, check_images, explaining, input_channels
 from .toolkit import (check_count, dataset_fingerprint, model_fingerprint,
                                                          resolve_device, tensor_fingerprint)
-from ..results import Experiment
+from ..results import Experiment, output_dir
 
 # %% auto #0
 __all__ = ['TOP_RANKS', 'MIDDLE_RANKS', 'BOTTOM_RANKS', 'SPACES', 'DATASETS', 'target_ranks', 'ranked_classes',
@@ -164,6 +164,7 @@ class NormLogit(Experiment):
                  device: str = "cpu",
                  download: bool = False, # let torchvision download missing weights
                  birds: dict | None = None, # `birds_splits(seed)`, when the caller already has them
+                 output_root: str = "", # where ImageNet's class index parsed from the devkit goes ('' -> <project>/.cache)
                 ):
         self.n_images = check_count("n_images", n_images, 1, "100")
         self.seed = check_count("seed", seed, 0, "0")
@@ -176,6 +177,7 @@ class NormLogit(Experiment):
         if birds is None and (dataset == "birds" or model in ("small_cnn", "small_vit")):
             from contrastive_explanations.data.birds import birds_splits
             birds = birds_splits(self.seed)
+        self._output_root = output_root  # where files are, not what is computed: not in params
         self._open_data(dataset, birds)  # first: a missing dataset fails before the model loads
         self.device = str(resolve_device(device))  # after the data: a missing dataset is named first
         self._open_model(model, birds, download)
@@ -202,7 +204,7 @@ class NormLogit(Experiment):
             self.dataset, self._images, self._labels, self._data_key = "birds", test.images, test.labels, test.fingerprint()
         elif dataset == "imagenet":
             from contrastive_explanations.data.datasets import imagenet
-            self.dataset, self._data = "imagenet", imagenet(self.data_root)
+            self.dataset, self._data = "imagenet", imagenet(self.data_root, index_dir=output_dir(self._output_root, "imagenet"))
             self._labels, self._data_key = self._data.targets, self._data.fingerprint()
         else:
             from contrastive_explanations.data.datasets import packaged_photos

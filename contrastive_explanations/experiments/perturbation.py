@@ -157,23 +157,25 @@ def perturb(model: nn.Module, # a classifier on pixels in [0, 1] (normalisation 
     return x
 
 # %% ../../nbs/14_perturbation.ipynb #4a7dbdcb
-def _photos(data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu") -> Source:
+def _photos(data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu", output_root: str = "") -> Source:
     "EfficientNet-Lite0 on the packaged photographs (unlabelled: the class pushed up is the prediction)."
     return photos_source(device)
 
 
-def _birds(model_name: str, data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu") -> Source:
+def _birds(model_name: str, data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu",
+           output_root: str = "") -> Source:
     "A small model of the training chapter on the generated birds' test split (labelled)."
     source = birds_source(model_name, seed, sample=None, device=device)
     return dataclasses.replace(source, item_names=lambda i: f"test {i}")  # the test split's indices, as in the results
 
 
-def _imagenet(model_name: str, data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu") -> Source:
+def _imagenet(model_name: str, data_root: str = "", seed: int = 0, download: bool = False, device: str = "cpu",
+              output_root: str = "") -> Source:
     "A torchvision network with its DEFAULT weights on ImageNet val from `data_root` (labelled)."
-    return imagenet_source(model_name, data_root, download, device)
+    return imagenet_source(model_name, data_root, download, device, output_root)
 
 
-NETWORKS: dict[str, Callable[..., Source]] = {  # model name -> (data_root=, seed=, download=, device=) -> its Source
+NETWORKS: dict[str, Callable[..., Source]] = {  # model name -> (data_root=, seed=, download=, device=, output_root=) -> its Source
     "efficientnet_lite0": _photos,
     "small_cnn": partial(_birds, "small_cnn"),
     "small_vit": partial(_birds, "small_vit"),
@@ -214,6 +216,7 @@ class Perturbation(Experiment):
                  sources: Sequence[str] = SOURCES,
                  batch_size: int = 8, # images per `rows` call (each becomes sources x epsilons rows)
                  download: bool = False, # let torchvision download a network's DEFAULT weights
+                 output_root: str = "", # where ImageNet's class index parsed from the devkit goes ('' -> <project>/.cache)
                 ):
         if model not in NETWORKS:
             raise ValueError(f"unknown model {model!r}: choose one of {', '.join(NETWORKS)}")
@@ -227,7 +230,8 @@ class Perturbation(Experiment):
         self.name = f"perturbation/{model}"  # one results folder per network
         self.device = str(resolve_device(device))
         # data errors surface here, before any file is written
-        self.source = NETWORKS[model](data_root=data_root, seed=seed, download=download, device=self.device)
+        self.source = NETWORKS[model](data_root=data_root, seed=seed, download=download, device=self.device,
+                                      output_root=output_root)
         self.net = self.source.model.to(self.device).eval()
         self.index = image_subset(len(self.source.dataset), self.n_images, seed)
 

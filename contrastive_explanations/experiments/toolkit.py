@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..results import Experiment
+from ..results import Experiment, output_dir
 
 # %% auto #0
 __all__ = ['FINETUNED', 'Source', 'tensor_fingerprint', 'model_fingerprint', 'dataset_fingerprint', 'sources_fingerprints',
@@ -128,16 +128,17 @@ def birds_source(model_name: str, # 'small_cnn' or 'small_vit'
                   part_mask=lambda i, c: test.masks[i, part[c]], item_names=lambda i: f"bird {i}")
 
 
-def checkpoint_path(data_root: str, # the paper profile's data folder
+def checkpoint_path(output_root: str, # the profile's output folder ('' -> <project>/.cache)
                     checkpoint: str, # a path, or '' for the default
-                    default: str, # the file name under <data_root>/checkpoints/
+                    default: str, # the file name under <output_root>/checkpoints/
                     what: str, # the model, for the message
                    ) -> Path:
-    "The checkpoint to load: `checkpoint`, or <data_root>/checkpoints/<default>; a clear error if it is not a file."
-    path = Path(checkpoint) if checkpoint else Path(data_root) / "checkpoints" / default
+    "The checkpoint to load: `checkpoint`, or <output_root>/checkpoints/<default>; a clear error if it is not a file."
+    path = Path(checkpoint) if checkpoint else output_dir(output_root, "checkpoints", default)
     if not path.is_file():
-        raise FileNotFoundError(f"the paper profile explains {what}, but its checkpoint {path} does not exist: put the "
-                                f"fine-tuned weights there (torch.save({{'state_dict': ..., 'categories': [...]}}, path)) "
+        raise FileNotFoundError(f"the paper profile explains {what}, but its checkpoint {path} does not exist: "
+                                "fine-tune it in the training chapter (training.finetune), put your own fine-tuned "
+                                f"weights there (torch.save({{'state_dict': ..., 'categories': [...]}}, path)), "
                                 "or pass checkpoint=/path/to/file.pt")
     return path
 
@@ -150,9 +151,10 @@ FINETUNED: dict[str, tuple[str, str, str]] = {  # source -> (network in data.mod
 
 def finetuned_source(name: str, # a key of FINETUNED: 'cub' or 'food101'
                      data_root: str, # the folder holding CUB_200_2011/ or food-101/
-                     checkpoint: str = "", # '' -> <data_root>/checkpoints/<network>.pt
+                     checkpoint: str = "", # '' -> <output_root>/checkpoints/<network>.pt
                      sample: int | None = None,
                      device: str | torch.device = "cpu",
+                     output_root: str = "", # where the training chapter wrote its checkpoints ('' -> <project>/.cache)
                     ) -> Source:
     "A network fine-tuned by the training chapter on its dataset's test split (a paper-scale source)."
     from contrastive_explanations.data import datasets
@@ -162,7 +164,7 @@ def finetuned_source(name: str, # a key of FINETUNED: 'cub' or 'food101'
         raise ValueError(f"unknown fine-tuned source {name!r}: choose one of {', '.join(FINETUNED)}")
     network, loader, what = FINETUNED[name]
     data = getattr(datasets, loader)(data_root or None, "test")  # a missing or incomplete folder fails here, saying what to put where
-    path = checkpoint_path(data_root, checkpoint, f"{network}.pt", what)
+    path = checkpoint_path(output_root, checkpoint, f"{network}.pt", what)
     model = build_model(network, checkpoint=path).to(device)
     data.transform = model.preprocess
     return Source(name, network, model, data, model.categories, sample=sample,
@@ -174,12 +176,13 @@ def imagenet_source(model_name: str, # a network of models.TORCHVISION_IMAGENET
                     data_root: str, # the folder holding ImageNet's val/
                     download: bool = False, # let torchvision download the DEFAULT weights when they are not cached
                     device: str | torch.device = "cpu",
+                    output_root: str = "", # where ImageNet's class index parsed from the devkit goes
                    ) -> Source:
     "A torchvision network with its DEFAULT weights on ImageNet val, labelled: the review's Figure 1 setting."
     from contrastive_explanations.data.datasets import imagenet
     from contrastive_explanations.data.models import build_model
 
-    data = imagenet(data_root)  # first: a missing data root is reported before the weights are looked for
+    data = imagenet(data_root, index_dir=output_dir(output_root, "imagenet"))  # first: a missing data root is reported before the weights
     model = build_model(model_name, download=download).to(device)
     data.transform = model.preprocess
     return Source("imagenet", model_name, model, data, model.categories,

@@ -110,13 +110,14 @@ def build_vit_source(name: str, # one of VIT_SOURCES
                      seed: int = 0, # the birds' and the small ViT's seed
                      n_images: int | None = None, # images to draw among the ambiguous ones (None: all)
                      data_root: str = "", # source 'food101': the folder holding food-101/
-                     checkpoint: str = "", # source 'food101': '' -> <data_root>/checkpoints/vit_b_16_food101.pt
+                     checkpoint: str = "", # source 'food101': '' -> <output_root>/checkpoints/vit_b_16_food101.pt
                      device: str | torch.device = "cpu",
+                     output_root: str = "", # where the training chapter writes its checkpoints ('' -> <project>/.cache)
                     ) -> Source:
     "The ViT and images of one source, with `sample` (how many ambiguous images to draw) set."
     if check_vit_source(name) == "birds":
         return birds_source("small_vit", seed, n_images, device)
-    return finetuned_source("food101", data_root, checkpoint, n_images, device)
+    return finetuned_source("food101", data_root, checkpoint, n_images, device, output_root)
 
 # %% ../../nbs/18_vit_maps.ipynb #b39495f0
 class ViTMaps(SourcesExperiment):
@@ -129,7 +130,8 @@ class ViTMaps(SourcesExperiment):
                  data_root: str = "", # source 'food101': the folder holding food-101/
                  seed: int = 0, # the birds', the training's and the random choice's seed
                  n_images: int | None = 96, # images drawn at random among the ambiguous ones (None, 0: all)
-                 checkpoint: str = "", # source 'food101': the fine-tuned ViT-B/16 ('' -> <data_root>/checkpoints/...)
+                 checkpoint: str = "", # source 'food101': the fine-tuned ViT-B/16 ('' -> <output_root>/checkpoints/...)
+                 output_root: str = "", # where the training chapter writes its checkpoints ('' -> <project>/.cache)
                  blocks: Sequence[int] = REVIEW_BLOCKS, # the review's blocks, in vit_b_16's numbering (0-based of 12)
                  head_fusion: str = "mean", # rollout's head fusion
                  discard_ratio: float = 0.9, # rollout's share of smallest fused values set to zero per block
@@ -149,6 +151,7 @@ class ViTMaps(SourcesExperiment):
             map_block(b, REVIEW_DEPTH, REVIEW_DEPTH)  # in range for vit_b_16, not its last block
         self.device, self.data_root, self.seed = resolve_device(device), data_root, seed
         self.checkpoint, self.blocks = checkpoint, blocks
+        self._output_root = output_root  # where files are, not what is computed: not in params
         self.head_fusion, self.discard_ratio = head_fusion, discard_ratio
         self.threshold, self.batch_size = threshold, batch_size
         self.sources = self.build_sources()
@@ -164,7 +167,8 @@ class ViTMaps(SourcesExperiment):
 
     def build_sources(self) -> list[Source]:
         "The ViT and images that the `source` setting names."
-        return [build_vit_source(self.source, self.seed, self.n_images, self.data_root, self.checkpoint, self.device)]
+        return [build_vit_source(self.source, self.seed, self.n_images, self.data_root, self.checkpoint, self.device,
+                                 self._output_root)]
 
     @property
     def params(self) -> dict:
