@@ -258,6 +258,11 @@ class Experiment:
         "The model and data fingerprints, for the provenance."
         return {}
 
+    @classmethod
+    def needs(cls, **settings) -> list:
+        "The files and folders a run with these settings opens (toolkit's `Need`s), named without opening them."
+        return []
+
     device: str = "cpu"
 
     def provenance(self) -> dict:
@@ -666,6 +671,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                f"choose one with --run ({', '.join(labels)})")
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    from contrastive_explanations.experiments.toolkit import preflight, preflight_report
+    report = preflight_report(preflight(config, [args.experiment], labels, training=False), args.profile)
+    if report:  # before any process group, model or shard: every missing file at once
+        print(f"error: {report}", file=sys.stderr)
         return 2
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:

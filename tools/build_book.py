@@ -59,6 +59,15 @@ def load_profile(root: Path, name: str, overrides: dict[str, str]):
         raise UsageError(str(e)) from None
 
 
+def check_needs(profile) -> None:
+    "Stop with one message (a UsageError) if any dataset folder, weight file or checkpoint the profile opens is missing."
+    from contrastive_explanations.experiments.toolkit import preflight, preflight_report
+
+    report = preflight_report(preflight(profile), profile.name)
+    if report:
+        raise UsageError(report)
+
+
 def toc_chapters(root: Path) -> list[str]:
     "Names of the notebooks the book lists, in reading order (`executed/NAME` entries of `_toc.yml`)."
     toc = yaml.safe_load((root / "_toc.yml").read_text())
@@ -298,6 +307,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         overrides = dict(p.split("=", 1) if "=" in p else (p, "") for p in args.param)
         profile = load_profile(root, args.profile, overrides)
         chapters = toc_chapters(root)
+        check_needs(profile)  # every missing dataset, weight file and checkpoint, before an hour is spent
         if html.exists():  # from now on the old book no longer matches the sources
             shutil.rmtree(html)
         (root / EXECUTED).mkdir(exist_ok=True)

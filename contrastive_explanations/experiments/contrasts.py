@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from contrastive_explanations.experiments.toolkit import (
+from .toolkit import (
     Source, SourcesExperiment, ambiguous_items, birds_source, check_count, cosine, finetuned_source, photos_source,
-    positive_share, resolve_device)
+    positive_share, resolve_device, Need, checkpoint_need, dataset_need)
 from ..methods import METHODS
 from ..methods.explain import ActivationMethod, Method
 from ..methods.targets import LinearTarget, as_classes, get_target, other_class_weights
@@ -164,6 +164,14 @@ class Contrasts(SourcesExperiment):
         return [build_source(name, self.seed, self.n_images, self.data_root, self.checkpoint, self.device,
                              self._output_root)
                 for name in self.source_names]
+
+    @classmethod
+    def needs(cls, sources: Sequence[str] = ("photos", "birds"), data_root: str = "", checkpoint: str = "",
+              output_root: str = "", **_) -> list[Need]:
+        "Source 'cub' needs CUB-200 and the fine-tuned VGG16-bn; the packaged and generated sources need nothing."
+        if "cub" not in sources:
+            return []
+        return [dataset_need("cub200", data_root), checkpoint_need("vgg16_bn_cub", output_root, checkpoint)]
 
     @property
     def params(self) -> dict:

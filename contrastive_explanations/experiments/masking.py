@@ -20,7 +20,7 @@ from torchvision.transforms.functional import gaussian_blur
 from ..data.birds import BirdsDataset
 from .toolkit import (Source, birds_source, check_count, dataset_fingerprint,
                                                           finetuned_source, load_batch, model_fingerprint,
-                                                          resolve_device)
+                                                          resolve_device, Need, checkpoint_need, dataset_need)
 from ..methods import METHODS
 from ..methods.explain import Method, default_layer
 from ..methods.fullgrad import FullGrad
@@ -295,6 +295,14 @@ class FeatureMasking(Experiment):
         self.blur = blur_settings(int(min(self.load([0]).shape[-2:])))
         with full_precision():
             self.items = self._select()
+
+    @classmethod
+    def needs(cls, source: str = "birds", data_root: str = "", checkpoint: str = "", output_root: str = "",
+              model: nn.Module | None = None, **_) -> list[Need]:
+        "Source 'cub' needs CUB-200 and the fine-tuned VGG16-bn; the generated birds, or a model of one's own, nothing."
+        if source != "cub" or model is not None:
+            return []
+        return [dataset_need("cub200", data_root), checkpoint_need("vgg16_bn_cub", output_root, checkpoint)]
 
     @property
     def params(self) -> dict:

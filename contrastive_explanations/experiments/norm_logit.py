@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from ..methods.explain import as_class_matrix, check_images, explaining, input_channels
 from .toolkit import (check_count, dataset_fingerprint, model_fingerprint,
-                                                         resolve_device, tensor_fingerprint)
+                                                         resolve_device, tensor_fingerprint, Need, dataset_need,
+                                                         weights_need)
 from ..results import Experiment, output_dir
 
 # %% auto #0
@@ -216,6 +217,16 @@ class NormLogit(Experiment):
     def _open_model(self, model, birds, download: bool) -> None:
         self.model, self.model_name = open_model(model, self.seed, birds, download)
         self.model = self.model.eval().to(self.device)
+
+    @classmethod
+    def needs(cls, model: str | nn.Module = "efficientnet_lite0", dataset: str | Tensor = "packaged",
+              data_root: str = "", download: bool = False, **_) -> list[Need]:
+        "ImageNet needs its folder; a torchvision network needs its weights; packaged and generated ones need nothing."
+        from contrastive_explanations.data.models import TORCHVISION_IMAGENET
+        needs = [dataset_need("imagenet", data_root)] if isinstance(dataset, str) and dataset == "imagenet" else []
+        if isinstance(model, str) and model in TORCHVISION_IMAGENET:
+            needs.append(weights_need(model, download))
+        return needs
 
     @property
     def params(self) -> dict:

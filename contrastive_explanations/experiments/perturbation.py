@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..data.models import TORCHVISION_IMAGENET
-from .toolkit import (Source, birds_source, check_count, dataset_fingerprint,
+from .toolkit import (Need, Source, birds_source, check_count, dataset_fingerprint,
+                                                          dataset_need, weights_need,
                                                           imagenet_source, load_batch, model_fingerprint,
                                                           photos_source, resolve_device)
 from ..methods.explain import check_images, explaining, input_channels
@@ -234,6 +235,13 @@ class Perturbation(Experiment):
                                       output_root=output_root)
         self.net = self.source.model.to(self.device).eval()
         self.index = image_subset(len(self.source.dataset), self.n_images, seed)
+
+    @classmethod
+    def needs(cls, model: str = "efficientnet_lite0", data_root: str = "", download: bool = False, **_) -> list[Need]:
+        "A torchvision network needs ImageNet val and its weights; the packaged and generated sources need nothing."
+        if model not in TORCHVISION_IMAGENET:
+            return []
+        return [dataset_need("imagenet", data_root), weights_need(model, download)]
 
     @property
     def params(self) -> dict:

@@ -5,6 +5,7 @@
 # %% ../../nbs/12_toolkit.ipynb #1bcad1dd
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -22,10 +23,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..results import Experiment, output_dir
 
 # %% auto #0
-__all__ = ['FINETUNED', 'Source', 'tensor_fingerprint', 'model_fingerprint', 'dataset_fingerprint', 'sources_fingerprints',
-           'photos_source', 'birds_source', 'checkpoint_path', 'finetuned_source', 'imagenet_source', 'load_batch',
-           'resolve_device', 'check_count', 'group_runs', 'SourcesExperiment', 'cosine', 'positive_share', 'mask_share',
-           'bootstrap_interval', 'summarise', 'interval_text', 'ambiguous_items']
+__all__ = ['FINETUNED', 'DATASET_LOADERS', 'FINETUNE_BASES', 'Source', 'tensor_fingerprint', 'model_fingerprint',
+           'dataset_fingerprint', 'sources_fingerprints', 'photos_source', 'birds_source', 'checkpoint_path',
+           'finetuned_source', 'imagenet_source', 'load_batch', 'resolve_device', 'check_count', 'group_runs',
+           'SourcesExperiment', 'cosine', 'positive_share', 'mask_share', 'bootstrap_interval', 'summarise',
+           'interval_text', 'ambiguous_items', 'Need', 'dataset_need', 'download_server_reachable', 'weights_need',
+           'checkpoint_need', 'finetune_needs', 'preflight', 'preflight_report']
 
 # %% ../../nbs/12_toolkit.ipynb #c755e9a9
 @dataclass
@@ -413,3 +416,127 @@ def ambiguous_items(model: nn.Module, # a classifier of pixels in [0, 1]
             if n is not None and len(found) >= n:
                 break
     return sorted(found if n is None else found[:n])
+
+# %% ../../nbs/12_toolkit.ipynb #27c0461b
+@dataclass(frozen=True)
+class Need:
+    "A file or folder that a run opens: what it is, where it is looked for, whether it is there, and how to provide it."
+    what: str # e.g. 'ImageNet validation images'
+    path: Path # where it is looked for
+    found: bool
+    fix: str # what to do when it is missing
+
+
+DATASET_LOADERS = {"imagenet": "ImageNet", "cub200": "CUB-200-2011", "food101": "Food-101"}
+FINETUNE_BASES = {"vgg16_bn_cub": ("vgg16_bn", "cub200"), "vit_b_16_food101": ("vit_b_16", "food101")}
+
+
+@functools.cache
+def _dataset_problem(loader: str, data_root: str) -> str:
+    "'' when the dataset's loader opens `data_root`; else the first line of what it says is wrong."
+    from contrastive_explanations.data import datasets
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            getattr(datasets, loader)(data_root or None, *(("val",) if loader == "imagenet" else ("test",)))
+        return ""
+    except (datasets.DatasetNotFoundError, ValueError) as e:
+        return str(e).strip().splitlines()[0]
+
+
+def dataset_need(loader: str, # a key of DATASET_LOADERS
+                 data_root: str) -> Need:
+    "The dataset folder under `data_root`, checked by opening it with its loader (its index, not its images)."
+    problem = _dataset_problem(loader, str(data_root or ""))
+    return Need(f"{DATASET_LOADERS[loader]} (the {loader} loader)", Path(data_root or "<data_root not set>"),
+                not problem, f"{problem} See the datasets chapter for the layout; pass --param data_root=/path")
+
+
+@functools.cache
+def download_server_reachable(host: str = "download.pytorch.org", timeout: float = 3.0) -> bool:
+    "Whether torchvision's weight server answers on port 443 from this machine."
+    import socket
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def weights_need(arch: str, # a torchvision architecture, e.g. 'resnet18'
+                 download: bool, # the profile's download setting
+                ) -> Need:
+    "The file of the architecture's DEFAULT weights in torchvision's cache; downloadable counts as found."
+    import torchvision
+    from contrastive_explanations.data.models import weights_file
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    path = weights_file(weights)
+    found = path.is_file() or (download and download_server_reachable())
+    how = ("download is allowed but download.pytorch.org cannot be reached from here" if download else
+           "the profile does not download (download: false)")
+    other = "run on a machine that reaches it" if download else "pass --param download=true on a machine with network"
+    return Need(f"{arch} ImageNet weights", path, found,
+                f"{how}: put {weights.url} at that path (or set TORCH_HOME to a folder whose hub/checkpoints/ holds "
+                f"it), or {other}")
+
+
+def checkpoint_need(network: str, # 'vgg16_bn_cub' or 'vit_b_16_food101'
+                    output_root: str, checkpoint: str = "") -> Need:
+    "A fine-tuned checkpoint: `checkpoint`, or where the training chapter writes it."
+    path = Path(checkpoint) if checkpoint else output_dir(output_root, "checkpoints", f"{network}.pt")
+    return Need(f"{network} fine-tuned checkpoint", path, path.is_file(),
+                f"add {network} to training.finetune (the training chapter fine-tunes it on the GPU first), put your "
+                "own fine-tuned weights there, or pass checkpoint=/path/to/file.pt in the run's settings")
+
+
+def finetune_needs(names: Sequence[str], # the profile's training.finetune
+                   data_root: str, output_root: str, download: bool, retrain: bool = False) -> list[Need]:
+    "What the training chapter opens to fine-tune `names`: nothing for a network whose checkpoint is there (unless retrain)."
+    needs = []
+    for name in names:
+        if name not in FINETUNE_BASES:
+            raise ValueError(f"training.finetune names {name!r}, which the training chapter cannot fine-tune: choose "
+                             f"among {', '.join(FINETUNE_BASES)}")
+        if not retrain and checkpoint_need(name, output_root).found:
+            continue
+        arch, loader = FINETUNE_BASES[name]
+        needs += [dataset_need(loader, data_root), weights_need(arch, download)]
+    return needs
+
+
+def preflight(profile, # a results.Profile
+              experiments: Sequence[str] | None = None, # sections to check (default: every experiment of the profile)
+              runs: Sequence[str] | None = None, # only these run labels
+              training: bool = True, # include the training chapter's fine-tuning
+             ) -> list[Need]:
+    "Everything the profile's runs open, each looked for once, in order; a checkpoint this build trains counts as found."
+    from contrastive_explanations.results import EXPERIMENTS, find_experiment
+
+    section = profile.section("training") if training and "training" in profile else {}
+    names = section.get("finetune") or []
+    made = {checkpoint_need(n, profile.get("output_root", "")).path for n in names}
+    needs = finetune_needs(names, profile.get("data_root", ""), profile.get("output_root", ""),
+                           bool(profile.get("download")), bool(section.get("retrain"))) if names else []
+    for experiment in experiments or [e for e in EXPERIMENTS if e in profile]:
+        cls = find_experiment(experiment)
+        for label, settings in profile.run_settings(experiment).items():
+            if runs is None or label in runs:
+                needs += [n for n in cls.needs(**settings) if not (n.path in made and not n.found)]
+    unique = {}
+    for n in needs:
+        unique.setdefault((n.what, n.path), n)
+    return list(unique.values())
+
+
+def preflight_report(needs: Sequence[Need], # from preflight
+                     profile_name: str) -> str:
+    "'' when nothing is missing; else one message that lists every missing file or folder and what to do."
+    missing = [n for n in needs if not n.found]
+    if not missing:
+        return ""
+    lines = [f"profile {profile_name!r} cannot start: {len(missing)} of the {len(needs)} files and folders it opens "
+             "are missing (nothing has been computed):"]
+    for n in missing:
+        lines += [f"  - {n.what}: {n.path}", f"      {n.fix}"]
+    return "\n".join(lines)

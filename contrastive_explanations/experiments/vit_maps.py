@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive_explanations.experiments.toolkit import (
+from .toolkit import (
     Source, SourcesExperiment, ambiguous_items, birds_source, check_count, cosine, finetuned_source, mask_share,
-    positive_share, resolve_device)
+    positive_share, resolve_device, Need, checkpoint_need, dataset_need)
 from ..methods import METHODS
 from ..methods.explain import Method
 from ..methods.vit import check_rollout_options, encoder_blocks, find_vit
@@ -169,6 +169,14 @@ class ViTMaps(SourcesExperiment):
         "The ViT and images that the `source` setting names."
         return [build_vit_source(self.source, self.seed, self.n_images, self.data_root, self.checkpoint, self.device,
                                  self._output_root)]
+
+    @classmethod
+    def needs(cls, source: str = "birds", data_root: str = "", checkpoint: str = "", output_root: str = "",
+              **_) -> list[Need]:
+        "Source 'food101' needs Food-101 and the fine-tuned ViT-B/16; the generated birds need nothing."
+        if source != "food101":
+            return []
+        return [dataset_need("food101", data_root), checkpoint_need("vit_b_16_food101", output_root, checkpoint)]
 
     @property
     def params(self) -> dict:
