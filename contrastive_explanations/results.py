@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['PACKAGES', 'CONSOLE_PROGRESS', 'EXPERIMENTS', 'COMMON_KEYS', 'current_umask', 'write_atomic', 'write_json',
            'write_arrays', 'read_arrays', 'project_root', 'git_commit', 'package_versions', 'imported_files',
-           'installed_package', 'code_files', 'code_version', 'device_name', 'provenance', 'Experiment', 'shard_range',
-           'shard_path', 'ResultsMismatchError', 'progress_bar', 'compute_shard', 'merge', 'keep_aside', 'run',
-           'results_folders', 'load_results', 'output_dir', 'results_dir', 'find_experiment', 'reference_table',
+           'installed_package', 'code_files', 'code_version', 'device_name', 'provenance', 'Experiment', 'code_module',
+           'shard_range', 'shard_path', 'ResultsMismatchError', 'progress_bar', 'compute_shard', 'merge', 'keep_aside',
+           'run', 'results_folders', 'load_results', 'output_dir', 'results_dir', 'find_experiment', 'reference_table',
            'ProfileError', 'Profile', 'load_profile', 'init_distributed', 'wait_for_shards', 'main']
 
 # %% ../nbs/11_results.ipynb #bf68bdc9
@@ -267,7 +267,15 @@ class Experiment:
 
     def provenance(self) -> dict:
         "Where its results come from, with the version of the code its class's module runs."
-        return provenance(self.name, self.params, self.fingerprints(), self.device, code_version(type(self).__module__))
+        return provenance(self.name, self.params, self.fingerprints(), self.device, code_version(code_module(type(self))))
+
+
+def code_module(cls: type) -> str:
+    "The module whose code `cls` runs; for a class its chapter defines (in `__main__`), the module the chapter exports."
+    if cls.__module__ == "__main__":  # nbdev exports this very cell to the registered module (checked in sync by CI)
+        exported = {spec.partition(":")[2]: spec.partition(":")[0] for spec in EXPERIMENTS.values()}
+        return exported.get(cls.__name__, cls.__module__)
+    return cls.__module__
 
 
 def shard_range(index: int, count: int, n: int) -> range:

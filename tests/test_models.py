@@ -120,3 +120,18 @@ def test_cub_vgg_uses_the_original_square_resize():
     x = build_model("vgg16_bn_cub").preprocess(Image.new("RGB", (300, 200), (255, 0, 0)))
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32  # squashed, not cropped: the whole image is kept
     assert x[0].min() == 1.0 and x[1:].max() == 0.0
+
+
+def test_a_checkpoint_brings_its_number_of_classes(tmp_path):
+    "A network fine-tuned on another class list (a subset of CUB, a fixture) is built with its own head."
+    from contrastive_explanations.data.models import checkpoint_classes, finetuned_classifier
+    small = finetuned_classifier("vit_b_16", 3, None)
+    path = tmp_path / "three.pt"
+    torch.save({"state_dict": small.net.state_dict(), "categories": ["a", "b", "c"]}, path)
+    assert checkpoint_classes(path) == 3 and checkpoint_classes(tmp_path / "none.pt") is None
+    model = build_model("vit_b_16_food101", checkpoint=path)
+    assert model.categories == ["a", "b", "c"] and model.net.heads.head.out_features == 3
+    torch.save(small.net.state_dict(), tmp_path / "bare.pt")  # no categories stored: the registry's 101 classes
+    assert checkpoint_classes(tmp_path / "bare.pt") is None
+    with pytest.raises(ValueError, match="does not fit"):
+        build_model("vit_b_16_food101", checkpoint=tmp_path / "bare.pt")

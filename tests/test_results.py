@@ -392,3 +392,11 @@ def test_torchrun_survives_a_rank_slower_than_the_timeout(tmp_path):
     assert "waiting for 2 of 4 shards" in two.stdout + two.stderr
     one = _cli(tmp_path, "toy_experiment:Toy", "--out", str(tmp_path / "one"))
     pd.testing.assert_frame_equal(R.load_results(tmp_path / "one")[0], R.load_results(tmp_path / "two")[0])
+
+
+def test_a_chapter_defined_experiment_has_its_exported_module_code_version():
+    "In its chapter the class is defined in __main__ by the cell nbdev exports: the same code as the package's class."
+    from contrastive_explanations.experiments.perturbation import Perturbation
+    in_chapter = type("Perturbation", (R.Experiment,), {"__module__": "__main__"})
+    assert R.code_module(in_chapter) == R.code_module(Perturbation) == PERTURBATION
+    assert R.code_module(type("Mine", (R.Experiment,), {"__module__": "__main__"})) == "__main__"

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['TORCHVISION_IMAGENET', 'MODELS', 'ImageClassifier', 'pixel_preprocess', 'imagenet_categories', 'efficientnet_lite0',
-           'weights_file', 'torchvision_classifier', 'load_checkpoint', 'finetuned_classifier', 'build_model']
+           'weights_file', 'torchvision_classifier', 'load_checkpoint', 'checkpoint_classes', 'finetuned_classifier',
+           'build_model']
 
 # %% ../../nbs/07_models.ipynb #c11b9aed
 class ImageClassifier(nn.Module):
@@ -152,9 +153,21 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> list[str] | None:
     return saved.get("categories") if isinstance(saved, dict) and "state_dict" in saved else None
 
 
+def checkpoint_classes(path: str | Path) -> int | None:
+    "How many classes a checkpoint saved with its categories was trained for (None if it stores none)."
+    path = Path(path)
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mapped: nothing is read but the index
+    categories = saved.get("categories") if isinstance(saved, dict) else None
+    return len(categories) if categories else None
+
+
 def finetuned_classifier(name: str, num_classes: int, checkpoint: str | Path | None,
                          default_layer: str | None = None) -> ImageClassifier:
-    "A torchvision architecture with a `num_classes` head, loaded from `checkpoint` (None: untrained, for tests)."
+    "A torchvision architecture with a new head, loaded from `checkpoint` (None: untrained, for tests)."
+    if checkpoint is not None:  # a checkpoint fine-tuned on another class list (a subset, a fixture) brings its size
+        num_classes = checkpoint_classes(checkpoint) or num_classes
     model = torchvision_classifier(name, num_classes=num_classes, default_layer=default_layer)
     if checkpoint is not None:
         categories = load_checkpoint(model.net, checkpoint)

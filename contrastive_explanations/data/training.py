@@ -317,6 +317,7 @@ def finetune(model: nn.Module, # an ImageClassifier (pixels in, logits out) with
         g.set_state(state["generator"])
         if log:
             log(f"resuming from {last} after epoch {start_epoch}")
+    torch.manual_seed(config.seed + start_epoch)  # dropout's draws: the same run twice gives the same network
     autocast = torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
     start = time.perf_counter() - (history["seconds"][-1] if history["seconds"] else 0.0)
     for epoch in range(start_epoch, config.epochs):
