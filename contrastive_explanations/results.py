@@ -273,6 +273,7 @@ class Experiment:
 def code_module(cls: type) -> str:
     "The module whose code `cls` runs; for a class its chapter defines (in `__main__`), the module the chapter exports."
     if cls.__module__ == "__main__":  # nbdev exports this very cell to the registered module (checked in sync by CI)
+        from contrastive_explanations.results import EXPERIMENTS  # the package's registry, also from a chapter
         exported = {spec.partition(":")[2]: spec.partition(":")[0] for spec in EXPERIMENTS.values()}
         return exported.get(cls.__name__, cls.__module__)
     return cls.__module__
