@@ -57,7 +57,7 @@ def test_unknown_profile_from_the_command_line_exits_non_zero():
     result = subprocess.run([sys.executable, "-m", "tools.build_book", "--profile", "nope"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert "unknown profile 'nope': choose one of embedded, paper" in result.stderr
+    assert "unknown profile 'nope': choose one of embedded, fixture, paper" in result.stderr
 
 
 def test_a_profile_value_left_null_must_be_given(book, capsys):

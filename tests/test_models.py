@@ -13,12 +13,11 @@ from contrastive_explanations.data.models import (MODELS, TORCHVISION_IMAGENET, 
 
 
 @pytest.fixture
-def hub(tmp_path):
-    "An empty torch hub folder for the test's duration."
-    saved = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path))
-    yield tmp_path
-    torch.hub.set_dir(saved)
+def hub(tmp_path, monkeypatch):
+    "An empty torch hub folder for the test's duration (through TORCH_HOME: torch.hub.set_dir would outlive the test)."
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert torch.hub.get_dir() == str(tmp_path / "hub")
+    return tmp_path / "hub"
 
 
 @pytest.mark.parametrize("name", list(TORCHVISION_IMAGENET))

@@ -34,6 +34,8 @@ def paper_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("paper")
     fixture = base / "fixture"
     assert paper_fixture.main([str(fixture)]) == 0
+    for arch in paper_fixture.networks():  # under the fixture's TORCH_HOME, never in this machine's torch cache
+        assert paper_fixture.weights_path(fixture / "torch_home", arch).is_file(), arch
     data, out, results = fixture / "data", base / "out", base / "results"
     subprocess.run(["chmod", "-R", "a-w", str(data)], check=True)
     before = tree_state(data)

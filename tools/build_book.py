@@ -325,8 +325,9 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
             any_ran |= ran
             timings[chapter] = {"seconds": seconds, "reused": not ran}
             print(f"      {seconds:.1f} s" if ran else f"      unchanged, kept (it ran in {seconds:.1f} s)", flush=True)
+        executed = time.perf_counter() - began
         if args.no_html:
-            print(f"==> chapters executed in {duration(time.perf_counter() - began)}", flush=True)
+            print(f"==> chapters executed in {duration(executed)}", flush=True)
             return 0
         offline = ensure_assets(root / "book_assets")
         print("==> building the book with Jupyter Book (warnings are errors)", flush=True)
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         (root / "_build" / f"timings-{args.profile}.json").write_text(json.dumps(timings, indent=1) + "\n")
         (html / f".built-{args.profile}").write_text(json.dumps(dict(profile)))
         print(f"==> book built in {duration(time.perf_counter() - began)} (chapters "
-              f"{duration(start - began)}, Jupyter Book {duration(time.perf_counter() - start)}): {html / 'index.html'}\n"
+              f"{duration(executed)}, Jupyter Book {duration(time.perf_counter() - start)}): {html / 'index.html'}\n"
               f"    open it with: .venv/bin/python -m http.server -d {html.relative_to(root)} 8000"
               f"  and browse http://127.0.0.1:8000", flush=True)
         return 0

@@ -23,7 +23,7 @@ import torch
 import torchvision
 
 from contrastive_explanations.data.datasets import write_fixture
-from contrastive_explanations.data.models import TORCHVISION_IMAGENET, weights_file
+from contrastive_explanations.data.models import TORCHVISION_IMAGENET
 from contrastive_explanations.experiments.toolkit import FINETUNE_BASES
 
 DATASETS = {"imagenet": dict(n_classes=3, per_class=1), "cub200": dict(n_classes=3, per_class=4),
@@ -36,25 +36,22 @@ def networks() -> list[str]:
     return [*TORCHVISION_IMAGENET, *sorted({arch for arch, _ in FINETUNE_BASES.values()})]
 
 
+def weights_path(torch_home: Path, arch: str) -> Path:
+    "Where torchvision looks for the DEFAULT weights of `arch` when TORCH_HOME is `torch_home`."
+    return torch_home / "hub" / "checkpoints" / Path(torchvision.models.get_model_weights(arch).DEFAULT.url).name
+
+
 def write_weights(torch_home: Path, seed: int = 0) -> list[Path]:
-    "Random weights of each network, saved where torchvision looks for its DEFAULT file under `torch_home`."
-    old = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(torch_home)
-    try:
-        paths = []
-        for i, arch in enumerate(networks()):
-            torch.manual_seed(seed + i)
-            net = torchvision.models.get_model(arch, weights=None, **BUILD_ARGS.get(arch, {}))
-            path = weights_file(torchvision.models.get_model_weights(arch).DEFAULT)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(net.state_dict(), path)
-            paths.append(path)
-        return paths
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_HOME", None)
-        else:
-            os.environ["TORCH_HOME"] = old
+    "Random weights of each network, saved where torchvision looks for its DEFAULT file under `torch_home` (only there)."
+    paths = []
+    for i, arch in enumerate(networks()):
+        torch.manual_seed(seed + i)
+        net = torchvision.models.get_model(arch, weights=None, **BUILD_ARGS.get(arch, {}))
+        path = weights_path(torch_home, arch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), path)
+        paths.append(path)
+    return paths
 
 
 def write_data(data: Path, seed: int = 0) -> Path:
