@@ -43,3 +43,11 @@ def tiny_vit(seed: int = 0, image_size: int = 16, classes: int = 4, num_layers: 
     if class_token:
         nn.init.normal_(vit.class_token)
     return vit.to(dtype).eval()
+
+
+def tree_state(root) -> dict:
+    "Every path under root with its size, mode and modification time: what a writer would change."
+    from pathlib import Path
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mode, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}

@@ -687,13 +687,8 @@ def test_packaged_photos_transform_and_unknown_names():
         packaged_photos(["chelsae"])
 
 
-def tree_state(root: Path) -> dict:
-    "Every path under root with its size, mode and modification time: what a writer would change."
-    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mode, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*"))}
-
-
 def test_a_read_only_data_root_is_read_and_never_written(tmp_path):
+    from conftest import tree_state
     data = tmp_path / "data"
     for name, folder, classes in (("imagenet", "imagenet", 1), ("cub200", "cub", 3), ("food101", "food", 3)):
         write_fixture(name, data / folder, n_classes=classes, per_class=2)  # ImageNet: tench, a class of the test devkit

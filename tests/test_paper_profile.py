@@ -18,14 +18,12 @@ import pytest
 from contrastive_explanations.results import load_results, results_folders
 from tools import paper_fixture
 
+from conftest import tree_state
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ["10_training", "14_perturbation", "15_masking", "16_contrasts", "17_norm_logit", "18_vit_maps",
             "19_localisation", "21_claims"]  # in the book's order: the training chapter fine-tunes first
 EXPERIMENTS = {"perturbation": 9, "feature_masking": 1, "contrasts": 1, "vit_maps": 1, "norm_logit": 2, "localisation": 2}
-
-
-def tree_state(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture(scope="module")

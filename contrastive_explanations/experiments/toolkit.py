@@ -24,11 +24,11 @@ from ..results import Experiment, output_dir
 
 # %% auto #0
 __all__ = ['FINETUNED', 'DATASET_LOADERS', 'FINETUNE_BASES', 'Source', 'tensor_fingerprint', 'model_fingerprint',
-           'dataset_fingerprint', 'sources_fingerprints', 'photos_source', 'birds_source', 'checkpoint_path',
-           'finetuned_source', 'imagenet_source', 'load_batch', 'resolve_device', 'check_count', 'group_runs',
-           'SourcesExperiment', 'cosine', 'positive_share', 'mask_share', 'bootstrap_interval', 'summarise',
-           'interval_text', 'ambiguous_items', 'Need', 'dataset_need', 'download_server_reachable', 'weights_need',
-           'checkpoint_need', 'finetune_needs', 'preflight', 'preflight_report']
+           'dataset_fingerprint', 'sources_fingerprints', 'photos_source', 'birds_source', 'checkpoint_file',
+           'checkpoint_path', 'finetuned_source', 'imagenet_source', 'load_batch', 'resolve_device', 'check_count',
+           'group_runs', 'SourcesExperiment', 'cosine', 'positive_share', 'mask_share', 'bootstrap_interval',
+           'summarise', 'interval_text', 'ambiguous_items', 'Need', 'dataset_need', 'download_server_reachable',
+           'weights_need', 'checkpoint_need', 'finetune_needs', 'preflight', 'preflight_report']
 
 # %% ../../nbs/12_toolkit.ipynb #c755e9a9
 @dataclass
@@ -131,13 +131,21 @@ def birds_source(model_name: str, # 'small_cnn' or 'small_vit'
                   part_mask=lambda i, c: test.masks[i, part[c]], item_names=lambda i: f"bird {i}")
 
 
+def checkpoint_file(output_root: str, # the profile's output folder ('' -> <project>/.cache)
+                    network: str, # e.g. 'vgg16_bn_cub'
+                    checkpoint: str = "", # a path given in the run's settings; '' -> the default
+                   ) -> Path:
+    "Where a fine-tuned checkpoint is: `checkpoint`, or <output_root>/checkpoints/<network>.pt, where the training chapter writes it."
+    return Path(checkpoint) if checkpoint else output_dir(output_root, "checkpoints", f"{network}.pt")
+
+
 def checkpoint_path(output_root: str, # the profile's output folder ('' -> <project>/.cache)
                     checkpoint: str, # a path, or '' for the default
-                    default: str, # the file name under <output_root>/checkpoints/
+                    network: str, # the network, e.g. 'vgg16_bn_cub'
                     what: str, # the model, for the message
                    ) -> Path:
-    "The checkpoint to load: `checkpoint`, or <output_root>/checkpoints/<default>; a clear error if it is not a file."
-    path = Path(checkpoint) if checkpoint else output_dir(output_root, "checkpoints", default)
+    "The checkpoint to load (`checkpoint_file`), with a clear error if it is not a file."
+    path = checkpoint_file(output_root, network, checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"the paper profile explains {what}, but its checkpoint {path} does not exist: "
                                 "fine-tune it in the training chapter (training.finetune), put your own fine-tuned "
@@ -167,7 +175,7 @@ def finetuned_source(name: str, # a key of FINETUNED: 'cub' or 'food101'
         raise ValueError(f"unknown fine-tuned source {name!r}: choose one of {', '.join(FINETUNED)}")
     network, loader, what = FINETUNED[name]
     data = getattr(datasets, loader)(data_root or None, "test")  # a missing or incomplete folder fails here, saying what to put where
-    path = checkpoint_path(output_root, checkpoint, f"{network}.pt", what)
+    path = checkpoint_path(output_root, checkpoint, network, what)
     model = build_model(network, checkpoint=path).to(device)
     data.transform = model.preprocess
     return Source(name, network, model, data, model.categories, sample=sample,
@@ -484,7 +492,7 @@ def weights_need(arch: str, # a torchvision architecture, e.g. 'resnet18'
 def checkpoint_need(network: str, # 'vgg16_bn_cub' or 'vit_b_16_food101'
                     output_root: str, checkpoint: str = "") -> Need:
     "A fine-tuned checkpoint: `checkpoint`, or where the training chapter writes it."
-    path = Path(checkpoint) if checkpoint else output_dir(output_root, "checkpoints", f"{network}.pt")
+    path = checkpoint_file(output_root, network, checkpoint)
     return Need(f"{network} fine-tuned checkpoint", path, path.is_file(),
                 f"add {network} to training.finetune (the training chapter fine-tunes it on the GPU first), put your "
                 "own fine-tuned weights there, or pass checkpoint=/path/to/file.pt in the run's settings")
@@ -515,7 +523,7 @@ def preflight(profile, # a results.Profile
 
     section = profile.section("training") if training and "training" in profile else {}
     names = section.get("finetune") or []
-    made = {checkpoint_need(n, profile.get("output_root", "")).path for n in names}
+    made = {checkpoint_file(profile.get("output_root", ""), n) for n in names}
     needs = finetune_needs(names, profile.get("data_root", ""), profile.get("output_root", ""),
                            bool(profile.get("download")), bool(section.get("retrain"))) if names else []
     for experiment in experiments or [e for e in EXPERIMENTS if e in profile]:
