@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 from nbformat.v4 import new_code_cell, new_notebook
 
 from tools import book_assets, build_book
@@ -103,6 +104,30 @@ def test_a_second_run_keeps_unchanged_chapters_and_redoes_changed_ones(book, cap
     assert status == 0 and out.count("unchanged, kept") == 1
     status, out, _ = run(book, "--force", capsys=capsys)
     assert status == 0 and "unchanged" not in out
+
+
+def test_another_profile_has_its_own_copies_and_shares_the_chapters_that_take_no_profile(book, capsys):
+    notebook(book / "nbs" / "index.ipynb", "assert profile in ('embedded', 'paper')", parameters="profile = 'x'")
+    assert run(book, capsys=capsys)[0] == 0
+    shared = (book / "executed" / "01_ok.ipynb").read_bytes()
+    status, out, _ = run(book, "--profile", "paper", "-p", "data_root=/x", capsys=capsys)
+    assert status == 0, out
+    paper = book / "executed" / "paper"
+    index = nbformat.read(paper / "index.ipynb", as_version=4)
+    assert index.metadata["book"]["parameters"] == {"profile": "paper"}  # executed again, with its profile
+    assert "copied from executed/01_ok.ipynb" in out and (paper / "01_ok.ipynb").read_bytes() == shared
+    embedded = nbformat.read(book / "executed" / "index.ipynb", as_version=4)
+    assert embedded.metadata["book"]["parameters"] == {"profile": "embedded"}  # the default's copies left alone
+
+
+def test_another_profile_gets_a_table_of_contents_for_its_copies(book):
+    paths = build_book.BookPaths.of(book, "paper")
+    assert (paths.executed, paths.html) == (book / "executed" / "paper", book / "_build" / "paper" / "html")
+    paths.write_toc(book)
+    assert yaml.safe_load(paths.toc.read_text()) == {
+        "format": "jb-book", "root": "executed/paper/index", "chapters": [{"file": "executed/paper/01_ok"}]}
+    default = build_book.BookPaths.of(book, "embedded")
+    assert (default.executed, default.html, default.toc) == (book / "executed", book / "_build" / "html", None)
 
 
 def test_toc_entry_without_a_notebook_is_reported(book, capsys):

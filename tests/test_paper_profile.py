@@ -1,28 +1,31 @@
 """The paper profile's code path, end to end on a CPU: `tools.paper_fixture` writes a miniature of ImageNet val,
 CUB-200-2011 and Food-101 in their official layouts and random DEFAULT weights under torchvision's file names; the
-`fixture` profile (params/fixture.yaml: the paper profile with smaller counts) then fine-tunes the two networks and
-runs every experiment chapter on them, reading the data root through a read-only view and writing only to its own
-folders. Minutes, not hours; the numbers mean nothing, the code path is the paper's."""
+`fixture` profile (params/fixture.yaml: the paper profile with smaller counts) then builds the whole book as
+`make book PROFILE=fixture` does, warnings as errors, into its own folder (`_build/fixture/html`): it fine-tunes the
+two networks and runs every experiment chapter on them, reading the data root through a read-only view and writing
+only to its own folders. Minutes, not hours; the numbers mean nothing, the code path is the paper's."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import papermill as pm
+import nbformat
 import pandas as pd
 import pytest
 
-from contrastive_explanations.results import load_results, results_folders
-from tools import paper_fixture
+from contrastive_explanations.results import CONSOLE_PROGRESS, load_results, results_folders
+from tools import build_book, paper_fixture
 
 from conftest import tree_state
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTERS = ["10_training", "14_perturbation", "15_masking", "16_contrasts", "17_norm_logit", "18_vit_maps",
-            "19_localisation", "21_claims"]  # in the book's order: the training chapter fine-tunes first
+PROFILE = "fixture"
+BOOK = build_book.BookPaths.of(ROOT, PROFILE)
 EXPERIMENTS = {"perturbation": 9, "feature_masking": 1, "contrasts": 1, "vit_maps": 1, "norm_logit": 2, "localisation": 2}
 
 
@@ -37,21 +40,17 @@ def paper_run(tmp_path_factory):
     data, out, results = fixture / "data", base / "out", base / "results"
     subprocess.run(["chmod", "-R", "a-w", str(data)], check=True)
     before = tree_state(data)
+    embedded_book = tree_state(ROOT / "_build" / "html") if (ROOT / "_build" / "html").exists() else None
     env = {"TORCH_HOME": str(fixture / "torch_home"), "CONTRASTIVE_EXPLANATIONS_RESULTS": str(results)}
-    overrides = {"data_root": str(data), "output_root": str(out)}
-    old = {k: os.environ.get(k) for k in env}
+    old = {k: os.environ.get(k) for k in [*env, CONSOLE_PROGRESS]}
     os.environ.update(env)
-    try:
+    try:  # the README's commands: one run from the command line, then the book, which reuses it
         cli = subprocess.run([sys.executable, "-m", "contrastive_explanations.results", "perturbation", "--profile",
-                              "fixture", "--param", f"data_root={data}", "--param", f"output_root={out}", "--run",
+                              PROFILE, "--param", f"data_root={data}", "--param", f"output_root={out}", "--run",
                               "resnet18"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        ran = []
-        for chapter in CHAPTERS:
-            pm.execute_notebook(str(ROOT / "nbs" / f"{chapter}.ipynb"), str(base / f"{chapter}.ipynb"),
-                                parameters={"profile": "fixture", "overrides": overrides}, cwd=str(ROOT / "nbs"),
-                                kernel_name="python3", progress_bar=False)
-            ran.append(chapter)
-        yield {"data": data, "out": out, "results": results / "fixture", "before": before, "cli": cli, "ran": ran}
+        status = build_book.main(["--profile", PROFILE, "-p", f"data_root={data}", "-p", f"output_root={out}"], ROOT)
+        yield {"data": data, "out": out, "results": results / PROFILE, "before": before, "cli": cli,
+               "status": status, "embedded_book": embedded_book}
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -59,8 +58,58 @@ def paper_run(tmp_path_factory):
         shutil.rmtree(base, ignore_errors=True)  # about 5 GB of random weights and checkpoints
 
 
+def test_the_whole_book_builds_with_warnings_as_errors_into_its_own_folder(paper_run):
+    assert paper_run["status"] == 0
+    assert (BOOK.html / "index.html").is_file() and json.loads((BOOK.html / f".built-{PROFILE}").read_text())
+    pages = {p.relative_to(BOOK.html).as_posix() for p in BOOK.html.rglob("*.html")}
+    assert {f"executed/{PROFILE}/{chapter}.html" for chapter in build_book.toc_chapters(ROOT)} <= pages
+    for chapter in build_book.toc_chapters(ROOT):  # each chapter's copy was executed with the fixture profile
+        meta = nbformat.read(BOOK.executed / f"{chapter}.ipynb", as_version=4).metadata["book"]
+        assert meta["parameters"].get("profile", PROFILE) == PROFILE, chapter
+    if paper_run["embedded_book"] is not None:  # the embedded book, when there was one, is left as it was
+        assert tree_state(ROOT / "_build" / "html") == paper_run["embedded_book"]
+
+
+def _book_source(tmp_path: Path) -> Path:
+    "A book root beside the checkout's: its configuration and extensions, and a copy of the fixture's chapters."
+    src = tmp_path / "book"
+    src.mkdir()
+    for name in ["_config.yml", "references.bib", "tools", "book_assets"]:
+        if (ROOT / name).exists():
+            (src / name).symlink_to(ROOT / name)
+    shutil.copytree(BOOK.executed, src / build_book.EXECUTED / PROFILE)
+    paths = build_book.BookPaths.of(src, PROFILE)
+    shutil.copyfile(ROOT / "_toc.yml", src / "_toc.yml")
+    paths.write_toc(src)
+    return src
+
+
+GLUE = re.compile(r"\{glue(?::\w+)?\}`([^`]+)`")
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["intact", "one-glue-key-renamed"])
+def test_a_glue_key_the_profile_does_not_compute_fails_the_build(paper_run, tmp_path, capfd, broken):
+    assert paper_run["status"] == 0
+    src = _book_source(tmp_path)
+    chapter = src / build_book.EXECUTED / PROFILE / "14_perturbation.ipynb"
+    nb = nbformat.read(chapter, as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "markdown" and GLUE.search(c.source))
+    key = GLUE.search(cell.source).group(1)
+    if broken:
+        cell.source = cell.source.replace(f"`{key}`", f"`{key}_not_computed`", 1)
+        nbformat.write(nb, chapter)
+    paths = build_book.BookPaths.of(src, PROFILE)
+    offline = (ROOT / "book_assets").exists()
+    if broken:
+        with pytest.raises(build_book.BuildError, match="jupyter-book failed"):
+            build_book.jupyter_book(src, paths.staging, offline, paths.toc)
+        assert f"{key}_not_computed" in capfd.readouterr().out
+    else:
+        build_book.jupyter_book(src, paths.staging, offline, paths.toc)
+        assert (paths.staging / "_build" / "html" / build_book.EXECUTED / PROFILE / "14_perturbation.html").is_file()
+
+
 def test_every_experiment_chapter_runs_the_paper_code_path(paper_run):
-    assert paper_run["ran"] == CHAPTERS
     for experiment, runs in EXPERIMENTS.items():
         folders = results_folders(paper_run["results"] / experiment)
         assert len(folders) == runs, (experiment, folders)

@@ -3,13 +3,16 @@
     python -m tools.build_book [--profile embedded|paper] [--param data_root=/data] [--force]
 
 1. Reads `params/<profile>.yaml`; each notebook receives only the parameters its `parameters` cell declares.
-2. Executes `nbs/NAME.ipynb` for every `executed/NAME` entry of `_toc.yml` into `executed/NAME.ipynb` (git-ignored).
-   A copy whose notebook, parameters and the files it may read (`KEY_FILES`: package, reference numbers, benchmark
-   results, pins) are unchanged since its last run is kept (`--force` redoes it).
+2. Executes `nbs/NAME.ipynb` for every `executed/NAME` entry of `_toc.yml` into `executed/NAME.ipynb` (git-ignored;
+   for a profile other than `embedded`, into `executed/PROFILE/NAME.ipynb`, see `BookPaths`). A copy whose
+   notebook, parameters and the files it may read (`KEY_FILES`: package, reference numbers, benchmark results, pins)
+   are unchanged since its last run is kept (`--force` redoes it); a chapter that takes no profile is the same in
+   every profile, so another profile's up-to-date copy of it is copied instead of executed.
    Chapters whose notebook metadata says `book: {reads_results: true}` run last, and again whenever another ran.
    Each executed copy is tidied for reading (`tidy_executed`): no nbdev `#|` directive lines, no progress bars.
-3. Builds the Jupyter Book with warnings as errors into `_build/staging`, and only on success moves it to
-   `_build/html`, so a failed run never leaves a book that looks good. Timings go to `_build/timings-<profile>.json`.
+3. Builds the Jupyter Book with warnings as errors into a staging folder, and only on success moves it to
+   `_build/html` (`_build/PROFILE/html` for another profile, so that building one never replaces the other's book),
+   so a failed run never leaves a book that looks good. Timings go to `_build/timings-<profile>.json`.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -35,6 +39,7 @@ from .book_assets import ensure_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTED = "executed"  # toc entries `executed/NAME` are papermill copies of `nbs/NAME.ipynb`
+DEFAULT_PROFILE = "embedded"  # its book is _build/html; every other profile's is _build/PROFILE/html
 ASSET_KEYS = ("html_static_path", "mathjax_path", "nb_ipywidgets_js")  # dropped for the CDN fallback
 
 
@@ -91,6 +96,51 @@ def toc_chapters(root: Path) -> list[str]:
     if missing:
         raise BuildError(f"_toc.yml lists {', '.join(missing)} but nbs/ has no such notebook: add it or fix _toc.yml")
     return chapters
+
+
+@dataclass(frozen=True)
+class BookPaths:
+    """Where one profile's book is made: its executed copies, its staging folder, the book, and (for a profile
+    other than the default) the table of contents that points Jupyter Book at its executed copies.
+
+    The default profile keeps the layout `_toc.yml` names (`executed/NAME`, `_build/html`). Any other profile's
+    copies are `executed/PROFILE/NAME.ipynb` and its book `_build/PROFILE/html`, built from `_build/PROFILE/_toc.yml`
+    (`_toc.yml` with `executed/` replaced by `executed/PROFILE/`). The book's other pages never see them:
+    `_config.yml` builds only the pages its table of contents lists."""
+    executed: Path
+    staging: Path
+    html: Path
+    toc: Path | None
+
+    @classmethod
+    def of(cls, root: Path, profile: str) -> "BookPaths":
+        if profile == DEFAULT_PROFILE:
+            return cls(root / EXECUTED, root / "_build" / "staging", root / "_build" / "html", None)
+        build = root / "_build" / profile
+        return cls(root / EXECUTED / profile, build / "staging", build / "html", build / "_toc.yml")
+
+    def write_toc(self, root: Path) -> None:
+        "This profile's table of contents: `_toc.yml` with its executed copies' folder (nothing for the default)."
+        if self.toc is None:
+            return
+        folder = self.executed.relative_to(root).as_posix()
+        text = re.sub(rf"(?m)^(\s*(?:-\s*)?(?:root|file):\s*){EXECUTED}/", rf"\g<1>{folder}/",
+                      (root / "_toc.yml").read_text())
+        self.toc.parent.mkdir(parents=True, exist_ok=True)
+        self.toc.write_text(f"# Written by tools/build_book.py from _toc.yml for this profile's executed copies.\n{text}")
+
+
+def shared_copy(root: Path, chapter: str, key: str, own: Path) -> Path | None:
+    """Another profile's executed copy of `chapter` made with the same build key (a chapter that takes no profile
+    has the same key in every profile), or None."""
+    for candidate in [root / EXECUTED / f"{chapter}.ipynb", *sorted((root / EXECUTED).glob(f"*/{chapter}.ipynb"))]:
+        if candidate != own and candidate.is_file():
+            try:
+                if nbformat.read(candidate, as_version=4).metadata.get("book", {}).get("build_key") == key:
+                    return candidate
+            except (OSError, ValueError):
+                continue
+    return None
 
 
 def reads_results(root: Path, chapter: str) -> bool:
@@ -185,9 +235,13 @@ def tidy_executed(path: Path) -> bool:
     return changed
 
 
-def execute(root: Path, chapter: str, profile, overrides: dict[str, str], force: bool) -> tuple[float, bool]:
-    "Run one chapter with papermill; return (seconds, whether it ran). Raises BuildError naming the failing cell."
-    src, out = root / "nbs" / f"{chapter}.ipynb", root / EXECUTED / f"{chapter}.ipynb"
+def execute(root: Path, chapter: str, profile, overrides: dict[str, str], force: bool,
+            executed: Path | None = None) -> tuple[float, str]:
+    """Run one chapter with papermill into the folder `executed` (default `executed/`); return its running time and
+    what was done: "ran", "kept" (its copy is up to date) or the path of another profile's copy it took. Raises
+    BuildError naming the failing cell."""
+    executed = executed or root / EXECUTED
+    src, out = root / "nbs" / f"{chapter}.ipynb", executed / f"{chapter}.ipynb"
     declared = pm.inspect_notebook(str(src))
     offered = {"profile": profile.name, "overrides": overrides}  # each chapter loads its settings with load_profile
     params = {k: v for k, v in offered.items() if k in declared}
@@ -195,7 +249,12 @@ def execute(root: Path, chapter: str, profile, overrides: dict[str, str], force:
     if not force and out.exists():
         previous = nbformat.read(out, as_version=4).metadata.get("book", {})
         if previous.get("build_key") == key:
-            return previous.get("seconds", 0.0), False
+            return previous.get("seconds", 0.0), "kept"
+    if not force and (shared := shared_copy(root, chapter, key, out)):
+        tmp = out.with_suffix(".partial.ipynb")
+        shutil.copyfile(shared, tmp)
+        tmp.replace(out)
+        return nbformat.read(out, as_version=4).metadata["book"].get("seconds", 0.0), str(shared.relative_to(root))
     partial, failed = out.with_suffix(".partial.ipynb"), out.with_suffix(".failed.ipynb")
     out.unlink(missing_ok=True)
     failed.unlink(missing_ok=True)
@@ -223,7 +282,7 @@ def execute(root: Path, chapter: str, profile, overrides: dict[str, str], force:
     nb.metadata["book"] = {"build_key": key, "parameters": params, "seconds": seconds}
     nbformat.write(nb, partial)
     partial.rename(out)
-    return seconds, True
+    return seconds, "ran"
 
 
 def _parameter_cell_tags(nb) -> list[str]:
@@ -271,10 +330,10 @@ def cdn_config(config: dict, root: Path) -> dict:
     return config
 
 
-def jupyter_book(root: Path, staging: Path, offline: bool) -> None:
-    "Build the book into `staging` with warnings as errors; CDN assets when `offline` is False."
+def jupyter_book(root: Path, staging: Path, offline: bool, toc: Path | None = None) -> None:
+    "Build the book into `staging` with warnings as errors; CDN assets when `offline` is False; `toc` for _toc.yml."
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--path-output", str(staging),
-           "--all", "-W", "-n", "--keep-going", "--quiet"]
+           "--all", "-W", "-n", "--keep-going", "--quiet", *(["--toc", str(toc)] if toc else [])]
     if not offline:
         cdn = staging / "_config.cdn.yml"
         cdn.parent.mkdir(parents=True, exist_ok=True)
@@ -295,14 +354,15 @@ def jupyter_book(root: Path, staging: Path, offline: bool) -> None:
 
 def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default=os.environ.get("PROFILE") or "embedded",
-                        help="parameter profile: a file params/NAME.yaml (default: embedded)")
+    parser.add_argument("--profile", default=os.environ.get("PROFILE") or DEFAULT_PROFILE,
+                        help=f"parameter profile: a file params/NAME.yaml (default: {DEFAULT_PROFILE})")
     parser.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter of the profile, e.g. -p data_root=/data")
     parser.add_argument("--force", action="store_true", help="re-execute every chapter, even those unchanged")
     parser.add_argument("--no-html", action="store_true", help="execute the chapters only, do not build the book")
     args = parser.parse_args(argv)
-    html, staging = root / "_build" / "html", root / "_build" / "staging"
+    paths = BookPaths.of(root, args.profile)
+    html, staging = paths.html, paths.staging
     try:
         overrides = dict(p.split("=", 1) if "=" in p else (p, "") for p in args.param)
         profile = load_profile(root, args.profile, overrides)
@@ -310,7 +370,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         check_needs(profile)  # every missing dataset, weight file and checkpoint, before an hour is spent
         if html.exists():  # from now on the old book no longer matches the sources
             shutil.rmtree(html)
-        (root / EXECUTED).mkdir(exist_ok=True)
+        paths.executed.mkdir(parents=True, exist_ok=True)
         timings, began = {}, time.perf_counter()
         earlier = previous_timings(root, args.profile)
         os.environ[CONSOLE_PROGRESS] = "1"  # the chapters' kernels draw their progress bars here, not in the pages
@@ -320,11 +380,14 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         order = [c for c in chapters if c not in readers] + readers
         for i, chapter in enumerate(order, 1):
             print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb{time_left(earlier, order[i - 1:])} ...", flush=True)
-            seconds, ran = execute(root, chapter, profile, overrides, args.force or (chapter in readers and any_ran))
-            tidy_executed(root / EXECUTED / f"{chapter}.ipynb")
+            seconds, done = execute(root, chapter, profile, overrides, args.force or (chapter in readers and any_ran),
+                                   paths.executed)
+            tidy_executed(paths.executed / f"{chapter}.ipynb")
+            ran = done == "ran"
             any_ran |= ran
             timings[chapter] = {"seconds": seconds, "reused": not ran}
-            print(f"      {seconds:.1f} s" if ran else f"      unchanged, kept (it ran in {seconds:.1f} s)", flush=True)
+            print(f"      {seconds:.1f} s" if ran else f"      unchanged, kept (it ran in {seconds:.1f} s)" if done == "kept"
+                  else f"      the same in every profile: copied from {done} (it ran in {seconds:.1f} s)", flush=True)
         executed = time.perf_counter() - began
         if args.no_html:
             print(f"==> chapters executed in {duration(executed)}", flush=True)
@@ -333,8 +396,10 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         print("==> building the book with Jupyter Book (warnings are errors)", flush=True)
         start = time.perf_counter()
         shutil.rmtree(staging / "_build" / "html", ignore_errors=True)  # no pages left over from an older toc
-        jupyter_book(root, staging, offline)
+        paths.write_toc(root)
+        jupyter_book(root, staging, offline, paths.toc)
         timings["jupyter-book"] = {"seconds": round(time.perf_counter() - start, 2), "reused": False}
+        html.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging / "_build" / "html"), html)
         (root / "_build" / f"timings-{args.profile}.json").write_text(json.dumps(timings, indent=1) + "\n")
         (html / f".built-{args.profile}").write_text(json.dumps(dict(profile)))
