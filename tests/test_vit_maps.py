@@ -191,3 +191,20 @@ def test_sharded_and_resumed_run_equals_a_single_run(tmp_path):
     assert len(list((tmp_path / "sharded").glob("shard-*.json"))) == 2
     resumed = run(tiny_experiment(), tmp_path / "sharded", count=3, progress=False, on_stale="recompute")
     pd.testing.assert_frame_equal(one, resumed, check_exact=False, rtol=1e-6)
+
+
+def test_the_contrastive_rollout_is_the_reviews_without_relu_from_p_t():
+    # the review's Figure 5: "all ReLU operations were removed and the gradients were calculated from the softmax
+    # output"; an earlier version of the book took the standard rollout of p_t for it
+    import inspect
+
+    from contrastive_explanations.experiments.vit_maps import CONTRASTIVE_ROLLOUT, STANDARD_ROLLOUT, vit_methods
+
+    methods = vit_methods(tiny_vit(0, 32, 5, num_layers=3), (0, 1))
+    kind, target = CONTRASTIVE_ROLLOUT
+    assert methods[kind].variant == "signed" and target == "weighted"
+    kind, target = STANDARD_ROLLOUT
+    assert methods[kind].variant == "standard" and target == "original"
+    # the review's notebook discards nothing (vit-explain's own default is 0.9)
+    assert methods["rollout_signed"].discard_ratio == methods["rollout_standard"].discard_ratio == 0.0
+    assert inspect.signature(ViTMaps).parameters["discard_ratio"].default == 0.0
