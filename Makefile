@@ -12,9 +12,10 @@ PROFILE ?= embedded
 DATA_ROOT ?=
 DEVICE ?=
 FORCE ?=
+ESTIMATE ?=
 PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
 PIP_NOISE := WARNING: Location .* is ignored
-BOOK_ARGS := --profile $(PROFILE) $(if $(DATA_ROOT),--param data_root=$(DATA_ROOT)) $(if $(DEVICE),--param device=$(DEVICE)) $(if $(FORCE),--force)
+BOOK_ARGS := --profile $(PROFILE) $(if $(DATA_ROOT),--param data_root=$(DATA_ROOT)) $(if $(DEVICE),--param device=$(DEVICE)) $(if $(FORCE),--force) $(if $(ESTIMATE),--estimate)
 
 .PHONY: book test setup sync nbdev-test pytest chromium lab clean
 .DEFAULT_GOAL := book

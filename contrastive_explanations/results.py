@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['PACKAGES', 'CONSOLE_PROGRESS', 'EXPERIMENTS', 'COMMON_KEYS', 'current_umask', 'write_atomic', 'write_json',
            'write_arrays', 'read_arrays', 'project_root', 'git_commit', 'package_versions', 'imported_files',
-           'installed_package', 'code_files', 'code_version', 'device_name', 'provenance', 'Experiment', 'code_module',
-           'shard_range', 'shard_path', 'ResultsMismatchError', 'progress_bar', 'compute_shard', 'merge', 'keep_aside',
-           'run', 'results_folders', 'load_results', 'output_dir', 'results_dir', 'find_experiment', 'reference_table',
-           'ProfileError', 'Profile', 'load_profile', 'init_distributed', 'wait_for_shards', 'main']
+           'installed_package', 'code_files', 'code_version', 'device_name', 'provenance', 'set_tf32', 'uses_tf32',
+           'Experiment', 'code_module', 'shard_range', 'shard_path', 'ResultsMismatchError', 'progress_bar',
+           'compute_shard', 'merge', 'keep_aside', 'run', 'results_folders', 'load_results', 'output_dir',
+           'results_dir', 'find_experiment', 'reference_table', 'ProfileError', 'Profile', 'load_profile',
+           'init_distributed', 'wait_for_shards', 'main']
 
 # %% ../nbs/11_results.ipynb #bf68bdc9
 def current_umask() -> int:
@@ -231,11 +232,27 @@ def provenance(experiment: str, # the experiment's name
     "Where a results file comes from; `key` identifies what must match for two files to be merged."
     fingerprints = dict(fingerprints or {})
     code = code or code_version()
-    key = hashlib.sha256(json.dumps([experiment, params, fingerprints, code], sort_keys=True,
+    tf32 = uses_tf32(device)  # shards computed with and without TF32 must not merge
+    key = hashlib.sha256(json.dumps([experiment, params, fingerprints, code] + [tf32] * tf32, sort_keys=True,
                                     default=_jsonable).encode()).hexdigest()[:16]
     return {"experiment": experiment, "key": key, "code_version": code, "git_commit": git_commit(),
             "packages": package_versions(), "params": params, "fingerprints": fingerprints,
-            "device": device_name(device), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "device": device_name(device), "tf32": tf32,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def set_tf32(enabled: bool, # True: TF32 tensor cores (Ampere and later GPUs); False: full float32
+            ) -> None:
+    """TF32 on or off for CUDA convolutions and matrix products, process-wide. `load_profile` applies the profile's
+    `tf32` switch (false in every profile of this book: full float32, as on the review's T4, so that numbers do not
+    depend on batching or sharding). On a CPU it changes nothing."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def uses_tf32(device: str | torch.device = "cpu") -> bool:
+    "Whether CUDA work on `device` runs in TF32 now (never on a CPU)."
+    return torch.device(device).type == "cuda" and (torch.backends.cudnn.allow_tf32
+                                                    or torch.backends.cuda.matmul.allow_tf32)
 
 # %% ../nbs/11_results.ipynb #3b3ba04b
 class Experiment:
@@ -608,6 +625,7 @@ def load_profile(name: str = "embedded", # a file params/NAME.yaml
         flags = " ".join(f"--param {k}=..." for k in missing)
         raise ProfileError(f"profile {name!r} needs {', '.join(missing)}: pass {flags} "
                            f"(make book PROFILE={name} {' '.join(k.upper() + '=...' for k in missing)})")
+    set_tf32(params.get("tf32", False))  # the process computes as the profile says, whichever chapter or command
     return Profile(name, params)
 
 

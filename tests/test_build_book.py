@@ -130,6 +130,14 @@ def test_another_profile_gets_a_table_of_contents_for_its_copies(book):
     assert (default.executed, default.html, default.toc) == (book / "executed", book / "_build" / "html", None)
 
 
+def test_every_registered_experiment_names_the_chapter_that_exports_it():
+    from contrastive_explanations.results import EXPERIMENTS, find_experiment
+
+    chapters = {name: build_book.experiment_chapter(ROOT, find_experiment(name)) for name in EXPERIMENTS}
+    assert chapters["perturbation"] == "nbs/14_perturbation.ipynb" and chapters["vit_maps"] == "nbs/18_vit_maps.ipynb"
+    assert all(c.startswith("nbs/") and (ROOT / c).is_file() for c in chapters.values()), chapters
+
+
 def test_toc_entry_without_a_notebook_is_reported(book, capsys):
     (book / "_toc.yml").write_text("format: jb-book\nroot: executed/index\nchapters:\n  - file: executed/02_gone\n")
     status, _, err = run(book, capsys=capsys)

@@ -3,7 +3,7 @@
 Skipped where no CUDA device is present (the CI machine has none); run `pytest -m gpu` on a GPU machine."""
 from __future__ import annotations
 
-
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -94,3 +94,31 @@ def test_bad_values_on_the_gpu_raise_clear_errors_and_leave_the_device_usable(ma
     assert torch.isfinite(e.maps).all() and e.classes[:, 0].tolist() == [3, 9]
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_a_sharded_run_on_the_gpu_equals_a_one_shard_run_in_the_profiles_float32(tmp_path, monkeypatch):
+    "Batches of other sizes and other companions, the same numbers: the profile's `tf32: false` makes it so."
+    from torch.utils.data import TensorDataset
+
+    from contrastive_explanations.experiments.perturbation import NETWORKS, Perturbation
+    from contrastive_explanations.experiments.toolkit import Source
+    from contrastive_explanations.results import load_profile, load_results, run, set_tf32
+
+    def source(device: str = "cpu", n: int = 12, **_) -> Source:
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.rand(n, 3, 32, 32, generator=g), torch.randint(10, (n,), generator=g)
+        return Source("gpu_cnn", "gpu_cnn", cnn().to(device), TensorDataset(x, y), [str(c) for c in range(10)])
+
+    monkeypatch.setitem(NETWORKS, "gpu_cnn", source)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        set_tf32(True)
+        load_profile("embedded")  # applies the profile's switch, as every chapter and command does
+        assert not (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+        one = run(Perturbation("gpu_cnn", device="cuda", batch_size=12), tmp_path / "one", progress=False)
+        sharded = run(Perturbation("gpu_cnn", device="cuda", batch_size=2), tmp_path / "sharded", count=3,
+                      progress=False)
+        pd.testing.assert_frame_equal(one, sharded, check_exact=True)
+        assert load_results(tmp_path / "sharded")[1]["tf32"] is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -49,7 +49,9 @@ def paper_run(tmp_path_factory):
                               PROFILE, "--param", f"data_root={data}", "--param", f"output_root={out}", "--run",
                               "resnet18"], cwd=ROOT, capture_output=True, text=True, timeout=600)
         status = build_book.main(["--profile", PROFILE, "-p", f"data_root={data}", "-p", f"output_root={out}"], ROOT)
-        yield {"data": data, "out": out, "results": results / PROFILE, "before": before, "cli": cli,
+        profile = build_book.load_profile(ROOT, PROFILE, {"data_root": str(data), "output_root": str(out)})
+        estimate = build_book.estimate(ROOT, profile, ["contrasts"])  # one run's calibration: VGG16-bn on CUB-200
+        yield {"estimate": estimate, "data": data, "out": out, "results": results / PROFILE, "before": before, "cli": cli,
                "status": status, "embedded_book": embedded_book}
     finally:
         for k, v in old.items():
@@ -107,6 +109,14 @@ def test_a_glue_key_the_profile_does_not_compute_fails_the_build(paper_run, tmp_
     else:
         build_book.jupyter_book(src, paths.staging, offline, paths.toc)
         assert (paths.staging / "_build" / "html" / build_book.EXECUTED / PROFILE / "14_perturbation.html").is_file()
+
+
+def test_the_estimate_times_a_run_on_its_first_batch_and_projects_its_chapter(paper_run):
+    lines = paper_run["estimate"].splitlines()
+    assert lines[0].startswith("estimated running time of profile 'fixture' on this machine"), lines
+    run = next(line for line in lines if line.startswith("  nbs/16_contrasts.ipynb main: set-up "))
+    assert re.search(r"items at [0-9.e+-]+ s each \(timed on [0-9]+\): about [0-9]", run), run
+    assert lines[-2].startswith("  nbs/16_contrasts.ipynb: about ") and lines[-1].startswith("  in all: about ")
 
 
 def test_every_experiment_chapter_runs_the_paper_code_path(paper_run):

@@ -219,3 +219,18 @@ def test_a_failed_check_explains_an_error_it_caused():
         with deferred_checks(include_cpu=True):
             check_later(torch.tensor(True), lambda: ValueError("never"))
             raise RuntimeError("unrelated")
+
+
+def test_the_reviews_softmax_target_loses_the_class_term_where_p_t_rounds_to_one():
+    from contrastive_explanations.methods.targets import REVIEW_TARGETS, TARGETS
+
+    review = REVIEW_TARGETS["weighted_softmax"]
+    assert "weighted_softmax" not in TARGETS  # named for the comparisons, not offered in the menus
+    y = torch.tensor([[25.0, 1.0, -2.0, 0.0], [1.0, 0.8, -0.5, 0.2]], requires_grad=True)
+    t = torch.tensor([0, 0])
+    grad = torch.autograd.grad(review(y, t).sum(), y)[0]
+    assert torch.equal(grad, review.weights(y, t) * review.scale(y, t)[:, None])
+    ours = TARGETS["weighted"]
+    exact = ours.weights(y.double(), t) * ours.scale(y.double(), t)[:, None]
+    assert grad[0, 0] == 0 and exact[0, 0] > 0  # saturated: the review's keeps the rivals only
+    assert torch.allclose(grad[1].double(), exact[1], rtol=1e-5)  # unsaturated: the same gradient

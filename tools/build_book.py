@@ -73,6 +73,36 @@ def check_needs(profile) -> None:
         raise UsageError(report)
 
 
+def experiment_chapter(root: Path, cls: type) -> str:
+    "The notebook that exports an experiment's class (its `#| default_exp` names the class's module), or ''."
+    module = cls.__module__.removeprefix("contrastive_explanations.")
+    for nb in sorted((root / "nbs").glob("*.ipynb")):
+        if re.search(rf"#\|\s*default_exp\s+{re.escape(module)}\b", nb.read_text()):
+            return f"nbs/{nb.name}"
+    return ""
+
+
+def estimate(root: Path, profile, experiments: list[str] | None = None) -> str:
+    """Time every run of the profile on its first items (`toolkit.calibrate`) and project each chapter's running
+    time on this machine: one report, a line per run and per chapter."""
+    from contrastive_explanations.experiments.toolkit import calibrate
+    from contrastive_explanations.results import find_experiment
+
+    print(f"==> calibrating: every run of profile {profile.name!r} on its first batch", flush=True)
+    chapters: dict[str, float] = {}
+    lines = []
+    for e in calibrate(profile, experiments):
+        chapter = experiment_chapter(root, find_experiment(e.experiment)) or e.experiment
+        chapters[chapter] = chapters.get(chapter, 0.0) + e.seconds
+        lines.append(f"  {chapter} {e.run}: set-up {duration(e.setup_seconds)}, {e.items:,} items at "
+                     f"{e.seconds_per_item:.3g} s each (timed on {e.measured}): about {duration(e.seconds)}")
+    lines += [f"  {chapter}: about {duration(seconds)}" for chapter, seconds in chapters.items()]
+    return (f"estimated running time of profile {profile.name!r} on this machine, each run's experiment only "
+            "(the first batch's warm-up counts, so the figures err on the long side; figures, tables and the training "
+            "chapter's fine-tuning are not included):\n" + "\n".join(lines) +
+            f"\n  in all: about {duration(sum(chapters.values()))}")
+
+
 def toc_chapters(root: Path) -> list[str]:
     "Names of the notebooks the book lists, in reading order (`executed/NAME` entries of `_toc.yml`)."
     toc = yaml.safe_load((root / "_toc.yml").read_text())
@@ -360,6 +390,9 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
                         help="override one parameter of the profile, e.g. -p data_root=/data")
     parser.add_argument("--force", action="store_true", help="re-execute every chapter, even those unchanged")
     parser.add_argument("--no-html", action="store_true", help="execute the chapters only, do not build the book")
+    parser.add_argument("--estimate", action="store_true",
+                        help="after the preflight, time each experiment's first batch, print each chapter's projected "
+                             "running time on this machine, and stop (no results are computed)")
     args = parser.parse_args(argv)
     paths = BookPaths.of(root, args.profile)
     html, staging = paths.html, paths.staging
@@ -368,6 +401,9 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         profile = load_profile(root, args.profile, overrides)
         chapters = toc_chapters(root)
         check_needs(profile)  # every missing dataset, weight file and checkpoint, before an hour is spent
+        if args.estimate:
+            print(estimate(root, profile), flush=True)
+            return 0
         if html.exists():  # from now on the old book no longer matches the sources
             shutil.rmtree(html)
         paths.executed.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +30,8 @@ __all__ = ['FINETUNED', 'DATASET_LOADERS', 'FINETUNE_BASES', 'Source', 'tensor_f
            'checkpoint_path', 'finetuned_source', 'imagenet_source', 'load_batch', 'resolve_device', 'check_count',
            'group_runs', 'SourcesExperiment', 'cosine', 'positive_share', 'mask_share', 'bootstrap_interval',
            'summarise', 'interval_text', 'ambiguous_items', 'Need', 'dataset_need', 'download_server_reachable',
-           'weights_need', 'checkpoint_need', 'finetune_needs', 'preflight', 'preflight_report']
+           'weights_need', 'checkpoint_need', 'finetune_needs', 'preflight', 'preflight_report', 'Estimate',
+           'estimate_run', 'calibrate']
 
 # %% ../../nbs/12_toolkit.ipynb #c755e9a9
 @dataclass
@@ -548,3 +551,59 @@ def preflight_report(needs: Sequence[Need], # from preflight
     for n in missing:
         lines += [f"  - {n.what}: {n.path}", f"      {n.fix}"]
     return "\n".join(lines)
+
+# %% ../../nbs/12_toolkit.ipynb #a882c1cf
+@dataclass(frozen=True)
+class Estimate:
+    "One run's projected running time on this machine: its set-up, then all its items at the rate measured on a few."
+    experiment: str  # the profile's section
+    run: str  # the run's label
+    items: int  # how many items the run computes
+    measured: int  # how many of them were timed
+    setup_seconds: float  # building the experiment: its model and data
+    seconds_per_item: float
+
+    @property
+    def seconds(self) -> float:
+        "Set-up plus every item at the measured rate."
+        return self.setup_seconds + self.seconds_per_item * self.items
+
+
+def estimate_run(cls: type[Experiment], # the run's experiment class
+                 settings: dict, # the run's arguments (Profile.run_settings)
+                 experiment: str = "", run: str = "", # its section and label, for the report
+                 n_items: int | None = None, # items to time (default: the run's batch_size, or 1)
+                 clock: Callable[[], float] = time.perf_counter,
+                ) -> Estimate:
+    "Build one run's experiment and time `rows` on its first items; nothing is written."
+    start = clock()
+    exp = cls(**settings)
+    built = clock()
+    total = len(exp)
+    k = min(total, max(1, n_items or int(settings.get("batch_size") or 1)))
+    if k:
+        exp.rows(list(range(k)))
+    done = clock()
+    del exp
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return Estimate(experiment, run, total, k, built - start, (done - built) / k if k else 0.0)
+
+
+def calibrate(profile, # a results.Profile
+              experiments: Sequence[str] | None = None, # sections to time (default: every experiment of the profile)
+              runs: Sequence[str] | None = None, # only these run labels
+              n_items: int | None = None, # items to time per run (default: one batch)
+              clock: Callable[[], float] = time.perf_counter,
+             ) -> list[Estimate]:
+    "`estimate_run` for every run of the profile's experiments, one after the other, in the profile's order."
+    from contrastive_explanations.results import EXPERIMENTS, find_experiment
+
+    estimates = []
+    for experiment in experiments or [e for e in EXPERIMENTS if e in profile]:
+        cls = find_experiment(experiment)
+        for label, settings in profile.run_settings(experiment).items():
+            if runs is None or label in runs:
+                estimates.append(estimate_run(cls, settings, experiment, label, n_items, clock))
+    return estimates

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['TARGETS', 'other_class_weights', 'Target', 'LinearTarget', 'OriginalTarget', 'MeanTarget', 'MaxTarget',
-           'WeightedTarget', 'WeightedLogTarget', 'rival_margin', 'get_target', 'explicit_contrast', 'check_later',
-           'deferred_checks', 'as_classes']
+__all__ = ['TARGETS', 'REVIEW_TARGETS', 'other_class_weights', 'Target', 'LinearTarget', 'OriginalTarget', 'MeanTarget',
+           'MaxTarget', 'WeightedTarget', 'WeightedLogTarget', 'rival_margin', 'get_target', 'explicit_contrast',
+           'check_later', 'deferred_checks', 'as_classes', 'SoftmaxIndexTarget']
 
 # %% ../../nbs/01_targets.ipynb #f6dd22af
 def other_class_weights(logits: Tensor, # (B, C)
@@ -132,9 +132,12 @@ def get_target(name: str | Target) -> Target:
     if not isinstance(name, str):
         raise TypeError(f"a target is a Target or one of the names {', '.join(TARGETS)}; got a {type(name).__name__}: "
                         "to back-propagate from your own objective, subclass Target")
-    if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}: choose one of {', '.join(TARGETS)}")
-    return TARGETS[name]
+    if name in TARGETS:
+        return TARGETS[name]
+    if name in REVIEW_TARGETS:  # the review's variants, asked for by name (defined below)
+        return REVIEW_TARGETS[name]
+    raise ValueError(f"unknown target {name!r}: choose one of {', '.join(TARGETS)} (or the review's "
+                     f"{', '.join(REVIEW_TARGETS)})")
 
 
 def explicit_contrast(phi: Tensor, # (B, C, ...) one explanation per class
@@ -228,3 +231,22 @@ def as_classes(t: Tensor | int | list[int], # class per sample: (B,) integers, o
             f"class indices must lie in [0, {C}), got values from {int(t.min())} to {int(t.max())}")):
         t = t.clamp(0, C - 1)  # the verdict is read later: keep every index in bounds until then
     return t.long()
+
+# %% ../../nbs/01_targets.ipynb #f9be46d4
+class SoftmaxIndexTarget(WeightedTarget):
+    "The review's p_t: softmax(logits)[t] in the logits' precision; where p_t rounds to 1 only the rivals' terms survive."
+    name = "weighted_softmax"
+
+    def __call__(self, logits, t):
+        return logits.softmax(1).gather(1, as_classes(t, logits)[:, None])[:, 0]
+
+    def weights(self, logits, t):
+        t = as_classes(t, logits)
+        p = logits.detach().softmax(1)
+        return p * (_one_hot(logits, t) - p.gather(1, t[:, None]))  # d softmax_t / dy, as autograd computes it
+
+    def scale(self, logits, t):
+        return torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)
+
+
+REVIEW_TARGETS: dict[str, Target] = {SoftmaxIndexTarget.name: SoftmaxIndexTarget()}  # named, not in TARGETS
