@@ -15,7 +15,8 @@ from torch import nn
 
 from contrastive_explanations.methods.targets import TARGETS, explicit_contrast, get_target
 from contrastive_explanations.methods.vit import (AttentionRollout, ViTGradCAM, ViTMethod, attention_weights,
-                                                 captured_attention, discard_lowest, encoder_blocks, grad_rollout)
+                                                 captured_attention, discard_lowest, encoder_blocks, grad_rollout,
+                                                 score_gradient)
 
 from conftest import tiny_vit
 
@@ -117,8 +118,9 @@ def test_vit_gradcam_wrapped_model_float32_and_batch_independence():
 # ---------------------------------------------------------------------------------------------------------------
 # (b) Rollout against a loop-based oracle with its own forward pass (Eqs. eq-rollout-fused, eq-rollout)
 
-def manual_forward(vit, x):
+def manual_forward(vit, x, scores=None):
     "The ViT's forward with explicit loops over samples and heads; attentions[l][b][k] is an (N, N) graph tensor."
+    scores = [] if scores is None else scores  # filled like attentions, with the scores S before the softmax
     z = vit.conv_proj(x).flatten(2).transpose(1, 2)  # (B, n, D), row-major patches
     z = torch.cat([vit.class_token.expand(len(x), -1, -1), z], 1) + vit.encoder.pos_embedding
     attentions = []
@@ -128,12 +130,16 @@ def manual_forward(vit, x):
         d = D // H
         (Wq, Wk, Wv), (bq, bk, bv) = mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)
         per_block, outputs = [], []
+        scores.append([])
         for b in range(len(x)):
             heads, per_sample = [], []
+            scores[-1].append([])
             for k in range(H):
                 rows = slice(k * d, (k + 1) * d)
                 q, key, v = (u[b] @ W[rows].T + c[rows] for W, c in ((Wq, bq), (Wk, bk), (Wv, bv)))
-                A = torch.softmax(q @ key.T / math.sqrt(d), dim=-1)
+                S = q @ key.T / math.sqrt(d)
+                scores[-1][-1].append(S)
+                A = torch.softmax(S, dim=-1)
                 per_sample.append(A)
                 heads.append(A @ v)
             per_block.append(per_sample)
@@ -201,6 +207,30 @@ def test_rollout_matches_loop_reference(rollout_problem, head_fusion, variant, d
             torch.testing.assert_close(e.maps[b, 0, i], R[0, 1:].reshape(2, 2))
             if variant == "standard":
                 torch.testing.assert_close(R.sum(1), torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("variant", ["standard", "signed"])
+def test_score_gradient_rollout_is_the_rollout_of_the_gradient_with_respect_to_the_scores(variant):
+    "gradient='scores' (vit-explain's hook) equals the loop oracle fed dO/dS from autograd, and differs from dO/dA."
+    vit, x, t = tiny_vit(3, 16, 4), images(3, 2, 16), torch.tensor([1, 3])
+    scores = []
+    y, attentions = manual_forward(vit, x, scores)
+    objective = get_target("weighted")(y, t)
+    e = AttentionRollout(vit, variant=variant, gradient="scores")(x, t, "weighted")
+    by_weights = AttentionRollout(vit, variant=variant)(x, t, "weighted")
+    for b in range(2):
+        flat_S = [scores[l][b][k] for l in range(2) for k in range(2)]
+        flat_A = [attentions[l][b][k] for l in range(2) for k in range(2)]
+        g = torch.autograd.grad(objective[b], flat_S + flat_A, retain_graph=True)
+        g_S, g_A = g[:4], g[4:]
+        for A, gs, ga in zip(flat_A, g_S, g_A):  # Eq. eq-score-gradient, against autograd
+            torch.testing.assert_close(score_gradient(A.detach(), ga), gs)
+        per_block = [[g_S[2 * l + k] for k in range(2)] for l in range(2)]
+        A_b = [[A.detach() for A in attentions[l][b]] for l in range(2)]
+        R = loop_rollout(A_b, per_block, "mean", variant, 0.0)
+        torch.testing.assert_close(e.maps[b, 0, 0], R[0, 1:].reshape(2, 2))
+    assert not torch.allclose(e.maps, by_weights.maps, rtol=1e-3, atol=0)
+    assert "gradient='scores'" in repr(AttentionRollout(vit, gradient="scores"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -461,6 +491,8 @@ def test_bad_rollout_options():
     for ratio in (1.0, -0.1, 2, "0.9", True):
         with pytest.raises(ValueError, match=r"discard_ratio=.* must be a number in \[0, 1\)"):
             AttentionRollout(vit, discard_ratio=ratio)
+    with pytest.raises(ValueError, match=r"gradient='values' is not one of \('weights', 'scores'\)"):
+        AttentionRollout(vit, gradient="values")
     with pytest.raises(ValueError, match="one gradient per attention"):
         grad_rollout([torch.rand(1, 1, 3, 3)] * 2, [torch.rand(1, 1, 1, 3, 3)])
 

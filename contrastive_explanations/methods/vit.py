@@ -18,9 +18,10 @@ from torchvision.models.vision_transformer import VisionTransformer
 from .explain import Method, leaf_output
 
 # %% auto #0
-__all__ = ['HEAD_FUSIONS', 'ROLLOUT_VARIANTS', 'find_vit', 'encoder_blocks', 'patch_grid', 'block_index', 'checked_image_size',
-           'ViTMethod', 'ViTGradCAM', 'check_rollout_options', 'fuse_heads', 'discard_lowest', 'grad_rollout',
-           'attention_weights', 'check_attention', 'captured_attention', 'leaf_input', 'AttentionRollout']
+__all__ = ['HEAD_FUSIONS', 'ROLLOUT_VARIANTS', 'ROLLOUT_GRADIENTS', 'find_vit', 'encoder_blocks', 'patch_grid', 'block_index',
+           'checked_image_size', 'ViTMethod', 'ViTGradCAM', 'check_rollout_options', 'score_gradient', 'fuse_heads',
+           'discard_lowest', 'grad_rollout', 'attention_weights', 'check_attention', 'captured_attention', 'leaf_input',
+           'AttentionRollout']
 
 # %% ../../nbs/06_vit.ipynb #8d716e01
 def find_vit(model: nn.Module) -> VisionTransformer:
@@ -131,10 +132,15 @@ class ViTGradCAM(ViTMethod):
 # %% ../../nbs/06_vit.ipynb #86d6e9c8
 HEAD_FUSIONS = ("mean", "max", "min")
 ROLLOUT_VARIANTS = ("standard", "signed")
+ROLLOUT_GRADIENTS = ("weights", "scores")  # what G differentiates: the attention weights A, or the scores S
 
 
-def check_rollout_options(head_fusion: str, variant: str, discard_ratio: float) -> None:
-    "Refuse unknown head fusions and variants, and discard ratios outside [0, 1)."
+def check_rollout_options(head_fusion: str, variant: str, discard_ratio: float, gradient: str = "weights") -> None:
+    "Refuse unknown head fusions, variants and gradients, and discard ratios outside [0, 1)."
+    if gradient not in ROLLOUT_GRADIENTS:
+        raise ValueError(f"gradient={gradient!r} is not one of {ROLLOUT_GRADIENTS}: 'weights' differentiates the "
+                         "attention weights (Eq. eq-rollout-fused), 'scores' the scores before the softmax, as "
+                         "vit-explain's backward hook does")
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion={head_fusion!r} is not one of {HEAD_FUSIONS}: pass e.g. head_fusion='mean'")
     if variant not in ROLLOUT_VARIANTS:
@@ -143,6 +149,13 @@ def check_rollout_options(head_fusion: str, variant: str, discard_ratio: float) 
     if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not 0 <= discard_ratio < 1:
         raise ValueError(f"discard_ratio={discard_ratio!r} must be a number in [0, 1): the fraction of each "
                          "block's fused attention to zero, e.g. 0.9 as in vit-explain, or 0 to keep everything")
+
+
+def score_gradient(attention: Tensor, # (..., N, N) A = softmax(S), row by row
+                   grad: Tensor, # (..., N, N) the gradient G with respect to A
+                  ) -> Tensor: # (..., N, N) the gradient with respect to S
+    "The gradient with respect to the scores S from the one with respect to A = softmax(S) (Eq. eq-score-gradient)."
+    return attention * (grad - (attention * grad).sum(-1, keepdim=True))
 
 
 def fuse_heads(weighted: Tensor, # (..., heads, N, N) gradient-weighted attention
@@ -173,14 +186,17 @@ def grad_rollout(attentions: Sequence[Tensor], # L tensors (B, heads, N, N), in 
                  head_fusion: str = "mean", # how to fuse the heads: 'mean', 'max' or 'min'
                  variant: str = "standard", # 'standard': positive part of the fused values; 'signed': all of them
                  discard_ratio: float = 0.0, # fraction of each block's fused values to zero, smallest |value| first
+                 gradient: str = "weights", # 'weights': G as given, dO/dA; 'scores': dO/dS from it, vit-explain's
                 ) -> Tensor: # (B, J, N, N)
     "The rollout R of Eq. eq-rollout for every objective; block l's attention is paired with block l's gradient."
-    check_rollout_options(head_fusion, variant, discard_ratio)
+    check_rollout_options(head_fusion, variant, discard_ratio, gradient)
     if len(attentions) != len(grads) or not attentions:
         raise ValueError(f"need one gradient per attention, at least one of each: got {len(attentions)} "
                          f"attentions and {len(grads)} gradients")
     R = None
     for A, G in zip(attentions, grads):  # forward order, block by block
+        if gradient == "scores":
+            G = score_gradient(A[:, None], G)
         fused = fuse_heads(A[:, None] * G, head_fusion)  # (B, J, N, N)
         if variant == "standard":
             fused = fused.clamp(min=0)
@@ -271,10 +287,12 @@ class AttentionRollout(ViTMethod):
                  head_fusion: str = "mean", # 'mean', 'max' or 'min' over the heads
                  variant: str = "standard", # 'standard' (positive part) or 'signed'
                  discard_ratio: float = 0.0, # fraction of each block's fused values to zero (vit-explain: 0.9)
+                 gradient: str = "weights", # 'weights': dO/dA, Eq. eq-rollout-fused; 'scores': dO/dS, vit-explain's
                 ):
-        check_rollout_options(head_fusion, variant, discard_ratio)
+        check_rollout_options(head_fusion, variant, discard_ratio, gradient)
         super().__init__(model)
         self.head_fusion, self.variant, self.discard_ratio = head_fusion, variant, discard_ratio
+        self.gradient = gradient
         for i, block in enumerate(self.blocks):
             check_attention(block, i)
 
@@ -289,9 +307,9 @@ class AttentionRollout(ViTMethod):
 
     def _maps(self, grads: tuple[Tensor, ...], attentions: tuple[Tensor, ...]) -> Tensor:
         "(B, J, h, w): the class token's row of the rollout, without its own entry, on the patch grid."
-        R = grad_rollout(attentions, grads, self.head_fusion, self.variant, self.discard_ratio)
+        R = grad_rollout(attentions, grads, self.head_fusion, self.variant, self.discard_ratio, self.gradient)
         return self.on_grid(R[:, :, 0, 1:])
 
     def __repr__(self) -> str:
         return (f"AttentionRollout({type(self.model).__name__}, head_fusion={self.head_fusion!r}, "
-                f"variant={self.variant!r}, discard_ratio={self.discard_ratio})")
+                f"variant={self.variant!r}, discard_ratio={self.discard_ratio}, gradient={self.gradient!r})")
