@@ -16,6 +16,7 @@ from contrastive_explanations.data.datasets import DatasetNotFoundError, write_f
 from contrastive_explanations.methods import METHODS
 from contrastive_explanations.methods.fullgrad import FullGrad
 from contrastive_explanations.experiments.masking import (BASELINES, EXPLANATIONS, FEATURES, MASKING_METHODS,
+                                                          REVIEW_EXPLANATIONS,
                                                           MASKING_SOURCES, VARIANTS, FeatureMasking, masking_source, baseline_images, blur_settings, explain_pairs,
                                               figure_maps, keep_masks, kept_range, masking_scores, normalised_zero,
                                               pixel_ranks, relative_probability, sign_counts)
@@ -261,13 +262,43 @@ def test_maps_are_computed_once_per_method():
     items = list(range(len(experiment)))
     rows = experiment.rows(items)
     B = len(items)
-    assert calls == {name: [((B, 2), list(EXPLANATIONS))] for name in MASKING_METHODS}
+    n_saturated = sum(int(row["p1_is_1"]) for row in rows if row["method"] == MASKING_METHODS[0]) // (
+        2 * len(VARIANTS) * len(BASELINES) * len(FEATURES))
+    again = [((n_saturated, 2), list(REVIEW_EXPLANATIONS))] if n_saturated else []  # only where p_t1 rounds to 1
+    assert calls == {name: [((B, 2), list(EXPLANATIONS))] + again for name in MASKING_METHODS}
     assert len(rows) == B * len(MASKING_METHODS) * 2 * len(VARIANTS) * len(BASELINES) * len(FEATURES)
     table = pd.DataFrame(rows)
     assert set(table["variant"]) == set(VARIANTS) and set(table["features"]) == set(FEATURES)
     assert list(table["method"].unique()) == list(MASKING_METHODS)  # labels: Method.name
     assert table[["clean", "ori", "wtd"]].apply(lambda c: c.between(0, 1)).all().all()
     assert table["kept"].between(0, 1).all()
+
+
+def test_the_reviews_weighted_map_is_used_where_p_t1_rounds_to_one():
+    "ori_review / wtd_review: the review's softmax(logits)[t] maps where p_t1 = 1 in float32, ours elsewhere."
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()  # float32, as the review's
+    with torch.no_grad():
+        net[-1].weight.mul_(3000)
+    scale = torch.linspace(0.02, 1, 40).view(40, 1, 1, 1)  # the brighter images saturate, the darker do not
+    images = (torch.rand(40, 3, 10, 10) * 255 * scale).round().to(torch.uint8)
+    exp = FeatureMasking(model=net, images=images, layer="3", n_images=None, batch_size=40, methods=["gradcam"])
+    table = pd.DataFrame(exp.rows(range(len(exp))))
+    sat, rest = table[table["p1_is_1"] == 1], table[table["p1_is_1"] == 0]
+    assert len(sat) and len(rest)  # both kinds of image
+    assert (rest["ori_review"] == rest["ori"]).all() and (rest["wtd_review"] == rest["wtd"]).all()
+    items = sorted(set(sat["item"]))
+    x = exp.load([exp.items[i][0] for i in items])
+    pair = torch.tensor([exp.items[i][1:3] for i in items])
+    maps, _ = explain_pairs(exp.methods, x, pair, REVIEW_EXPLANATIONS)
+    fills = torch.stack([baseline_images(x, None, exp.blur), baseline_images(x, exp.zero, exp.blur)], 1)
+    r, _ = masking_scores(net, x, pair, maps["gradcam"], fills)
+    one = sat[(sat["item"] == items[0]) & (sat["target"] == "t1")]
+    for _, row in one.iterrows():
+        v, f, j = VARIANTS.index(row["variant"]), FEATURES.index(row["features"]), BASELINES.index(row["baseline"])
+        assert row["wtd_review"] == pytest.approx(float(r[0, 0, v, f, 1, j]), rel=1e-6)
+    assert (sat["wtd_review"] != sat["wtd"]).any()  # the rivals-only map keeps other pixels
 
 
 # --- the experiment: selection, errors, shards ------------------------------------------------------------------

@@ -17,7 +17,8 @@ from contrastive_explanations.methods.targets import WeightedLogTarget, Weighted
 from contrastive_explanations.data.datasets import DatasetNotFoundError
 from torch.utils.data import TensorDataset
 
-from contrastive_explanations.experiments.perturbation import (EPSILONS, N_TOTS, NETWORKS, SOURCES, Perturbation,
+from contrastive_explanations.experiments.perturbation import (EPSILONS, N_TOTS, NETWORKS, REVIEW_SOURCE, RUN_SOURCES,
+                                                               SOURCES, Perturbation,
                                                                check_epsilons, check_n_tots, image_subset, perturb,
                                                                perturbation_bounds, perturbation_step, sign_targets,
                                                                step_size)
@@ -242,13 +243,35 @@ def test_image_subset():
     assert not np.array_equal(a, image_subset(1000, 20, 4))
 
 
+def test_the_reviews_p_t_steps_along_the_rivals_only_where_p_t_rounds_to_one():
+    "softmax(logits)[t] in float32 (REVIEW_SOURCE): where p_t = 1 its step is the sign of -sum_s p_s grad y_s."
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4, bias=False))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        net[1].weight.copy_(torch.randn(4, 12, generator=g))
+        net[1].weight[0] += 8.0  # class 0 far ahead on any image in [0, 1]
+    x = torch.rand(1, 3, 2, 2, generator=g)
+    with torch.no_grad():
+        p = net(x).softmax(1)
+    assert p[0, 0] == 1.0  # saturated in float32
+    out = perturb(net, x, 0, ["weighted", REVIEW_SOURCE], 3e-3, n_tot=1)[0, :, 0]  # (2, 3, 2, 2)
+    W = net[1].weight.detach()
+    rivals_only = -(p[0, 1:, None] * W[1:]).sum(0).sign().view(3, 2, 2)
+    log_pt = (W[0] - (p[0, 1:, None] / p[0, 1:].sum() * W[1:]).sum(0)).sign().view(3, 2, 2)  # grad log p_t's sign
+    step = lambda d: torch.where(d.abs() > 0, d.sign(), torch.zeros_like(d))
+    inside = (x[0] > 3e-3) & (x[0] < 1 - 3e-3)  # pixels the clamp to [0, 1] leaves free
+    assert torch.equal(step(out[1] - x[0])[inside], rivals_only[inside])
+    assert torch.equal(step(out[0] - x[0])[inside], log_pt[inside])
+    assert not torch.equal(rivals_only[inside], log_pt[inside])
+
+
 def test_rows_record_every_setting_per_image(tiny):
     exp = Perturbation("tiny", n_images=4, batch_size=3)
     rows = pd.DataFrame(exp.rows([0, 1, 2, 3]))
-    assert len(rows) == 4 * len(EPSILONS) * len(N_TOTS) * len(SOURCES)
-    assert set(rows.groupby("item").size()) == {24}
+    assert len(rows) == 4 * len(EPSILONS) * len(N_TOTS) * len(RUN_SOURCES) and RUN_SOURCES[:4] == SOURCES
+    assert set(rows.groupby("item").size()) == {len(EPSILONS) * len(N_TOTS) * len(RUN_SOURCES)}
     assert (rows["linf"] <= rows["eps"] * (1 + 1e-12)).all()  # Prop. prop-perturbation-box
-    assert set(rows["source"]) == set(SOURCES) and set(rows["n_tot"]) == set(N_TOTS)
+    assert set(rows["source"]) == set(RUN_SOURCES) and set(rows["n_tot"]) == set(N_TOTS)
     net, x, labels = tiny_setup()
     with torch.no_grad():
         p = net(x[exp.index[:4]]).softmax(1)
@@ -277,8 +300,8 @@ def test_sharded_and_resumed_equals_one_run(tiny, tmp_path):
     resumed = run(Perturbation("tiny", batch_size=2), tmp_path / "sharded", count=3, progress=False)
     pd.testing.assert_frame_equal(one, resumed, check_exact=False, rtol=1e-12)
     table, provenance = load_results(tmp_path / "sharded")
-    assert provenance["experiment"] == "perturbation/tiny" and len(table) == 11 * 24
-    assert provenance["params"]["epsilons"] == list(EPSILONS) and provenance["params"]["sources"] == list(SOURCES)
+    assert provenance["experiment"] == "perturbation/tiny" and len(table) == 11 * 30
+    assert provenance["params"]["epsilons"] == list(EPSILONS) and provenance["params"]["sources"] == list(RUN_SOURCES)
     assert "profile" not in provenance["params"]
 
 

@@ -158,17 +158,22 @@ def test_rows_agree_with_a_direct_computation():
     rows = pd.DataFrame(exp.rows(list(range(len(exp)))))
     assert len(rows) == 9 * 2 * len(MAP_KINDS) and set(rows["map"]) == set(MAP_KINDS)
     assert dict(zip(rows["map"], rows["method"])) == {"gradcam_a": "vit_gradcam", "gradcam_b": "vit_gradcam",
-                                                      "rollout_standard": "attention_rollout",
-                                                      "rollout_signed": "attention_rollout"}  # Method.name
+                                                      **{k: "attention_rollout" for k in MAP_KINDS[2:]}}  # Method.name
     assert exp.params["source"] == "tiny" and exp.params["n_images"] is None
     vit, x = exp.sources[0].model, exp.sources[0].dataset.tensors[0]
     classes = vit(x).topk(2).indices
     masks = torch.stack([torch.stack([exp.masks[i, int(c) % 2] for c in classes[i]]) for i in range(9)])
     methods = {"gradcam_a": ViTGradCAM(vit, block=0), "gradcam_b": ViTGradCAM(vit, block=1),
-               "rollout_standard": AttentionRollout(vit, discard_ratio=0.5),
-               "rollout_signed": AttentionRollout(vit, variant="signed", discard_ratio=0.5)}
+               "rollout_standard": AttentionRollout(vit, discard_ratio=0.5, gradient="scores"),
+               "rollout_signed": AttentionRollout(vit, variant="signed", discard_ratio=0.5, gradient="scores"),
+               "rollout_standard_dA": AttentionRollout(vit, discard_ratio=0.5),
+               "rollout_signed_dA": AttentionRollout(vit, variant="signed", discard_ratio=0.5),
+               "rollout_standard_d90": AttentionRollout(vit, discard_ratio=0.9, gradient="scores")}
+    assert set(methods) == set(MAP_KINDS)
+    maps = {}
     for kind, method in methods.items():
         e = method(x, classes, ["original", "weighted"])
+        maps[kind] = e.maps
         up = F.interpolate(e.maps.flatten(1, 2), size=(16, 16), mode="bilinear", align_corners=False).view(9, 2, 2, 16, 16)
         share = mask_share(up, masks[:, :, None])
         got = rows[rows["map"] == kind].sort_values(["item", "rank"])
@@ -178,8 +183,14 @@ def test_rows_agree_with_a_direct_computation():
         t12 = cosine(e.maps[:, 0, 0], e.maps[:, 1, 0])
         assert got.cosine_t1_t2_original.tolist()[::2] == pytest.approx(t12.tolist(), nan_ok=True)
         assert (got.chance.to_numpy() == masks.double().mean((-2, -1)).flatten().numpy()).all()
+    for kind, of in (("rollout_signed_dA", "rollout_signed"), ("rollout_standard_d90", "rollout_standard")):
+        got = rows[rows["map"] == kind].sort_values(["item", "rank"])  # each variant against the review's map
+        assert (got.reference == of).all()
+        want = cosine(maps[kind][:, :, 1], maps[of][:, :, 1]).flatten().tolist()
+        assert got.cosine_reference_weighted.tolist() == pytest.approx(want, nan_ok=True)
+    assert rows[rows["map"] == "rollout_signed"].cosine_reference_weighted.isna().all()  # the review's: no reference
     a = exp.figure_arrays(3)
-    assert a["maps"].shape == (3, 2, 4, 2, 2, 2) and a["masks"].shape == (3, 2, 16, 16) and list(a["blocks"]) == [0, 1]
+    assert a["maps"].shape == (3, 2, len(MAP_KINDS), 2, 2, 2) and a["masks"].shape == (3, 2, 16, 16) and list(a["blocks"]) == [0, 1]
 
 
 def test_sharded_and_resumed_run_equals_a_single_run(tmp_path):
@@ -198,13 +209,20 @@ def test_the_contrastive_rollout_is_the_reviews_without_relu_from_p_t():
     # output"; an earlier version of the book took the standard rollout of p_t for it
     import inspect
 
-    from contrastive_explanations.experiments.vit_maps import CONTRASTIVE_ROLLOUT, STANDARD_ROLLOUT, vit_methods
+    from contrastive_explanations.experiments.vit_maps import (BOOK_ROLLOUTS, CONTRASTIVE_ROLLOUT, STANDARD_ROLLOUT,
+                                                               vit_methods)
 
     methods = vit_methods(tiny_vit(0, 32, 5, num_layers=3), (0, 1))
     kind, target = CONTRASTIVE_ROLLOUT
     assert methods[kind].variant == "signed" and target == "weighted"
     kind, target = STANDARD_ROLLOUT
     assert methods[kind].variant == "standard" and target == "original"
+    # the review's notebook takes vit-explain's hook gradient, with respect to the scores; the book's pair beside it
+    # differentiates the attention weights
+    assert methods[CONTRASTIVE_ROLLOUT[0]].gradient == methods[STANDARD_ROLLOUT[0]].gradient == "scores"
+    (bk, bt), (sk, st) = BOOK_ROLLOUTS
+    assert (methods[bk].variant, bt, methods[sk].variant, st) == ("signed", "weighted", "standard", "original")
+    assert methods[bk].gradient == methods[sk].gradient == "weights"
     # the review's notebook discards nothing (vit-explain's own default is 0.9)
     assert methods["rollout_signed"].discard_ratio == methods["rollout_standard"].discard_ratio == 0.0
     assert inspect.signature(ViTMaps).parameters["discard_ratio"].default == 0.0

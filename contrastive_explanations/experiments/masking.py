@@ -27,10 +27,10 @@ from ..methods.fullgrad import FullGrad
 from ..results import Experiment
 
 # %% auto #0
-__all__ = ['FEATURES', 'VARIANTS', 'BASELINES', 'REVIEW_BLUR', 'MASKING_METHODS', 'EXPLANATIONS', 'GROUPS', 'MASKING_SOURCES',
-           'relative_probability', 'pixel_ranks', 'sign_counts', 'kept_range', 'keep_masks', 'blur_settings',
-           'normalised_zero', 'baseline_images', 'explain_pairs', 'masking_scores', 'full_precision', 'masking_source',
-           'FeatureMasking', 'stacked_fullgrad', 'figure_maps']
+__all__ = ['FEATURES', 'VARIANTS', 'BASELINES', 'REVIEW_BLUR', 'MASKING_METHODS', 'EXPLANATIONS', 'REVIEW_EXPLANATIONS', 'GROUPS',
+           'MASKING_SOURCES', 'relative_probability', 'pixel_ranks', 'sign_counts', 'kept_range', 'keep_masks',
+           'blur_settings', 'normalised_zero', 'baseline_images', 'explain_pairs', 'masking_scores', 'full_precision',
+           'masking_source', 'FeatureMasking', 'stacked_fullgrad', 'figure_maps']
 
 # %% ../../nbs/15_masking.ipynb #4e909f49
 def relative_probability(logits: Tensor, # (..., C) logits
@@ -164,16 +164,18 @@ def baseline_images(x: Tensor, # (B, 3, H, W) images in [0, 1]
 # %% ../../nbs/15_masking.ipynb #d5d314ee
 MASKING_METHODS = ("linear_approximation", "gradcam", "xgradcam")  # names in methods.METHODS, the review's order
 EXPLANATIONS = ("original", "weighted_log")  # y_t, and p_t through log p_t: the same signs and ranks (Eq. eq-log-ranks)
+REVIEW_EXPLANATIONS = ("original", "weighted_softmax")  # the review's code: softmax(logits)[t], in the model's precision
 
 
 def explain_pairs(methods: dict[str, Method], # name -> method
                   x: Tensor, # (B, 3, H, W) images
                   pair: Tensor, # (B, 2) the classes t1, t2
+                  explanations: Sequence[str] = EXPLANATIONS, # the original and a weighted target, by name
                  ) -> tuple[dict[str, Tensor], Tensor]: # ({name: (B, 2, 2, H, W)}, logits (B, C))
     "Each method called ONCE for both classes and both explanations; the maps upsampled to the image, signed."
     maps, logits = {}, None
     for name, method in methods.items():
-        e = method(x, pair, list(EXPLANATIONS))
+        e = method(x, pair, list(explanations))
         maps[name], logits = e.upsampled(tuple(x.shape[-2:])), e.logits
     return maps, logits
 
@@ -308,7 +310,8 @@ class FeatureMasking(Experiment):
     def params(self) -> dict:
         return {"source": self.source.name, "model": self.model_name, "seed": self.seed, "n_images": self.n_images,
                 "threshold": self.threshold, "layer": self.layer, "blur": list(self.blur), "methods": list(self.methods),
-                "explanations": list(EXPLANATIONS), "baselines": list(BASELINES), "variants": list(VARIANTS)}
+                "explanations": list(EXPLANATIONS), "review_explanations": list(REVIEW_EXPLANATIONS),
+                "baselines": list(BASELINES), "variants": list(VARIANTS)}
 
     def fingerprints(self) -> dict:
         return {"model": model_fingerprint(self.net), "data": dataset_fingerprint(self.source.dataset)}
@@ -360,15 +363,25 @@ class FeatureMasking(Experiment):
         N, out = x[0, 0].numel(), []
         scores = {name: [t.tolist() for t in masking_scores(self.net, x, pair, m, fills, self.forward_batch)]
                   for name, m in maps.items()}
+        # the review's p_t differs from ours only where it rounds to 1 (for t1): there its weighted map is the rivals'
+        # contrast alone, so those images are masked again with the review's maps; elsewhere the two agree
+        sat = [b for b in range(len(items)) if saturated[b]]
+        review = {}
+        if sat:
+            review_maps, _ = explain_pairs(self.methods, x[sat], pair[sat], REVIEW_EXPLANATIONS)
+            review = {name: masking_scores(self.net, x[sat], pair[sat], m, fills[sat], self.forward_batch)[0].tolist()
+                      for name, m in review_maps.items()}
         for b, (item, (index, t1, t2, p1, p2, group)) in enumerate(zip(indices, items)):
             head = {"item": int(item), "index": int(index), "group": group, "t1": t1, "t2": t2, "p1": p1, "p2": p2,
                     "p1_is_1": int(saturated[b])}
             for name, (r, kept) in scores.items():
+                rr = review[name][sat.index(b)] if saturated[b] else r[b]  # the review's maps' scores
                 for k, v, f, j in itertools.product(range(2), range(len(VARIANTS)), range(len(FEATURES)),
                                                     range(len(BASELINES))):
                     out.append({**head, "method": name, "target": f"t{k + 1}", "variant": VARIANTS[v],
                                 "baseline": BASELINES[j], "features": FEATURES[f], "clean": clean[b][k],
-                                "ori": r[b][k][v][f][0][j], "wtd": r[b][k][v][f][1][j], "kept": kept[b][k][v][f] / N})
+                                "ori": r[b][k][v][f][0][j], "wtd": r[b][k][v][f][1][j], "kept": kept[b][k][v][f] / N,
+                                "ori_review": rr[k][v][f][0][j], "wtd_review": rr[k][v][f][1][j]})
         return out
 
 # %% ../../nbs/15_masking.ipynb #e9f5d757

@@ -20,16 +20,18 @@ from .toolkit import (Need, Source, birds_source, check_count, dataset_fingerpri
                                                           imagenet_source, load_batch, model_fingerprint,
                                                           photos_source, resolve_device)
 from ..methods.explain import check_images, explaining, input_channels
-from ..methods.targets import TARGETS, Target, as_classes, get_target
+from ..methods.targets import REVIEW_TARGETS, TARGETS, Target, as_classes, get_target
 from ..results import Experiment
 
 # %% auto #0
-__all__ = ['SOURCES', 'EPSILONS', 'N_TOTS', 'SIGN_OBJECTIVES', 'NETWORKS', 'check_eps', 'check_n_tot', 'check_epsilons',
-           'check_n_tots', 'perturbation_bounds', 'step_size', 'perturbation_step', 'sign_targets', 'perturb',
-           'image_subset', 'Perturbation']
+__all__ = ['SOURCES', 'REVIEW_SOURCE', 'RUN_SOURCES', 'EPSILONS', 'N_TOTS', 'SIGN_OBJECTIVES', 'NETWORKS', 'check_eps',
+           'check_n_tot', 'check_epsilons', 'check_n_tots', 'perturbation_bounds', 'step_size', 'perturbation_step',
+           'sign_targets', 'perturb', 'image_subset', 'Perturbation']
 
 # %% ../../nbs/14_perturbation.ipynb #502c9ac3
 SOURCES = ("original", "mean", "max", "weighted")  # the review's four explanations, in its order
+REVIEW_SOURCE = "weighted_softmax"  # the review's code for the weighted one: softmax(logits)[t] in float32
+RUN_SOURCES = (*SOURCES, REVIEW_SOURCE)  # what the experiment perturbs by default: the four, and the review's p_t
 EPSILONS = (1e-3, 3e-3)  # the budgets of the review's Figure 1
 N_TOTS = (1, 2, 10)  # the step counts of the review's Figure 1
 
@@ -106,13 +108,14 @@ def perturbation_step(x: Tensor, # the current iterate x^(n)
 SIGN_OBJECTIVES: dict[str, str] = {"weighted": "weighted_log"}  # source -> the target stepped along (same sign)
 
 
-def sign_targets(sources: str | Target | Sequence[str | Target], # names in SOURCES / TARGETS, or Target objects
+def sign_targets(sources: str | Target | Sequence[str | Target], # names in TARGETS / REVIEW_TARGETS, or Targets
                 ) -> tuple[tuple[str, ...], tuple[Target, ...]]: # (names, targets)
     "The sources' names and the targets whose gradient sign each steps along: 'weighted' steps along log p_t (Eq. eq-sign-log)."
     names, targets = [], []
     for s in _items(sources, "sources", "('original', 'weighted')"):
-        if isinstance(s, str) and s not in TARGETS:
-            raise ValueError(f"unknown source {s!r} in sources: choose among {', '.join(TARGETS)}, or pass a Target")
+        if isinstance(s, str) and s not in TARGETS and s not in REVIEW_TARGETS:
+            raise ValueError(f"unknown source {s!r} in sources: choose among {', '.join(TARGETS)} (or the review's "
+                             f"{', '.join(REVIEW_TARGETS)}), or pass a Target")
         if not isinstance(s, (str, Target)):
             raise TypeError(f"sources must hold target names or Target objects, got a {type(s).__name__} ({s!r}): "
                             f"pass e.g. sources={SOURCES}")
@@ -214,7 +217,7 @@ class Perturbation(Experiment):
                  n_images: int | None = None, # a random subset of the images (None: all)
                  epsilons: Sequence[float] = EPSILONS,
                  n_tots: Sequence[int] = N_TOTS,
-                 sources: Sequence[str] = SOURCES,
+                 sources: Sequence[str] = RUN_SOURCES, # the review's four and its own p_t (REVIEW_SOURCE)
                  batch_size: int = 8, # images per `rows` call (each becomes sources x epsilons rows)
                  download: bool = False, # let torchvision download a network's DEFAULT weights
                  output_root: str = "", # where ImageNet's class index parsed from the devkit goes ('' -> <project>/.cache)

@@ -21,9 +21,9 @@ from ..methods.explain import Method
 from ..methods.vit import check_rollout_options, encoder_blocks, find_vit
 
 # %% auto #0
-__all__ = ['REVIEW_BLOCKS', 'REVIEW_DEPTH', 'MAP_KINDS', 'VIT_TARGETS', 'CONTRASTIVE_ROLLOUT', 'STANDARD_ROLLOUT', 'VIT_SOURCES',
-           'map_block', 'stand_in_blocks', 'vit_methods', 'map_measures', 'check_vit_source', 'build_vit_source',
-           'ViTMaps']
+__all__ = ['REVIEW_BLOCKS', 'REVIEW_DEPTH', 'VIT_EXPLAIN_DISCARD', 'ROLLOUT_KINDS', 'MAP_KINDS', 'REFERENCE_KIND', 'VIT_TARGETS',
+           'CONTRASTIVE_ROLLOUT', 'STANDARD_ROLLOUT', 'BOOK_ROLLOUTS', 'VIT_SOURCES', 'map_block', 'stand_in_blocks',
+           'vit_methods', 'map_measures', 'check_vit_source', 'build_vit_source', 'ViTMaps']
 
 # %% ../../nbs/18_vit_maps.ipynb #40358022
 REVIEW_BLOCKS: tuple[int, ...] = (8, 10)  # the review's blocks of vit_b_16, 0-based
@@ -67,10 +67,22 @@ def stand_in_blocks(blocks: Sequence[int] = REVIEW_BLOCKS, # distinct blocks of 
     return tuple(out[b] for b in blocks)
 
 # %% ../../nbs/18_vit_maps.ipynb #10572fce
-MAP_KINDS: tuple[str, ...] = ("gradcam_a", "gradcam_b", "rollout_standard", "rollout_signed")
+VIT_EXPLAIN_DISCARD: float = 0.9  # vit-explain's default discard ratio; the review's notebook passes 0
+ROLLOUT_KINDS: dict[str, tuple[str, str, float | None]] = {  # kind -> (variant, gradient, discard ratio or None)
+    "rollout_standard": ("standard", "scores", None),  # the review's implementation (vit-explain's hook) ...
+    "rollout_signed": ("signed", "scores", None),  # ... and without ReLU; None: the experiment's discard_ratio
+    "rollout_standard_dA": ("standard", "weights", None),  # the book's reading of Eq. eq-rollout-fused: dO/dA
+    "rollout_signed_dA": ("signed", "weights", None),
+    "rollout_standard_d90": ("standard", "scores", VIT_EXPLAIN_DISCARD)}  # vit-explain's defaults throughout
+MAP_KINDS: tuple[str, ...] = ("gradcam_a", "gradcam_b", *ROLLOUT_KINDS)
+REFERENCE_KIND: dict[str, str] = {  # a variant -> the review's kind it is measured against
+    "rollout_standard_dA": "rollout_standard", "rollout_signed_dA": "rollout_signed",
+    "rollout_standard_d90": "rollout_standard"}
 VIT_TARGETS: tuple[str, ...] = ("original", "weighted")  # Target.name
 CONTRASTIVE_ROLLOUT: tuple[str, str] = ("rollout_signed", "weighted")  # the review's: every ReLU removed, from p_t
 STANDARD_ROLLOUT: tuple[str, str] = ("rollout_standard", "original")  # what it is compared with: vit-explain's, from y_t
+BOOK_ROLLOUTS: tuple[tuple[str, str], tuple[str, str]] = (  # the same pair with the attention weights' gradient
+    ("rollout_signed_dA", "weighted"), ("rollout_standard_dA", "original"))
 
 
 def vit_methods(model: nn.Module, # a torchvision VisionTransformer, or a module wrapping one
@@ -78,12 +90,12 @@ def vit_methods(model: nn.Module, # a torchvision VisionTransformer, or a module
                 head_fusion: str = "mean", # rollout's head fusion
                 discard_ratio: float = 0.0, # rollout's share of smallest fused values set to zero per block (the review's 0)
                ) -> dict[str, Method]: # kind of map (MAP_KINDS) -> its method
-    "GradCAM on blocks a and b and attention rollout, standard and signed, from methods.METHODS."
+    "GradCAM on blocks a and b and the rollouts of ROLLOUT_KINDS, from methods.METHODS."
     a, b = blocks
     gradcam, rollout = METHODS["vit_gradcam"], METHODS["attention_rollout"]
     return {"gradcam_a": gradcam(model, block=a), "gradcam_b": gradcam(model, block=b),
-            "rollout_standard": rollout(model, head_fusion, "standard", discard_ratio),
-            "rollout_signed": rollout(model, head_fusion, "signed", discard_ratio)}
+            **{kind: rollout(model, head_fusion, variant, discard_ratio if ratio is None else ratio, gradient)
+               for kind, (variant, gradient, ratio) in ROLLOUT_KINDS.items()}}
 
 # %% ../../nbs/18_vit_maps.ipynb #902dda92
 def map_measures(maps: Tensor, # (B, rank, 2, h, w): one kind's maps from the two VIT_TARGETS
@@ -206,10 +218,13 @@ class ViTMaps(SourcesExperiment):
         p = e["logits"].softmax(1)
         H, W = e["x"].shape[-2:]
         a, b = self.model_blocks[k]
-        block = {"gradcam_a": a, "gradcam_b": b, "rollout_standard": -1, "rollout_signed": -1}
+        block = {"gradcam_a": a, "gradcam_b": b, **{kind: -1 for kind in ROLLOUT_KINDS}}
         masks = e["masks"]
         chance = masks.float().mean((-2, -1)) if masks is not None else None
         measures = {kind: map_measures(e["maps"][kind], masks, (H, W)) for kind in MAP_KINDS}
+        nan = torch.full(e["maps"][MAP_KINDS[0]].shape[:3], math.nan)
+        reference = {kind: cosine(e["maps"][kind], e["maps"][REFERENCE_KIND[kind]]) if kind in REFERENCE_KIND else nan
+                     for kind in MAP_KINDS}  # (B, rank, 2): a variant against the review's map, per target
         method = {kind: m.name for kind, m in self._methods[k].items()}  # its Method.name
         out = []
         for i_b, i in enumerate(items):  # item by item, so that the rows do not depend on how items are batched
@@ -229,7 +244,10 @@ class ViTMaps(SourcesExperiment):
                                 "positive_weighted": float(m["positive"][i_b, r, 1]),
                                 "cosine_original_weighted": float(m["same"][i_b, r]),
                                 "cosine_t1_t2_original": float(m["t12"][i_b, 0]),
-                                "cosine_t1_t2_weighted": float(m["t12"][i_b, 1])})
+                                "cosine_t1_t2_weighted": float(m["t12"][i_b, 1]),
+                                "reference": REFERENCE_KIND.get(kind, ""),
+                                "cosine_reference_original": float(reference[kind][i_b, r, 0]),
+                                "cosine_reference_weighted": float(reference[kind][i_b, r, 1])})
         return out
 
     def figure_arrays(self, count: int = 4, # the first `count` images of the first source
