@@ -313,3 +313,31 @@ def test_a_second_build_estimates_the_time_left_from_the_first(book, capsys):
     status, out, _ = run(book, "--force", capsys=capsys)
     assert status == 0 and "[1/2] nbs/index.ipynb (at most about 2 min 00 s left" in out, out
     assert build_book.duration(7384) == "2 h 03 min" and build_book.duration(5) == "5 s"
+
+
+@pytest.mark.parametrize("has_filter", [True, False], ids=["data-filter", "python-3.11.2"])
+def test_assets_unpack_with_or_without_tarfiles_data_filter(tmp_path, monkeypatch, has_filter):
+    "Debian 12's Python 3.11.2 has no tarfile filter: the assets step must unpack there too, and refuse the same."
+    import io
+    import tarfile
+
+    if not has_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+
+    def tarball(name: str, members: dict[str, bytes]) -> Path:
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for member, data in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    good = tarball("good.tgz", {"package/dist/ort.min.js": b"// js"})
+    with tarfile.open(good) as tar:
+        book_assets.extract(tar, tmp_path / "good")
+    assert (tmp_path / "good" / "package" / "dist" / "ort.min.js").read_bytes() == b"// js"
+    evil = tarball("evil.tgz", {"package/../../outside.txt": b"no"})
+    with tarfile.open(evil) as tar, pytest.raises(Exception, match="outside"):
+        book_assets.extract(tar, tmp_path / "evil" / "here")
+    assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "evil" / "outside.txt").exists()

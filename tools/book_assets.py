@@ -50,6 +50,21 @@ def _copy(package: Path, pattern: str, staging: Path, target: str) -> None:
         shutil.copyfile(f, out)
 
 
+def extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Unpack `tar` into `dest`: Python's "data" filter where it has one (3.11.4 and later); before that (Debian 12's
+    3.11.2) the same refusals by hand: no path outside `dest`, no links, no devices."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = Path(dest).resolve()
+    for member in tar.getmembers():
+        inside = (root / member.name).resolve().is_relative_to(root)
+        if not inside or not (member.isfile() or member.isdir()):
+            raise ValueError(f"refusing to unpack {member.name!r} from {tar.name}: it is a link or a device, or lies "
+                             f"outside {root}; the npm package is not what {__file__} expects")
+    tar.extractall(root, members=tar.getmembers())
+
+
 def fetch_assets(dest: Path) -> None:
     "Download the pinned npm tarballs with `npm pack` and lay out the files the book serves in `dest`."
     dest = Path(dest)
@@ -59,7 +74,7 @@ def fetch_assets(dest: Path) -> None:
         staging = tmp / "book_assets"
         for tgz in tmp.glob("*.tgz"):
             with tarfile.open(tgz) as tar:
-                tar.extractall(tmp / tgz.stem, filter="data")
+                extract(tar, tmp / tgz.stem)
         for spec, copies in PACKAGES.items():
             name = spec.rsplit("@", 1)[0].lstrip("@").replace("/", "-")
             (src,) = [p / "package" for p in tmp.iterdir() if p.is_dir() and p.name.startswith(name + "-")]
