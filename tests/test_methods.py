@@ -283,3 +283,29 @@ def test_classes_to_copies_only_what_is_not_on_the_device():
     assert listed.tolist() == [[1, 2], [3, 4]] and listed.dtype == torch.int64
     moved = classes_to(t, torch.device("meta"))  # another device: copied (CUDA goes through pinned memory)
     assert moved.device.type == "meta" and moved.shape == (2,)
+
+
+# --- what users of pytorch-grad-cam type ------------------------------------------------------------------------
+
+def test_pytorch_grad_cam_habits_are_accepted_or_answered_with_the_call_meant():
+    import torchvision
+
+    from contrastive_explanations import GradCAM as FaceGradCAM
+
+    net = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = FaceGradCAM(net, net.layer4)(x, [1, 2]).maps
+    for method in (FaceGradCAM(net, [net.layer4]), FaceGradCAM(net, target_layers=[net.layer4]),
+                   FaceGradCAM(net, ["layer4"])):
+        assert method.layer is net.layer4
+        torch.testing.assert_close(method(x, [1, 2]).maps, want)
+    with pytest.raises(TypeError, match=r"targets=\[281\] looks like class indices: did you mean classes=\[281\]"):
+        FaceGradCAM(net)(x, targets=[281])
+    with pytest.raises(TypeError, match=r"did you mean classes=281"):
+        FaceGradCAM(net)(x, targets=281)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'target': did you mean classes="):
+        FaceGradCAM(net)(x, target=3)
+    with pytest.raises(ValueError, match="one layer per method, got 2"):
+        FaceGradCAM(net, [net.layer3, net.layer4])
+    with pytest.raises(TypeError, match="not both"):
+        FaceGradCAM(net, net.layer4, target_layers=[net.layer4])

@@ -76,6 +76,10 @@ def as_targets(targets: Target | str | Sequence[Target | str]) -> tuple[Target, 
     items = list(targets) if isinstance(targets, Sequence) and not isinstance(targets, str) else [targets]
     if not items:
         raise ValueError("targets is empty: pass at least one target, e.g. 'weighted'")
+    classes = [t for t in items if isinstance(t, int) or (isinstance(t, Tensor) and not t.is_floating_point())]
+    if classes:  # pytorch-grad-cam's `targets` are the classes; here they are what to back-propagate from
+        raise TypeError(f"targets={targets!r} looks like class indices: did you mean classes={targets!r}? Here "
+                        "targets name what to back-propagate from, e.g. targets='weighted' (p_t) or 'original' (y_t)")
     return tuple(get_target(t) for t in items)
 
 
@@ -197,8 +201,15 @@ class Method:
                  x: Tensor, # (B, C, H, W) images
                  classes: Tensor | int | Sequence[int] | None = None, # (B,), (B, K) or an int; None: the predicted class
                  targets: Target | str | Sequence[Target | str] = "weighted", # one target or several
+                 **unknown, # refused with a hint: e.g. target= (say classes= or targets=)
                 ) -> Explanation:
         "Explain `classes` of `x` under each of `targets`, with one forward and one (batched) backward pass."
+        if unknown:
+            hint = {"target": "classes= (the class indices) or targets= (what to back-propagate from)",
+                    "class_idx": "classes=", "labels": "classes="}
+            name = next(iter(unknown))
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}: did you mean "
+                            f"{hint.get(name, 'classes= or targets=')}?")
         with deferred_checks(), explaining(self.model):  # on a GPU, the value checks are read once, at the end
             check_images(x, self.channels)
             targets = as_targets(targets)
@@ -242,8 +253,22 @@ def default_layer(model: nn.Module) -> str:
 class ActivationMethod(Method):
     "A method that differentiates with respect to the output A of one layer (B, K, h, w)."
 
-    def __init__(self, model: nn.Module, layer: nn.Module | str | None = None):
+    def __init__(self,
+                 model: nn.Module,
+                 layer: nn.Module | str | Sequence[nn.Module | str] | None = None, # None: default_layer(model)
+                 *,
+                 target_layers: Sequence[nn.Module | str] | None = None, # pytorch-grad-cam's name for `layer`
+                ):
         super().__init__(model)
+        if target_layers is not None:
+            if layer is not None:
+                raise TypeError("pass layer= or target_layers=, not both: they name the same layer")
+            layer = target_layers
+        if isinstance(layer, (list, tuple)):  # pytorch-grad-cam takes a list of layers
+            if len(layer) != 1:
+                raise ValueError(f"one layer per method, got {len(layer)}: make one {type(self).__name__} per layer, "
+                                 "e.g. GradCAM(model, model.layer4)")
+            layer = layer[0]
         self.layer = find_layer(model, default_layer(model) if layer is None else layer)
 
     def _forward(self, x):
