@@ -60,3 +60,13 @@ def test_the_top_level_offers_the_readme_names():
     assert GradCAM in METHODS.values()
     assert all(key == method.name for key, method in METHODS.items()), {k: m.name for k, m in METHODS.items()}
     assert len(set(METHODS.values())) == len(METHODS)
+
+
+def test_the_readmes_python_examples_run():
+    "Every ```python block of README.md runs as written (offline: weights=None and the packaged model)."
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
