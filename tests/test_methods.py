@@ -309,3 +309,24 @@ def test_pytorch_grad_cam_habits_are_accepted_or_answered_with_the_call_meant():
         FaceGradCAM(net, [net.layer3, net.layer4])
     with pytest.raises(TypeError, match="not both"):
         FaceGradCAM(net, net.layer4, target_layers=[net.layer4])
+
+
+def test_a_map_from_p_t_that_underflows_to_zero_is_not_silent():
+    import warnings
+
+    from contrastive_explanations.methods.explain import UnderflowWarning
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary image: no warning
+        GradCAM(net, "2")(x, 0, ["weighted"])
+    with torch.no_grad():
+        net[-1].bias.copy_(torch.tensor([40.0, 0.0, 0.0]))  # p_0 = 1 in float32
+    with pytest.warns(UnderflowWarning, match=r"2 of the 2 maps from p_t are all zero.*targets='weighted_log'"):
+        e = GradCAM(net, "2")(x, 0, ["original", "weighted", "weighted_log"])
+    assert (e.map("weighted") == 0).all() and (e.map("weighted_log") != 0).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradCAM(net, "2")(x, 0, ["weighted_log", "original"])  # not asked for p_t: nothing to warn about

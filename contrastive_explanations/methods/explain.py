@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ from .targets import Target, as_classes, check_later, deferred_checks, get_targe
 
 # %% auto #0
 __all__ = ['check_images', 'input_channels', 'as_class_matrix', 'classes_to', 'as_targets', 'objectives', 'batched_grad',
-           'explaining', 'find_layer', 'leaf_output', 'Explanation', 'Method', 'default_layer', 'ActivationMethod']
+           'explaining', 'find_layer', 'leaf_output', 'Explanation', 'UnderflowWarning', 'warn_underflow', 'Method',
+           'default_layer', 'ActivationMethod']
 
 # %% ../../nbs/02_explain.ipynb #6be0fb71
 def check_images(x: Tensor, # (B, C, H, W) images in [0, 1]
@@ -186,6 +188,27 @@ class Explanation:
         return up.reshape(B, K, T, *size).to(self.maps.dtype)
 
 # %% ../../nbs/02_explain.ipynb #e9b1d13c
+class UnderflowWarning(UserWarning):
+    "A map from p_t is all zero because p_t rounds to 1 in the logits' precision."
+
+
+def warn_underflow(maps: Tensor, # (B, K, T, h, w)
+                   logits: Tensor, # (B, C)
+                   classes: Tensor, # (B, K)
+                   targets: Sequence[Target],
+                  ) -> None:
+    "Warn (UnderflowWarning) where a map from p_t is all zero and p_t rounds to 1: its gradient underflowed."
+    which = [i for i, t in enumerate(targets) if t.name in ("weighted", "weighted_softmax")]
+    if not which:
+        return
+    saturated = logits.detach().softmax(1).gather(1, classes) == 1  # (B, K), in the logits' precision
+    blank = (maps[:, :, which] == 0).flatten(-2).all(-1).any(-1) & saturated
+    if blank.any():  # one read of a (B, K) flag, only when p_t is asked for
+        warnings.warn(f"{int(blank.sum())} of the {blank.numel()} maps from p_t are all zero: p_t rounds to 1 in "
+                      f"{logits.dtype}, so its gradient underflows. targets='weighted_log' (log p_t) gives the same "
+                      "map divided by p_t, without underflow", UnderflowWarning, stacklevel=3)
+
+
 class Method:
     "A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity."
     name: str = ""
@@ -219,6 +242,7 @@ class Method:
             grads = batched_grad(objectives(logits, classes, targets), wrt)  # (B, K*T, ...), or a tuple of them
             maps = self._maps(grads, wrt.detach() if isinstance(wrt, Tensor) else tuple(w.detach() for w in wrt))
         B, K, T = len(x), classes.shape[1], len(targets)
+        warn_underflow(maps.reshape(B, K, T, *maps.shape[-2:]), logits, classes, targets)
         keep = grads.reshape(B, K, T, *grads.shape[2:]) if self.keep_grads and isinstance(grads, Tensor) else None
         return Explanation(maps.reshape(B, K, T, *maps.shape[-2:]), logits.detach(), classes,
                            tuple(t.name for t in targets), keep)
