@@ -20,8 +20,8 @@ from PIL import Image
 from .viz import comparison_figure, figure_png, static_grid
 
 # %% auto #0
-__all__ = ['CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'class_choices', 'explain_all', 'static_explorer', 'parse_classes',
-           'explain_image', 'top_classes', 'LiveExplorer', 'main']
+__all__ = ['CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'FINETUNED_MODELS', 'class_choices', 'explain_all',
+           'static_explorer', 'parse_classes', 'explain_image', 'top_classes', 'LiveExplorer', 'output_stems', 'main']
 
 # %% ../nbs/22_explorer.ipynb #fe38d9e4
 from collections.abc import Callable, Sequence
@@ -228,56 +228,130 @@ def _save_png(fig: Figure, path: Path, dpi: int = 120) -> None:
         tmp.unlink(missing_ok=True)
 
 # %% ../nbs/22_explorer.ipynb #f4081493
+FINETUNED_MODELS = ("vgg16_bn_cub", "vit_b_16_food101")  # MODELS whose head is trained by the book: need --checkpoint
+
+
 def _parser() -> argparse.ArgumentParser:
+    from contrastive_explanations import __version__
+    from contrastive_explanations.data.models import MODELS
     p = argparse.ArgumentParser(
         prog="contrastive-explain",
         description="Explain why a classifier picks a class over the others: for each image, one figure with the "
                     "original (logit) and contrastive (softmax: weighted, mean, max) maps of the chosen classes, "
                     "and a JSON file with the top classes.",
-        epilog="Example: contrastive-explain cat.jpg --method gradcam --top-k 2 --out-dir out/")
+        epilog="Example: contrastive-explain cat.jpg --method gradcam --top-k 2 --out-dir out/. Models: "
+               f"{', '.join(MODELS)} (efficientnet_lite0 ships with the package; the torchvision ones need their "
+               f"weights in TORCH_HOME or --download; {', '.join(FINETUNED_MODELS)} need --checkpoint).")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--model", default="efficientnet_lite0",
-                   help="a registered model (default: efficientnet_lite0, offline); see contrastive_explanations.data.models")
-    p.add_argument("--checkpoint", help="checkpoint file for the fine-tuned models (vgg16_bn_cub, vit_b_16_food101)")
+    p.add_argument("--model", default="efficientnet_lite0", metavar="NAME",
+                   help="a registered model (default: efficientnet_lite0, offline); the list is below")
+    p.add_argument("--checkpoint", help=f"checkpoint file of a fine-tuned model ({', '.join(FINETUNED_MODELS)})")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download a torchvision model's DEFAULT weights into TORCH_HOME")
     p.add_argument("--method", default="gradcam", choices=list(METHODS), help="explanation method (default: gradcam)")
+    p.add_argument("--layer", help="the layer an activation method explains, a dotted name from "
+                                   "model.named_modules() (default: the model's own)")
     p.add_argument("--targets", nargs="+", default=list(COMPARED_TARGETS), metavar="TARGET",
                    help="targets to compare (default: original weighted mean max)")
     p.add_argument("--classes", nargs="+", type=int, metavar="C", help="class indices to explain (default: top-k)")
     p.add_argument("--top-k", type=int, default=2, help="how many top classes to explain (default 2)")
+    p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--out-dir", default=".", help="where to write NAME.png and NAME.json (default: here)")
+    p.add_argument("--save-maps", action="store_true",
+                   help="also write NAME.npz: the signed maps (classes x targets x h x w), the classes, the targets "
+                        "and the classes' probabilities")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    "One output name per input: its stem, with -2, -3, ... for later inputs of the same stem."
+    seen, out = {}, []
+    for p in paths:
+        n = seen[p.stem] = seen.get(p.stem, 0) + 1
+        out.append(p.stem if n == 1 else f"{p.stem}-{n}")
+    return out
+
+
+def _checked_setup(args, build_model, TARGETS):
+    "Everything the command line can refuse, checked before any output: (images, model, method's layer, device)."
+    bad = [t for t in args.targets if t not in TARGETS]
+    if bad:
+        raise ValueError(f"unknown target(s) {bad}: choose among {', '.join(TARGETS)}")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out-dir {out} is a file, not a folder: pass a folder (it is created if missing)")
+    images = [(Path(p), _read_image(p)) for p in args.images]  # every input checked before any output
+    if args.model in FINETUNED_MODELS and not args.checkpoint:
+        raise ValueError(f"--model {args.model} has a head fine-tuned by the book's training chapter: pass its "
+                         f"--checkpoint (without one the head is random and the explanation meaningless)")
+    kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+    if args.download:
+        kwargs["download"] = True
+    try:
+        model = build_model(args.model, **kwargs)
+    except TypeError:
+        raise ValueError(f"--model {args.model} does not take "
+                         f"{' and '.join(f'--{k}' for k in kwargs)}: drop it") from None
+    if args.top_k > len(model.categories):
+        raise ValueError(f"--top-k {args.top_k} is more than the {len(model.categories)} classes of {args.model}: "
+                         f"pass at most {len(model.categories)}")
+    if args.classes is not None:
+        parse_classes(" ".join(map(str, args.classes)), len(model.categories))
+    device = _device(args.device)
+    model = model.to(device)
+    try:  # a method that does not fit the model (a ViT method on a CNN, a layer it lacks) says so now
+        METHODS[args.method](model, args.layer) if args.layer else METHODS[args.method](model)
+    except TypeError as e:
+        if args.layer and "positional" in str(e):
+            raise ValueError(f"--method {args.method} takes no --layer: drop it") from None
+        raise ValueError(f"--method {args.method} does not fit --model {args.model}: {e}") from None
+    return images, model, device
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: there is no GPU here; pass --device cpu")
+    return device
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     "Command-line entry point; returns the exit status (2 for bad input)."
     args = _parser().parse_args(argv)
     from contrastive_explanations.methods.targets import TARGETS
-    from contrastive_explanations.data.models import MODELS, build_model
+    from contrastive_explanations.data.models import build_model
+    from contrastive_explanations.results import write_arrays, write_json
     try:
-        bad = [t for t in args.targets if t not in TARGETS]
-        if bad:
-            raise ValueError(f"unknown target(s) {bad}: choose among {', '.join(TARGETS)}")
-        if args.top_k < 1:
-            raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-        images = [(Path(p), _read_image(p)) for p in args.images]  # every input checked before any output
-        kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
-        model = build_model(args.model, **kwargs)
-        if args.classes is not None:
-            parse_classes(" ".join(map(str, args.classes)), len(model.categories))
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        images, model, device = _checked_setup(args, build_model, TARGETS)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     out = Path(args.out_dir)
-    for path, image in images:
-        x, e = explain_image(model, image, args.method, args.targets, args.classes, args.top_k)
-        fig = comparison_figure(x, e, range(e.classes.shape[1]), model.categories, f"{path.name}: {args.model}, {args.method}")
-        _save_png(fig, out / f"{path.stem}.png")
+    method = METHODS[args.method](model, args.layer) if args.layer else METHODS[args.method](model)
+    for (path, image), stem in zip(images, output_stems([p for p, _ in images])):
+        x = model.preprocess(image)[None].to(device)
+        with torch.no_grad():
+            classes = args.classes if args.classes is not None else model(x).topk(args.top_k, dim=1).indices[0].tolist()
+        e = method(x, torch.tensor([list(classes)], device=device), list(args.targets))
+        e = Explanation(e.maps.cpu(), e.logits.cpu(), e.classes.cpu(), e.targets)
+        fig = comparison_figure(x[0].cpu(), e, range(e.classes.shape[1]), model.categories,
+                                f"{path.name}: {args.model}, {args.method}")
+        _save_png(fig, out / f"{stem}.png")
         plt.close(fig)
         report = {"image": str(path), "model": args.model, "method": args.method, "targets": list(args.targets),
                   "explained": e.classes[0].tolist(), "top": top_classes(e, model.categories)}
-        from contrastive_explanations.results import write_json
-        write_json(out / f"{path.stem}.json", report)
-        print(f"{path}: {report['top'][0]['name']} ({report['top'][0]['probability']:.2f}) -> {out / path.stem}.png")
+        write_json(out / f"{stem}.json", report)
+        if args.save_maps:
+            p = e.logits[0].float().softmax(-1)[e.classes[0]]
+            write_arrays(out / f"{stem}.npz", report, maps=e.maps[0].numpy(), classes=e.classes[0].numpy(),
+                         targets=np.array(e.targets), probabilities=p.numpy())
+        print(f"{path}: {report['top'][0]['name']} ({report['top'][0]['probability']:.2f}) -> {out / stem}.png")
     return 0
 
 

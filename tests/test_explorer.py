@@ -55,7 +55,9 @@ def test_switcher_refuses_bad_pages():
 
 # ---- the static grid, the live explorer and the command line
 import json  # noqa: E402
+import os  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -218,3 +220,54 @@ def test_colour_range_ignores_a_few_outlier_pixels():
     assert colour_range(spike) == 2.0
     with pytest.raises(ValueError, match="percentile must be in"):
         colour_range(m, 0)
+
+
+def test_cli_refuses_what_would_have_been_a_traceback_or_a_lie(tmp_path, capsys):
+    good = _png_file(tmp_path / "good.png")
+    (tmp_path / "a_file").write_text("not a folder")
+    for args, word in (([str(good), "--top-k", "5000"], "more than the 1000 classes"),
+                       ([str(good), "--method", "vit_gradcam"], "does not fit --model efficientnet_lite0"),
+                       ([str(good), "--method", "attention_rollout"], "does not fit --model efficientnet_lite0"),
+                       ([str(good), "--model", "vgg16_bn_cub"], "pass its --checkpoint"),
+                       ([str(good), "--layer", "no.such.layer"], "no layer 'no.such.layer'"),
+                       ([str(good), "--device", "banana"], "is not a device"),
+                       ([str(good), "--out-dir", str(tmp_path / "a_file")], "is a file, not a folder")):
+        out = args[-1] if "--out-dir" in args else str(tmp_path / "out")
+        argv = args if "--out-dir" in args else [*args, "--out-dir", out]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert word in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+        assert not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():
+        assert main([str(good), "--device", "cuda", "--out-dir", str(tmp_path / "out")]) == 2
+        assert "no GPU here" in capsys.readouterr().err
+
+
+def test_cli_same_names_do_not_collide_and_maps_can_be_saved(tmp_path, capsys):
+    import stat
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = _png_file(tmp_path / "a" / "x.png"), _png_file(tmp_path / "b" / "x.png")
+    out = tmp_path / "out"
+    assert main([str(first), str(second), "--save-maps", "--layer", "net.features", "--out-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["x-2.json", "x-2.npz", "x-2.png", "x.json", "x.npz", "x.png"]
+    assert json.loads((out / "x-2.json").read_text())["image"] == str(second)
+    with np.load(out / "x.npz") as saved:
+        assert saved["maps"].shape[:2] == (2, 4) and list(saved["targets"]) == ["original", "weighted", "mean", "max"]
+        assert saved["classes"].tolist() == json.loads((out / "x.json").read_text())["explained"]
+        assert (np.diff(saved["probabilities"]) <= 0).all()  # the top-2, in order
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "x.json").stat().st_mode) == 0o666 & ~umask  # the user's umask, not 0600
+
+
+def test_cli_version_and_help_name_the_models(capsys):
+    from contrastive_explanations import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("efficientnet_lite0", "resnet18", "vgg16_bn_cub", "--save-maps", "--device"))
