@@ -91,7 +91,7 @@ def _read_image(source: str | os.PathLike | bytes) -> Image.Image:
         try:
             return read_rgb(io.BytesIO(bytes(source)))
         except ImageReadError as e:
-            raise ValueError(f"the uploaded file is not an image PIL can read ({e}): upload a PNG or JPEG") from None
+            raise ValueError("the uploaded file is not an image PIL can read: upload a PNG or JPEG") from None
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no image at {path}: give the path of a PNG or JPEG file")
@@ -161,8 +161,10 @@ class LiveExplorer:
         self.save = widgets.Button(description="Save figure")
         self.status = widgets.HTML()
         self.output = widgets.Output()
-        self.run.on_click(lambda _: self.explain())
-        self.save.on_click(lambda _: self.save_figure())
+        self.run.on_click(lambda _: self._guarded(self.explain))
+        self.save.on_click(lambda _: self._guarded(self.save_figure))
+        self.model.observe(lambda change: self._guarded(self.fit_methods), names="value")
+        self._guarded(self.fit_methods)
         self.widget = widgets.VBox([widgets.HBox([self.upload, self.path]), widgets.HBox([self.model, self.method]),
                                     widgets.HBox([self.targets, self.classes]), widgets.HBox([self.run]),
                                     self.status, self.output, widgets.HBox([self.save_path, self.save])])
@@ -170,6 +172,27 @@ class LiveExplorer:
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
+
+    def _guarded(self, action: Callable[[], object]) -> None:
+        "Run a button's action; whatever goes wrong is shown in the status line, never lost in a callback."
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - a widget callback has no caller to raise to
+            self.status.value = f"<span style='color:#b00'>{html.escape(f'{type(err).__name__}: {err}')}</span>"
+
+    def fit_methods(self) -> list[str]:
+        "Offer only the methods that can explain the chosen model (no ViT methods for a CNN)."
+        model, fitting = self.get_model(self.model.value), []
+        for name, method in METHODS.items():
+            try:
+                method(model)
+                fitting.append(name)
+            except (TypeError, ValueError):
+                pass
+        current = self.method.value
+        self.method.options = fitting
+        self.method.value = current if current in fitting else ("gradcam" if "gradcam" in fitting else fitting[0])
+        return fitting
 
     def get_model(self, name: str) -> nn.Module:
         if name not in self._models:
@@ -185,6 +208,13 @@ class LiveExplorer:
 
     def explain(self) -> Figure | None:
         "Compute and show the figure for the current settings; errors are shown in the status line."
+        self.run.disabled, self.status.value = True, "computing…"
+        try:
+            return self._explain()
+        finally:
+            self.run.disabled = False
+
+    def _explain(self) -> Figure | None:
         try:
             model = self.get_model(self.model.value)
             image = _read_image(self._source())

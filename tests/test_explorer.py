@@ -271,3 +271,20 @@ def test_cli_version_and_help_name_the_models(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in ("efficientnet_lite0", "resnet18", "vgg16_bn_cub", "--save-maps", "--device"))
+
+
+def test_live_explorer_buttons_report_every_error_and_offer_only_fitting_methods(tmp_path):
+    live = LiveExplorer({"tiny": tiny_classifier}, k=2)
+    assert "gradcam" in live.method.options and not {"vit_gradcam", "attention_rollout"} & set(live.method.options)
+    live.upload.value = ({"name": "x.png", "type": "image/png", "size": 12, "content": memoryview(b"not an image"),
+                          "last_modified": __import__("datetime").datetime(2026, 1, 1)},)
+    live._guarded(live.explain)
+    assert "not an image PIL can read" in live.status.value and "object at" not in live.status.value
+    assert not live.run.disabled  # the busy state ends, also after an error
+    live.upload.value = ()
+    live.path.value = str(_png_file(tmp_path / "red.png"))
+    assert live.explain() is not None and not live.run.disabled
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    live.save_path.value = str(tmp_path / "taken" / "figure.png")
+    live.save.click()  # the button's callback: the error lands in the status line, it does not escape
+    assert "Error" in live.status.value and not (tmp_path / "taken" / "figure.png").exists()
