@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.axes import Axes
 from matplotlib.colors import CenteredNorm
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -72,13 +73,29 @@ def colour_range(m, # a signed map (array or tensor)
     return value if value > 0 else (float(a.max()) or 1.0)
 
 
-def overlay(ax, # a matplotlib Axes
-            image: np.ndarray | Tensor, # (3, H, W) uint8 or float in [0, 1]
-            m: np.ndarray | Tensor, # (h, w) signed map, upsampled bilinearly to (H, W)
+def overlay(*args, # (image, m): a new figure with a colour bar; or (ax, image, m): drawn into that Axes
             alpha: float = 0.5,
             halfrange: float | None = None, # the colour scale's +- range (default: the map's largest |value|)
-           ) -> None:
-    "A signed map over its image: bwr with the scale centred on zero, half transparent."
+            title: str = "", # the new figure's title
+           ) -> Figure | None: # the new figure, when no Axes was given
+    """A signed map over its image: bwr with the scale centred on zero, half transparent. `overlay(image, m)` makes
+    one figure with a colour bar (red: for the class, blue: against it); `overlay(ax, image, m)` draws into `ax`."""
+    if len(args) == 2:
+        fig, ax = plt.subplots(figsize=(4.2, 3.4))
+        shown = _overlay(ax, *args, alpha=alpha, halfrange=halfrange)
+        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+        bar.set_label("← against the class · for the class →", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        return fig
+    if len(args) != 3 or not isinstance(args[0], Axes):
+        raise TypeError("overlay takes (image, map) for a new figure, or (ax, image, map) to draw into a "
+                        f"matplotlib Axes; got {len(args)} positional arguments")
+    _overlay(*args, alpha=alpha, halfrange=halfrange)
+    return None
+
+
+def _overlay(ax, image, m, alpha: float = 0.5, halfrange: float | None = None):
+    "Draw the image and the map over it into `ax`; the map's AxesImage, for a colour bar."
     image = torch.as_tensor(np.asarray(image))
     H, W = image.shape[-2:]
     up = F.interpolate(torch.as_tensor(np.asarray(m), dtype=torch.float32)[None, None], size=(H, W),
@@ -86,8 +103,9 @@ def overlay(ax, # a matplotlib Axes
     shown = image.float() / 255 if image.dtype == torch.uint8 else image.float()
     ax.imshow(shown.permute(1, 2, 0).clamp(0, 1).numpy())
     r = halfrange if halfrange is not None else float(up.abs().max())
-    ax.imshow(up.numpy(), cmap="bwr", norm=CenteredNorm(halfrange=r or 1.0), alpha=alpha)
+    shown = ax.imshow(up.numpy(), cmap="bwr", norm=CenteredNorm(halfrange=r or 1.0), alpha=alpha)
     ax.set_xticks([]), ax.set_yticks([])
+    return shown
 
 def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
                       explanation: Explanation, # of this one image (batch of 1), classes (1, K), all targets

@@ -288,3 +288,23 @@ def test_live_explorer_buttons_report_every_error_and_offer_only_fitting_methods
     live.save_path.value = str(tmp_path / "taken" / "figure.png")
     live.save.click()  # the button's callback: the error lands in the status line, it does not escape
     assert "Error" in live.status.value and not (tmp_path / "taken" / "figure.png").exists()
+
+
+def test_overlay_draws_one_map_with_a_colour_bar_or_into_a_panel():
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from contrastive_explanations.viz import overlay
+
+    image, m = torch.rand(3, 16, 16), torch.linspace(-3, 1, 16).view(4, 4)
+    fig = overlay(image, m)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    bar = fig.axes[1]
+    assert "for the class" in bar.get_ylabel() and "against" in bar.get_ylabel()
+    low, high = bar.get_ylim()
+    assert low == pytest.approx(-high) and high == pytest.approx(3.0)  # centred on zero, the largest |value|
+    panel_fig, ax = plt.subplots()
+    assert overlay(ax, image, m) is None and len(panel_fig.axes) == 1
+    with pytest.raises(TypeError, match=r"\(image, map\) for a new figure, or \(ax, image, map\)"):
+        overlay(image)
+    plt.close("all")
