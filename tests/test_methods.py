@@ -330,3 +330,33 @@ def test_a_map_from_p_t_that_underflows_to_zero_is_not_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GradCAM(net, "2")(x, 0, ["weighted_log", "original"])  # not asked for p_t: nothing to warn about
+
+
+def test_a_model_returning_a_dict_or_a_model_output_is_explained_through_output():
+    from dataclasses import dataclass
+
+    import torchvision
+
+    @dataclass
+    class ModelOutput:  # the shape of a Hugging Face model's output
+        logits: torch.Tensor
+
+    class Hub(nn.Module):
+        def __init__(self, net, as_dict):
+            super().__init__()
+            self.net, self.as_dict = net, as_dict
+
+        def forward(self, x):
+            y = self.net(x)
+            return {"logits": y} if self.as_dict else ModelOutput(y)
+
+    net = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    want = GradCAM(net, "layer4")(x, [1, 3], ["original", "weighted"]).maps
+    for hub, output in ((Hub(net, True), lambda out: out["logits"]), (Hub(net, False), lambda out: out.logits)):
+        got = GradCAM(hub, "net.layer4", output=output)(x, [1, 3], ["original", "weighted"]).maps
+        torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match=r"returned a dict with keys \['logits'\].*output=lambda out: out\['logits'\]"):
+        GradCAM(Hub(net, True), "net.layer4")(x, 1)
+    with pytest.raises(TypeError, match="returned a ModelOutput, not logits"):
+        GradCAM(Hub(net, False), "net.layer4")(x, 1)

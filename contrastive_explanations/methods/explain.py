@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +18,8 @@ from .targets import Target, as_classes, check_later, deferred_checks, get_targe
 
 # %% auto #0
 __all__ = ['check_images', 'input_channels', 'as_class_matrix', 'classes_to', 'as_targets', 'objectives', 'batched_grad',
-           'explaining', 'find_layer', 'leaf_output', 'Explanation', 'UnderflowWarning', 'warn_underflow', 'Method',
-           'default_layer', 'ActivationMethod']
+           'explaining', 'find_layer', 'leaf_output', 'Explanation', 'UnderflowWarning', 'warn_underflow', 'WithOutput',
+           'check_logits', 'Method', 'default_layer', 'ActivationMethod']
 
 # %% ../../nbs/02_explain.ipynb #6be0fb71
 def check_images(x: Tensor, # (B, C, H, W) images in [0, 1]
@@ -209,15 +209,39 @@ def warn_underflow(maps: Tensor, # (B, K, T, h, w)
                       "map divided by p_t, without underflow", UnderflowWarning, stacklevel=3)
 
 
+class WithOutput(nn.Module):
+    "A model whose output is taken apart by `output`: the logits of a model that returns a dict or a ModelOutput."
+
+    def __init__(self, model: nn.Module, output: Callable):
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, x):
+        return self.output(self.model(x))
+
+
+def check_logits(logits) -> Tensor:
+    "The model's output, if it is a (B, C) tensor of logits; else an error that says how to pass the logits out."
+    if isinstance(logits, Tensor) and logits.ndim == 2:
+        return logits
+    what = f"a {type(logits).__name__}" if not isinstance(logits, Tensor) else f"a tensor of shape {tuple(logits.shape)}"
+    keys = f" with keys {list(logits)[:5]}" if isinstance(logits, dict) else ""
+    raise TypeError(f"the model returned {what}{keys}, not logits (B, classes): pass output=, a function from its "
+                    "output to the logits, e.g. output=lambda out: out['logits'] (or out.logits)")
+
+
 class Method:
     "A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity."
     name: str = ""
     keep_grads: bool = False  # whether the Explanation carries the raw gradients
 
-    def __init__(self, model: nn.Module):
+    def __init__(self,
+                 model: nn.Module,
+                 output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
+                ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = model if output is None else WithOutput(model, output)
         self.channels = input_channels(model)
 
     def __call__(self,
@@ -238,6 +262,7 @@ class Method:
             targets = as_targets(targets)
             classes = classes_to(classes, x.device)  # before the forward pass is queued: the copy waits for nothing
             logits, wrt = self._forward(x.detach().to(next(self.model.parameters(), x).dtype))
+            logits = check_logits(logits)
             classes = as_class_matrix(classes, logits)
             grads = batched_grad(objectives(logits, classes, targets), wrt)  # (B, K*T, ...), or a tuple of them
             maps = self._maps(grads, wrt.detach() if isinstance(wrt, Tensor) else tuple(w.detach() for w in wrt))
@@ -282,8 +307,9 @@ class ActivationMethod(Method):
                  layer: nn.Module | str | Sequence[nn.Module | str] | None = None, # None: default_layer(model)
                  *,
                  target_layers: Sequence[nn.Module | str] | None = None, # pytorch-grad-cam's name for `layer`
+                 output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
                 ):
-        super().__init__(model)
+        super().__init__(model, output)
         if target_layers is not None:
             if layer is not None:
                 raise TypeError("pass layer= or target_layers=, not both: they name the same layer")
