@@ -333,9 +333,9 @@ def _checked_setup(args, build_model, TARGETS):
     device = _device(args.device)
     model = model.to(device)
     try:  # a method that does not fit the model (a ViT method on a CNN, a layer it lacks) says so now
-        METHODS[args.method](model, args.layer) if args.layer else METHODS[args.method](model)
+        METHODS[args.method](model, layer=args.layer) if args.layer else METHODS[args.method](model)
     except TypeError as e:
-        if args.layer and "positional" in str(e):
+        if args.layer and "'layer'" in str(e):
             raise ValueError(f"--method {args.method} takes no --layer: drop it") from None
         raise ValueError(f"--method {args.method} does not fit --model {args.model}: {e}") from None
     return images, model, device
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     out = Path(args.out_dir)
-    method = METHODS[args.method](model, args.layer) if args.layer else METHODS[args.method](model)
+    method = METHODS[args.method](model, layer=args.layer) if args.layer else METHODS[args.method](model)
     for (path, image), stem in zip(images, output_stems([p for p, _ in images])):
         x = model.preprocess(image)[None].to(device)
         with torch.no_grad():

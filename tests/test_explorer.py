@@ -230,6 +230,7 @@ def test_cli_refuses_what_would_have_been_a_traceback_or_a_lie(tmp_path, capsys)
                        ([str(good), "--method", "attention_rollout"], "does not fit --model efficientnet_lite0"),
                        ([str(good), "--model", "vgg16_bn_cub"], "pass its --checkpoint"),
                        ([str(good), "--layer", "no.such.layer"], "no layer 'no.such.layer'"),
+                       ([str(good), "--method", "gradient", "--layer", "net.features"], "takes no --layer"),
                        ([str(good), "--device", "banana"], "is not a device"),
                        ([str(good), "--out-dir", str(tmp_path / "a_file")], "is a file, not a folder")):
         out = args[-1] if "--out-dir" in args else str(tmp_path / "out")

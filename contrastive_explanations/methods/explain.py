@@ -241,6 +241,9 @@ class Method:
                 ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if output is not None and not callable(output):
+            raise TypeError(f"output must be a function from the model's output to its logits, got "
+                            f"{type(output).__name__}: e.g. output=lambda out: out['logits']")
         self.model = model if output is None else WithOutput(model, output)
         self.channels = input_channels(model)
 
