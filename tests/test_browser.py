@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 STAMP = HTML / ".built-embedded"
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+                or "/usr/bin/chromium")  # $CHROMIUM, else the first chromium on PATH
 SOURCES = ["nbs/*.ipynb", "contrastive_explanations/**/*.py", "reference/*.csv", "benchmarks/results/*.json",
            "_toc.yml", "_config.yml", "params/embedded.yaml", "tools/*.py", "tools/static/*"]
 
@@ -57,7 +60,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="session")
 def browser():
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); `make test` does")
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium; `make test` does), "
+                    "or set CHROMIUM=/path/to/chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
