@@ -118,19 +118,24 @@ def parse_classes(text: str, num_classes: int) -> list[int] | None:
 
 def explain_image(model: nn.Module, # an ImageClassifier (with .preprocess and .categories)
                   image: Image.Image,
-                  method: str = "gradcam",
+                  method: str | Method = "gradcam", # a name in METHODS, or a method made for this model
                   targets: Sequence[str] = COMPARED_TARGETS,
                   classes: Sequence[int] | None = None, # None: the top-k
                   k: int = 3,
                  ) -> tuple[Tensor, Explanation]:
-    "Preprocess one image and explain the chosen (or top-k) classes under each target: (x (3, H, W), explanation)."
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose among {', '.join(METHODS)}")
-    x = model.preprocess(image)[None]
+    """Preprocess one image and explain the chosen (or top-k) classes under each target, on the model's device:
+    (x (3, H, W), explanation), both on the CPU."""
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: choose among {', '.join(METHODS)}")
+        method = METHODS[method](model)
+    device = next(model.parameters()).device
+    x = model.preprocess(image)[None].to(device)
     if classes is None:
         with torch.no_grad():
             classes = model(x).topk(k, dim=1).indices[0].tolist()
-    return x[0], METHODS[method](model)(x, torch.tensor([list(classes)]), list(targets))
+    e = method(x, torch.tensor([list(classes)], device=device), list(targets))
+    return x[0].cpu(), Explanation(e.maps.cpu(), e.logits.cpu(), e.classes.cpu(), e.targets)
 
 
 def top_classes(explanation: Explanation, class_names: Sequence[str], k: int = 5) -> list[dict]:
@@ -304,7 +309,7 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def _checked_setup(args, build_model, TARGETS):
-    "Everything the command line can refuse, checked before any output: (images, model, method's layer, device)."
+    "Everything the command line can refuse, checked before any output: (images, model, method)."
     bad = [t for t in args.targets if t not in TARGETS]
     if bad:
         raise ValueError(f"unknown target(s) {bad}: choose among {', '.join(TARGETS)}")
@@ -330,25 +335,25 @@ def _checked_setup(args, build_model, TARGETS):
                          f"pass at most {len(model.categories)}")
     if args.classes is not None:
         parse_classes(" ".join(map(str, args.classes)), len(model.categories))
-    device = _device(args.device)
-    model = model.to(device)
+    model = model.to(_device(args.device))
     try:  # a method that does not fit the model (a ViT method on a CNN, a layer it lacks) says so now
-        METHODS[args.method](model, layer=args.layer) if args.layer else METHODS[args.method](model)
+        method = METHODS[args.method](model, layer=args.layer) if args.layer else METHODS[args.method](model)
     except TypeError as e:
         if args.layer and "'layer'" in str(e):
             raise ValueError(f"--method {args.method} takes no --layer: drop it") from None
         raise ValueError(f"--method {args.method} does not fit --model {args.model}: {e}") from None
-    return images, model, device
+    return images, model, method
 
 
 def _device(name: str) -> torch.device:
+    "--device as the experiments resolve it (toolkit.resolve_device), its errors in the command line's words."
+    from contrastive_explanations.experiments.toolkit import resolve_device
     try:
-        device = torch.device(name)
+        return resolve_device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device: pass cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: there is no GPU here; pass --device cpu")
-    return device
+    except ValueError:
+        raise ValueError(f"--device {name}: there is no GPU here; pass --device cpu") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -358,19 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from contrastive_explanations.data.models import build_model
     from contrastive_explanations.results import write_arrays, write_json
     try:
-        images, model, device = _checked_setup(args, build_model, TARGETS)
+        images, model, method = _checked_setup(args, build_model, TARGETS)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     out = Path(args.out_dir)
-    method = METHODS[args.method](model, layer=args.layer) if args.layer else METHODS[args.method](model)
     for (path, image), stem in zip(images, output_stems([p for p, _ in images])):
-        x = model.preprocess(image)[None].to(device)
-        with torch.no_grad():
-            classes = args.classes if args.classes is not None else model(x).topk(args.top_k, dim=1).indices[0].tolist()
-        e = method(x, torch.tensor([list(classes)], device=device), list(args.targets))
-        e = Explanation(e.maps.cpu(), e.logits.cpu(), e.classes.cpu(), e.targets)
-        fig = comparison_figure(x[0].cpu(), e, range(e.classes.shape[1]), model.categories,
+        x, e = explain_image(model, image, method, args.targets, args.classes, args.top_k)
+        fig = comparison_figure(x, e, range(e.classes.shape[1]), model.categories,
                                 f"{path.name}: {args.model}, {args.method}")
         _save_png(fig, out / f"{stem}.png")
         plt.close(fig)

@@ -34,8 +34,8 @@ __all__ = ['PACKAGES', 'CONSOLE_PROGRESS', 'EXPERIMENTS', 'COMMON_KEYS', 'curren
            'installed_package', 'code_files', 'code_version', 'device_name', 'provenance', 'set_tf32', 'uses_tf32',
            'Experiment', 'code_module', 'shard_range', 'shard_path', 'ResultsMismatchError', 'progress_bar',
            'compute_shard', 'merge', 'keep_aside', 'run', 'results_folders', 'load_results', 'output_dir',
-           'results_dir', 'find_experiment', 'reference_table', 'ProfileError', 'Profile', 'load_profile',
-           'init_distributed', 'wait_for_shards', 'main']
+           'results_dir', 'experiment_tables', 'find_experiment', 'reference_table', 'ProfileError', 'Profile',
+           'load_profile', 'init_distributed', 'wait_for_shards', 'main']
 
 # %% ../nbs/11_results.ipynb #bf68bdc9
 def current_umask() -> int:
@@ -472,6 +472,15 @@ def results_dir(profile: str, experiment: str, root: str | os.PathLike | None = 
         return Path(base) / profile / experiment
     root = Path(root) if root else project_root() or Path.cwd()
     return root / "results" / profile / experiment
+
+
+def experiment_tables(profile: str, experiment: str) -> dict[str, pd.DataFrame]:
+    "Every merged table of an experiment's results under a profile, by folder ('.' for one; perturbation: one per network)."
+    root = results_dir(profile, experiment)
+    found = {folder.relative_to(root).as_posix(): folder for folder in results_folders(root)}
+    if not found:
+        raise FileNotFoundError(f"no results for {experiment!r} under {root}: build its chapter first")
+    return {name: load_results(folder)[0] for name, folder in found.items()}
 
 
 def find_experiment(name: str) -> type[Experiment]:

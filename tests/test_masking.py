@@ -264,7 +264,7 @@ def test_maps_are_computed_once_per_method():
     B = len(items)
     n_saturated = sum(int(row["p1_is_1"]) for row in rows if row["method"] == MASKING_METHODS[0]) // (
         2 * len(VARIANTS) * len(BASELINES) * len(FEATURES))
-    again = [((n_saturated, 2), list(REVIEW_EXPLANATIONS))] if n_saturated else []  # only where p_t1 rounds to 1
+    again = [((n_saturated, 2), list(REVIEW_EXPLANATIONS[1:]))] if n_saturated else []  # only the weighted, only where p_t1 = 1
     assert calls == {name: [((B, 2), list(EXPLANATIONS))] + again for name in MASKING_METHODS}
     assert len(rows) == B * len(MASKING_METHODS) * 2 * len(VARIANTS) * len(BASELINES) * len(FEATURES)
     table = pd.DataFrame(rows)

@@ -212,6 +212,23 @@ def test_results_dir_env(tmp_path, monkeypatch):
     assert R.results_dir("paper", "x", root=tmp_path) == tmp_path / "results" / "paper" / "x"
 
 
+def test_experiment_tables_one_per_folder_without_those_kept_aside(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONTRASTIVE_EXPLANATIONS_RESULTS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no results for 'squares' .*build its chapter first"):
+        R.experiment_tables("embedded", "squares")
+    R.run(Squares(n=3), R.results_dir("embedded", "squares"), progress=False)
+    tables = R.experiment_tables("embedded", "squares")
+    assert list(tables) == ["."] and tables["."]["value"].tolist() == [0, 1, 4]
+    for net, power in (("b", 3), ("a", 2)):  # one folder per network, as perturbation keeps them
+        R.run(Squares(n=3, power=power), R.results_dir("embedded", "cubes") / net, progress=False)
+    (aside := tmp_path / "embedded" / "cubes" / ".stale" / "a.old").parent.mkdir()
+    (tmp_path / "embedded" / "cubes" / "a").rename(aside)
+    R.run(Squares(n=2), R.results_dir("embedded", "cubes") / "a", progress=False)
+    tables = R.experiment_tables("embedded", "cubes")
+    assert list(tables) == ["a", "b"] and aside.is_dir(), "the kept-aside folder is left out, and left alone"
+    assert tables["a"]["value"].tolist() == [0, 1] and tables["b"]["value"].tolist() == [0, 1, 8]
+
+
 def test_registry_names_resolve_to_modules():
     for name, spec in R.EXPERIMENTS.items():
         module = spec.partition(":")[0]

@@ -367,9 +367,10 @@ class FeatureMasking(Experiment):
         # contrast alone, so those images are masked again with the review's maps; elsewhere the two agree
         sat = [b for b in range(len(items)) if saturated[b]]
         review = {}
-        if sat:
-            review_maps, _ = explain_pairs(self.methods, x[sat], pair[sat], REVIEW_EXPLANATIONS)
-            review = {name: masking_scores(self.net, x[sat], pair[sat], m, fills[sat], self.forward_batch)[0].tolist()
+        if sat:  # the original maps are ours: only the review's weighted ones are computed again
+            review_maps, _ = explain_pairs(self.methods, x[sat], pair[sat], REVIEW_EXPLANATIONS[1:])
+            review = {name: masking_scores(self.net, x[sat], pair[sat], torch.cat([maps[name][sat][:, :, :1], m], 2),
+                                           fills[sat], self.forward_batch)[0].tolist()
                       for name, m in review_maps.items()}
         for b, (item, (index, t1, t2, p1, p2, group)) in enumerate(zip(indices, items)):
             head = {"item": int(item), "index": int(index), "group": group, "t1": t1, "t2": t2, "p1": p1, "p2": p2,
