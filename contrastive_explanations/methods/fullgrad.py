@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +96,9 @@ class FullGrad(Method):
     def __init__(self,
                  model: nn.Module,
                  normalise: bool = True, # psi of Eq. eq-psi per component; False: upsampling only, the raw (linear) sum
+                 output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
                 ):
-        super().__init__(model)
+        super().__init__(model, output)
         self.layers = bias_layers(model)
         if not self.layers:
             raise ValueError(f"FullGrad needs layers that add a bias, and this {type(model).__name__} has no Conv2d "

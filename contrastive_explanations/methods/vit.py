@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,48 +19,84 @@ from torchvision.models.vision_transformer import VisionTransformer
 from .explain import Method, leaf_output
 
 # %% auto #0
-__all__ = ['HEAD_FUSIONS', 'ROLLOUT_VARIANTS', 'ROLLOUT_GRADIENTS', 'find_vit', 'encoder_blocks', 'patch_grid', 'block_index',
-           'checked_image_size', 'ViTMethod', 'ViTGradCAM', 'check_rollout_options', 'score_gradient', 'fuse_heads',
-           'discard_lowest', 'grad_rollout', 'attention_weights', 'check_attention', 'captured_attention', 'leaf_input',
-           'AttentionRollout']
+__all__ = ['HEAD_FUSIONS', 'ROLLOUT_VARIANTS', 'ROLLOUT_GRADIENTS', 'timm_vit_class', 'is_vit', 'find_vit', 'encoder_blocks',
+           'image_size', 'patch_grid', 'prefix_tokens', 'reads_class_token_only', 'block_index', 'checked_image_size',
+           'ViTMethod', 'ViTGradCAM', 'check_rollout_options', 'score_gradient', 'fuse_heads', 'discard_lowest',
+           'grad_rollout', 'attention_weights', 'is_timm_attention', 'check_attention', 'recording',
+           'captured_attention', 'leaf_input', 'AttentionRollout']
 
 # %% ../../nbs/06_vit.ipynb #8d716e01
-def find_vit(model: nn.Module) -> VisionTransformer:
-    "The torchvision VisionTransformer that `model` is, or the only one it contains."
+def timm_vit_class() -> type | None:
+    "timm's VisionTransformer class, if timm is loaded (as it is once a timm model exists); timm is never imported here."
+    return getattr(sys.modules.get("timm.models.vision_transformer"), "VisionTransformer", None)
+
+
+def is_vit(module: nn.Module) -> bool:
+    "Whether `module` is a torchvision or a timm VisionTransformer."
+    timm_vit = timm_vit_class()
+    return isinstance(module, VisionTransformer) or (timm_vit is not None and isinstance(module, timm_vit))
+
+
+def find_vit(model: nn.Module) -> nn.Module:
+    "The torchvision or timm VisionTransformer that `model` is, or the only one it contains."
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    vits = [m for m in model.modules() if isinstance(m, VisionTransformer)]
+    vits = [m for m in model.modules() if is_vit(m)]
     if not vits:
-        raise TypeError(f"model is a {type(model).__name__} and contains no torchvision VisionTransformer: pass a "
-                        "torchvision.models.VisionTransformer (e.g. vit_b_16(weights=None)) or a module wrapping one; "
-                        "for a convolutional network use GradCAM")
+        raise TypeError(f"model is a {type(model).__name__} and contains no VisionTransformer: pass a torchvision "
+                        "VisionTransformer (e.g. vit_b_16(weights=None)), a timm one (e.g. timm.create_model("
+                        "'vit_base_patch16_224')) or a module wrapping one; for a convolutional network use GradCAM")
     if len(vits) > 1:
         raise ValueError(f"model contains {len(vits)} VisionTransformers: pass the one to explain")
     return vits[0]
 
 
-def encoder_blocks(vit: VisionTransformer) -> list[nn.Module]:
-    "The ViT's encoder blocks `vit.encoder.layers`, in forward order."
-    layers = getattr(getattr(vit, "encoder", None), "layers", None)
+def encoder_blocks(vit: nn.Module) -> list[nn.Module]:
+    "The ViT's encoder blocks in forward order: `vit.encoder.layers` (torchvision) or `vit.blocks` (timm)."
+    where = "encoder.layers" if isinstance(vit, VisionTransformer) else "blocks"
+    layers = functools.reduce(lambda m, name: getattr(m, name, None), where.split("."), vit)
     blocks = list(layers) if isinstance(layers, nn.Sequential) else []
     if not blocks:
-        raise ValueError(f"the VisionTransformer has no encoder blocks (vit.encoder.layers is "
-                         f"{type(layers).__name__} with {len(blocks)} modules): build it with num_layers >= 1")
+        raise ValueError(f"the VisionTransformer has no encoder blocks (vit.{where} is {type(layers).__name__} "
+                         f"with {len(blocks)} modules): build it with at least one block")
     return blocks
 
 
-def patch_grid(vit: VisionTransformer) -> tuple[int, int]:
-    "(h, w): the grid of patch tokens, image_size // patch_size on each side."
-    n = vit.image_size // vit.patch_size
-    return n, n
+def image_size(vit: nn.Module) -> tuple[int, int]:
+    "(H, W): the size of the images the ViT was built for."
+    if isinstance(vit, VisionTransformer):
+        return vit.image_size, vit.image_size
+    return tuple(vit.patch_embed.img_size)
 
 
-def block_index(block: int, # an index into vit.encoder.layers; negative counts from the end
+def patch_grid(vit: nn.Module) -> tuple[int, int]:
+    "(h, w): the grid of patch tokens, the image size over the patch size on each side."
+    if isinstance(vit, VisionTransformer):
+        n = vit.image_size // vit.patch_size
+        return n, n
+    return tuple(vit.patch_embed.grid_size)
+
+
+def prefix_tokens(vit: nn.Module) -> int:
+    "How many tokens precede the patch tokens: the class token; in timm, its class and register tokens."
+    return 1 if isinstance(vit, VisionTransformer) else vit.num_prefix_tokens
+
+
+def reads_class_token_only(vit: nn.Module) -> bool:
+    "Whether the logits depend on the class token alone after the last block (a standard forward and head)."
+    if isinstance(vit, VisionTransformer):
+        return type(vit).forward is VisionTransformer.forward
+    timm_vit = timm_vit_class()
+    return (vit.global_pool == "token" and type(vit).forward is timm_vit.forward
+            and type(vit).forward_head is timm_vit.forward_head)
+
+
+def block_index(block: int, # an index into the encoder blocks; negative counts from the end
                 n: int, # the number of blocks
                ) -> int: # in [0, n)
     "A block index checked against the number of blocks, made non-negative."
     if isinstance(block, bool) or not isinstance(block, int):
-        raise TypeError(f"block must be an int indexing vit.encoder.layers (negative counts from the end), "
+        raise TypeError(f"block must be an int indexing the encoder blocks (negative counts from the end), "
                         f"got {type(block).__name__} {block!r}")
     if not -n <= block < n:
         raise ValueError(f"block={block} is out of range for a ViT with {n} encoder blocks: "
@@ -68,26 +105,35 @@ def block_index(block: int, # an index into vit.encoder.layers; negative counts 
 
 
 @contextlib.contextmanager
-def checked_image_size(vit: VisionTransformer) -> Iterator[None]:
+def checked_image_size(vit: nn.Module) -> Iterator[None]:
     "Refuse, with a ValueError, images whose size the ViT was not built for; as a pre-hook, removed on exit."
+    size = image_size(vit)
+
     def hook(module, args):
-        s, shape = module.image_size, tuple(args[0].shape)
-        if shape[-2:] != (s, s):
-            raise ValueError(f"the VisionTransformer takes {s}x{s} images, got x of shape {shape}: resize the "
-                             f"images first, e.g. with torchvision.transforms.v2.Resize(({s}, {s}))")
+        shape = tuple(args[0].shape)
+        if shape[-2:] != size:
+            raise ValueError(f"the VisionTransformer takes {size[0]}x{size[1]} images, got x of shape {shape}: "
+                             f"resize the images first, e.g. with torchvision.transforms.v2.Resize({size})")
 
     with vit.register_forward_pre_hook(hook):  # a hook handle removes its hook on exit
         yield
 
 
 class ViTMethod(Method):
-    "A method on a VisionTransformer: the ViT inside `model`, its encoder blocks and patch grid, found once."
+    "A method on a VisionTransformer: the ViT inside `model`, its encoder blocks, patch grid and prefix tokens, found once."
 
-    def __init__(self, model: nn.Module): # a torchvision VisionTransformer, or a module wrapping one
-        super().__init__(model)
+    def __init__(self,
+                 model: nn.Module, # a torchvision or timm VisionTransformer, or a module wrapping one
+                 output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
+                ):
+        super().__init__(model, output)
         self.vit = find_vit(model)
+        if getattr(self.vit, "dynamic_img_size", False):
+            raise ValueError("the timm VisionTransformer was built with dynamic_img_size=True, so its patch grid "
+                             "changes with the image: build it with dynamic_img_size=False (the default)")
         self.blocks = encoder_blocks(self.vit)
         self.grid = patch_grid(self.vit)
+        self.prefix = prefix_tokens(self.vit)  # tokens before the patch tokens, dropped from the maps
 
     def on_grid(self, maps: Tensor) -> Tensor:
         "(B, J, h, w) from one value per patch token (B, J, h*w), row by row."
@@ -99,12 +145,13 @@ class ViTGradCAM(ViTMethod):
     name = "vit_gradcam"
 
     def __init__(self,
-                 model: nn.Module, # a torchvision VisionTransformer, or a module wrapping one
+                 model: nn.Module, # a torchvision or timm VisionTransformer, or a module wrapping one
                  block: int = -2, # which encoder block's output tokens; negative counts from the end
+                 output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
                 ):
-        super().__init__(model)
+        super().__init__(model, output)
         self.block = block_index(block, len(self.blocks))
-        if self.block == len(self.blocks) - 1 and type(self.vit).forward is VisionTransformer.forward:
+        if self.block == len(self.blocks) - 1 and reads_class_token_only(self.vit):
             raise ValueError(f"block={block} is the last encoder block, whose patch tokens never reach the logits "
                              "(the head reads the class token only), so every map would be zero: choose an earlier "
                              "block, e.g. block=-2")
@@ -117,14 +164,15 @@ class ViTGradCAM(ViTMethod):
             raise ValueError(f"encoder block {self.block} did not run in the forward pass: pass a model whose "
                              "forward runs the VisionTransformer")
         h, w = self.grid
-        if captured[0].ndim != 3 or captured[0].shape[1] != 1 + h * w:
-            raise ValueError(f"encoder block {self.block} outputs shape {tuple(captured[0].shape)}, not (B, 1 + "
-                             f"{h}*{w}, D) tokens: pass a standard torchvision VisionTransformer")
+        if captured[0].ndim != 3 or captured[0].shape[1] != self.prefix + h * w:
+            raise ValueError(f"encoder block {self.block} outputs shape {tuple(captured[0].shape)}, not (B, "
+                             f"{self.prefix} + {h}*{w}, D) tokens: pass a standard torchvision or timm VisionTransformer")
         return logits, captured[0]
 
     def _maps(self, grads: Tensor, tokens: Tensor) -> Tensor:
-        "(B, J, h, w) from the gradients (B, J, N, D) and the block's tokens (B, N, D); the class token is dropped."
-        return self.on_grid(torch.einsum("bjd,bnd->bjn", grads[:, :, 1:].mean(2), tokens[:, 1:]))
+        "(B, J, h, w) from the gradients (B, J, N, D) and the block's tokens (B, N, D); the prefix tokens are dropped."
+        p = self.prefix
+        return self.on_grid(torch.einsum("bjd,bnd->bjn", grads[:, :, p:].mean(2), tokens[:, p:]))
 
     def __repr__(self) -> str:
         return f"ViTGradCAM({type(self.model).__name__}, block={self.block})"
@@ -218,15 +266,23 @@ def attention_weights(mha: nn.MultiheadAttention, # batch_first, packed q/k/v pr
     return A, F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
 
 
-def check_attention(block: nn.Module, i: int) -> nn.MultiheadAttention:
-    "Block i's self_attention, if attention_weights can stand in for it; else an error that says what to do."
-    fix = ("AttentionRollout recomputes torchvision's EncoderBlock.self_attention, an nn.MultiheadAttention with "
-           "batch_first=True, packed q/k/v projections, no bias_k/bias_v and no add_zero_attn: use a standard "
-           "torchvision VisionTransformer, or ViTGradCAM, which needs no attention weights")
+def is_timm_attention(attn) -> bool:
+    "Whether `attn` is a timm attention whose unfused path runs its softmax output through `attn_drop`."
+    return isinstance(getattr(attn, "attn_drop", None), nn.Module) and hasattr(attn, "fused_attn")
+
+
+def check_attention(block: nn.Module, i: int) -> nn.Module:
+    "Block i's attention module, if its weights can be captured (torchvision's or timm's); else what to do."
+    fix = ("AttentionRollout captures the attention of torchvision's EncoderBlock.self_attention (an "
+           "nn.MultiheadAttention with batch_first=True, packed q/k/v projections, no bias_k/bias_v and no "
+           "add_zero_attn) or of timm's Block.attn: use a standard torchvision or timm VisionTransformer, or "
+           "ViTGradCAM, which needs no attention weights")
+    if is_timm_attention(getattr(block, "attn", None)):
+        return block.attn
     mha = getattr(block, "self_attention", None)
     if not isinstance(mha, nn.MultiheadAttention):
         raise TypeError(f"encoder block {i} ({type(block).__name__}) has no nn.MultiheadAttention self_attention "
-                        f"(got {type(mha).__name__}), so its attention cannot be captured: {fix}")
+                        f"and no timm attn (got {type(mha).__name__}), so its attention cannot be captured: {fix}")
     unsupported = [name for name, bad in [("batch_first=False", not mha.batch_first),
                                           ("kdim/vdim different from embed_dim", not mha._qkv_same_embed_dim),
                                           ("bias_k/bias_v", mha.bias_k is not None),
@@ -255,20 +311,36 @@ def _recording_forward(mha, record, query, key, value, key_padding_mask=None, ne
 
 
 @contextlib.contextmanager
+def recording(attn: nn.Module, record: list[Tensor]) -> Iterator[None]:
+    "While active, `attn` appends its per-head weights (B, heads, N, N), in the graph, to `record`; restored on exit."
+    if isinstance(attn, nn.MultiheadAttention):  # torchvision: the weights never leave the module, so recompute them
+        attn.forward = functools.partial(_recording_forward, attn, record)
+        try:
+            yield
+        finally:
+            vars(attn).pop("forward", None)
+        return
+    fused = attn.fused_attn  # timm: the unfused path passes the softmax output A to attn_drop, which sees it first
+    attn.fused_attn = False
+    try:
+        with attn.attn_drop.register_forward_pre_hook(lambda module, args: record.append(args[0])):
+            yield
+    finally:
+        attn.fused_attn = fused
+
+
+@contextlib.contextmanager
 def captured_attention(blocks: Sequence[nn.Module]) -> Iterator[list[list[Tensor]]]:
-    "While active, every block's self_attention records its per-head weights (B, heads, N, N); one list per block."
-    mhas = [check_attention(block, i) for i, block in enumerate(blocks)]
-    if len({id(mha) for mha in mhas}) < len(mhas):
-        raise ValueError("several encoder blocks share one self_attention module, so their attentions cannot be "
+    "While active, every block's attention records its per-head weights (B, heads, N, N); one list per block."
+    attns = [check_attention(block, i) for i, block in enumerate(blocks)]
+    if len({id(attn) for attn in attns}) < len(attns):
+        raise ValueError("several encoder blocks share one attention module, so their attentions cannot be "
                          "told apart: give every block its own attention module")
     records: list[list[Tensor]] = [[] for _ in blocks]
-    try:
-        for mha, record in zip(mhas, records):
-            mha.forward = functools.partial(_recording_forward, mha, record)
+    with contextlib.ExitStack() as stack:
+        for attn, record in zip(attns, records):
+            stack.enter_context(recording(attn, record))
         yield records
-    finally:
-        for mha in mhas:
-            vars(mha).pop("forward", None)
 
 
 @contextlib.contextmanager
@@ -283,14 +355,19 @@ class AttentionRollout(ViTMethod):
     name = "attention_rollout"
 
     def __init__(self,
-                 model: nn.Module, # a torchvision VisionTransformer, or a module wrapping one
+                 model: nn.Module, # a torchvision or timm VisionTransformer, or a module wrapping one
                  head_fusion: str = "mean", # 'mean', 'max' or 'min' over the heads
                  variant: str = "standard", # 'standard' (positive part) or 'signed'
                  discard_ratio: float = 0.0, # fraction of each block's fused values to zero (vit-explain: 0.9)
                  gradient: str = "weights", # 'weights': dO/dA, Eq. eq-rollout-fused; 'scores': dO/dS, vit-explain's
+                 output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
                 ):
         check_rollout_options(head_fusion, variant, discard_ratio, gradient)
-        super().__init__(model)
+        super().__init__(model, output)
+        if not reads_class_token_only(self.vit) and not isinstance(self.vit, VisionTransformer):
+            raise ValueError(f"the timm VisionTransformer pools its tokens with global_pool={self.vit.global_pool!r}, "
+                             "so its logits do not come from the class token whose row the rollout reads: explain "
+                             "it with ViTGradCAM, or build it with global_pool='token'")
         self.head_fusion, self.variant, self.discard_ratio = head_fusion, variant, discard_ratio
         self.gradient = gradient
         for i, block in enumerate(self.blocks):
@@ -306,9 +383,9 @@ class AttentionRollout(ViTMethod):
         return logits, tuple(record[0] for record in records)
 
     def _maps(self, grads: tuple[Tensor, ...], attentions: tuple[Tensor, ...]) -> Tensor:
-        "(B, J, h, w): the class token's row of the rollout, without its own entry, on the patch grid."
+        "(B, J, h, w): the class token's row of the rollout over the patch tokens (prefix tokens dropped), on the grid."
         R = grad_rollout(attentions, grads, self.head_fusion, self.variant, self.discard_ratio, self.gradient)
-        return self.on_grid(R[:, :, 0, 1:])
+        return self.on_grid(R[:, :, 0, self.prefix:])
 
     def __repr__(self) -> str:
         return (f"AttentionRollout({type(self.model).__name__}, head_fusion={self.head_fusion!r}, "
