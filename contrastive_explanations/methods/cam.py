@@ -5,13 +5,16 @@
 # %% ../../nbs/04_cam.ipynb #d9ca5d30
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from .explain import ActivationMethod
+from .explain import ActivationMethod, Explanation, as_class_matrix, as_targets
+from .targets import Target
 
 # %% auto #0
-__all__ = ['LinearApproximation', 'GradCAM', 'XGradCAM']
+__all__ = ['POOLED_HEAD_METHODS', 'LinearApproximation', 'GradCAM', 'XGradCAM', 'pooled_head_maps']
 
 # %% ../../nbs/04_cam.ipynb #57d1fc42
 class LinearApproximation(ActivationMethod):
@@ -38,3 +41,34 @@ class XGradCAM(ActivationMethod):
         norm = A.abs().sum(dim=(-2, -1), keepdim=True)
         share = torch.where(norm > 0, A / norm.clamp_min(torch.finfo(A.dtype).tiny), 0)
         return torch.einsum("bjk,bkhw->bjhw", torch.einsum("bjkhw,bkhw->bjk", grads, share), A)
+
+# %% ../../nbs/04_cam.ipynb #3ebe39c5
+POOLED_HEAD_METHODS = ("gradcam", "linear_approximation", "xgradcam")
+
+
+@torch.no_grad()  # like a Method's, the maps and logits are detached
+def pooled_head_maps(A: Tensor, # (B, K, h, w) the activations the head pools
+                     weight: Tensor, # (C, K) the linear layer after the global average pooling
+                     bias: Tensor | None = None, # (C,) its bias
+                     classes: Tensor | int | Sequence[int] | None = None, # (B,), (B, K) or an int; None: the predicted
+                     targets: Target | str | Sequence[Target | str] = "weighted", # one target or several
+                     method: str = "gradcam", # 'gradcam', 'linear_approximation' (the same maps) or 'xgradcam'
+                    ) -> Explanation:
+    "Eq. eq-pooled-head: the maps of a head y = W mean(A) + b from A, W and b alone, without a backward pass."
+    if method not in POOLED_HEAD_METHODS:
+        raise ValueError(f"method={method!r} has no closed form here: choose among {', '.join(POOLED_HEAD_METHODS)}")
+    if A.ndim != 4 or weight.ndim != 2 or weight.shape[1] != A.shape[1]:
+        raise ValueError(f"need activations (B, K, h, w) and a weight (C, K) with the same K: got {tuple(A.shape)} "
+                         f"and {tuple(weight.shape)}")
+    targets = as_targets(targets)
+    logits = A.mean((-2, -1)) @ weight.T + (0 if bias is None else bias)
+    classes = as_class_matrix(classes, logits)
+    rho = torch.ones(A.shape[:2], dtype=A.dtype, device=A.device)
+    if method == "xgradcam":
+        norm = A.abs().sum((-2, -1))
+        rho = torch.where(norm > 0, A.sum((-2, -1)) / norm.clamp_min(torch.finfo(A.dtype).tiny), 0)
+    g = torch.stack([t.scale(logits, classes[:, k])[:, None] * (t.weights(logits, classes[:, k]) @ weight)
+                     for k in range(classes.shape[1]) for t in targets], 1)  # (B, K*T, channels), class-major
+    maps = torch.einsum("bjc,bchw->bjhw", g * rho[:, None], A) / (A.shape[-2] * A.shape[-1])
+    return Explanation(maps.unflatten(1, (classes.shape[1], len(targets))), logits, classes,
+                       tuple(t.name for t in targets))
