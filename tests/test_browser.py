@@ -224,3 +224,74 @@ def test_the_introduction_opens_with_a_working_explorer(page, base_url):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "introduction-first-screen.png"))
     page.log.assert_clean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Introduction's photo explainer: the reader's own image, explained in the page (tools/static/photo-explainer.js)
+
+from benchmarks.bench_explainer import explain_pixels, open_explainer, relative_error, upload  # noqa: E402
+
+EXPLAINED_PHOTOS = ("chelsea", "coffee")
+RECORD_STATES = """() => { const box = document.querySelector('.photo-explainer'); window.peStates = [];
+    new MutationObserver(() => window.peStates.push(box.dataset.state))
+        .observe(box, {attributes: true, attributeFilter: ['data-state']}); }"""
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    from contrastive_explanations.data.models import build_model
+
+    return build_model("efficientnet_lite0")
+
+
+def _photo(name: str):
+    from contrastive_explanations.data.datasets import packaged_photos
+
+    return packaged_photos([name]).photos[0]
+
+
+def test_the_introduction_explains_an_uploaded_photo(page, base_url, lite0, tmp_path):
+    "Two packaged photos through the file input: a busy state, then maps; the top class is Python's; no request out."
+    import torch
+    from PIL import Image
+
+    open_explainer(page, base_url)
+    page.evaluate(RECORD_STATES)
+    ARTIFACTS.mkdir(exist_ok=True)
+    for name in EXPLAINED_PHOTOS:
+        photo = _photo(name)
+        _, last = upload(page, photo.path)
+        with Image.open(photo.path) as im, torch.no_grad():
+            p = lite0(lite0.preprocess(im.convert("RGB"))[None]).softmax(1)[0]
+        p_page = torch.tensor(last["logits"]).softmax(0)
+        assert last["class"] == int(p.argmax()), f"{name}: the page's top class is not Python's"
+        assert abs(float(p_page[last["class"]] - p[last["class"]])) < 0.05, f"{name}: {p_page.max()} vs {p.max()}"
+        assert set(last["maps"]) == {"original", "weighted", "mean", "max"}
+        assert all(max(map(abs, m)) > 0 for m in last["maps"].values())
+        page.locator(".photo-explainer").screenshot(path=str(ARTIFACTS / f"photo-explainer-{name}.png"))
+    assert "busy" in page.evaluate("() => window.peStates"), "no busy state was shown while computing"
+    (tmp_path / "not-an-image.png").write_bytes(b"this is text, not a PNG")
+    page.locator(".photo-explainer input[type=file]").set_input_files(str(tmp_path / "not-an-image.png"))
+    page.wait_for_function("() => document.querySelector('.photo-explainer').dataset.state === 'error'")
+    assert "cannot decode not-an-image.png" in page.inner_text(".pe-status")
+    page.log.assert_clean()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "linear_approximation", "xgradcam"])
+def test_the_explainer_computes_what_python_computes_on_the_same_pixels(page, base_url, lite0, method):
+    "Given Python's own preprocessed pixels, the page's logits and maps are the package's within 1e-4 relative."
+    from PIL import Image
+
+    from contrastive_explanations.methods import METHODS
+
+    open_explainer(page, base_url)
+    for name in EXPLAINED_PHOTOS:
+        with Image.open(_photo(name).path) as im:
+            x = lite0.preprocess(im.convert("RGB"))
+        got = explain_pixels(page, x, method)
+        e = METHODS[method](lite0)(x[None], [got["class"]], ["original", "weighted", "mean", "max"])
+        assert got["method"] == method and got["class"] == int(e.logits.argmax())
+        assert relative_error(got["logits"], e.logits[0].numpy()) < 1e-4, name
+        for i, target in enumerate(e.targets):
+            assert relative_error(got["maps"][target], e.maps[0, 0, i].flatten().numpy()) < 1e-4, (name, target)
+    page.log.assert_clean()

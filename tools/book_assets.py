@@ -1,4 +1,5 @@
-"""Fetch the book's JavaScript assets (MathJax 3, require.js, the ipywidgets HTML manager) from the npm registry.
+"""Fetch the book's JavaScript assets (MathJax 3, require.js, the ipywidgets HTML manager, ONNX Runtime Web) from the
+npm registry, and export the photo explainer's model beside them (tools/explainer_model.py).
 
 The built pages then load them from `_static/` and make no request outside the book. The assets land in the
 git-ignored `book_assets/`, which `_config.yml` names as `html_static_path`; a complete folder carries a
@@ -12,6 +13,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from .explainer_model import export_model, model_ready
+
 #: npm packages, pinned; what we copy from each tarball's `package/` folder, and where it goes in `book_assets/`.
 PACKAGES = {
     "requirejs@2.3.8": [("require.js", "require.js")],
@@ -19,6 +22,10 @@ PACKAGES = {
                                              ("dist/*.woff2", "html-manager/"), ("dist/*.woff", "html-manager/"),
                                              ("dist/*.ttf", "html-manager/"), ("dist/*.eot", "html-manager/"),
                                              ("dist/*.svg", "html-manager/")],
+    # the WebAssembly build only, as an ES module (a UMD script would register with require.js instead)
+    "onnxruntime-web@1.31.1": [("dist/ort.wasm.min.mjs", "ort/ort.wasm.min.mjs"),
+                               ("dist/ort-wasm-simd-threaded.mjs", "ort/ort-wasm-simd-threaded.mjs"),
+                               ("dist/ort-wasm-simd-threaded.wasm", "ort/ort-wasm-simd-threaded.wasm")],
     "mathjax@3.2.2": [("es5/tex-chtml.js", "mathjax/tex-chtml.js"),
                       ("es5/input/tex/extensions/*.js", "mathjax/input/tex/extensions/"),
                       ("es5/output/chtml/fonts/woff-v2/*.woff", "mathjax/output/chtml/fonts/woff-v2/")],
@@ -91,6 +98,10 @@ def ensure_assets(dest: Path) -> bool:
     if assets_ready(dest):
         for src, name in LOCAL.items():
             shutil.copyfile(src, dest / name)
+        if not model_ready(dest / "explainer"):
+            print(f"==> exporting the photo explainer's model (EfficientNet-Lite0 features to ONNX) into "
+                  f"{dest}/explainer/", flush=True)
+            export_model(dest / "explainer")
         return True
     if shutil.which("npm") is None:
         print("npm not found: the book will load MathJax and the widget scripts from public CDNs "
