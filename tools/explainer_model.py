@@ -5,7 +5,8 @@ inside, to activations (1280, 7, 7)) and a head (global average pooling, then on
 to ONNX (torch's exporter) for ONNX Runtime Web; the head's weight and bias (float32, little-endian, row-major
 weight then bias) and the class names go beside it: the page computes the maps from them in closed form
 (nbs/04_cam.ipynb, Eq. eq-pooled-head). Nothing here is committed: the book's build makes it, once per torch
-version (a `.complete` marker), into a staging folder that replaces the old one only when finished.
+version (a `.complete` marker), into a temporary folder beside `book_assets/` (not served) that replaces the old
+export only when finished.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import contextlib
 import io
 import json
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -49,11 +51,20 @@ def export_model(dest: Path) -> Path:
     if model_ready(dest):
         return dest
     features, fc, model = lite0_parts()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent.parent, prefix=".explainer-") as tmp:
+        _write(Path(tmp) / "explainer", features, fc, model)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.move(str(Path(tmp) / "explainer"), dest)
+    return dest
+
+
+def _write(staging: Path, features: nn.Module, fc: nn.Linear, model) -> None:
+    "The three files and the marker, into the new folder `staging`."
     crop = model.preprocess.transforms[2].size[0]  # ToImage, Resize, CenterCrop, ToDtype
     resize = model.preprocess.transforms[1].size[0]
-    staging = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging.mkdir()
     x = torch.zeros(1, 3, crop, crop)
     with torch.no_grad():
         grid = list(features(x).shape[-2:])
@@ -67,7 +78,3 @@ def export_model(dest: Path) -> Path:
             "grid": grid, "resize": int(resize), "crop": int(crop)}
     (staging / "meta.json").write_text(json.dumps(meta))
     (staging / MARKER).write_text(_marker_text())
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.move(str(staging), dest)
-    return dest
