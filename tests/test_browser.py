@@ -4,23 +4,20 @@ Builds the embedded book first when it is missing or older than its sources. Scr
 """
 from __future__ import annotations
 
-import functools
-import http.server
-import os
-import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+
+from benchmarks.bench_explainer import (CHROMIUM_FLAGS, chromium_path, explain_pixels, open_explainer, relative_error,
+                                        serve, upload)
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 STAMP = HTML / ".built-embedded"
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = Path(os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-                or "/usr/bin/chromium")  # $CHROMIUM, else the first chromium on PATH
+CHROMIUM = chromium_path()  # $CHROMIUM, else the first chromium on PATH
 SOURCES = ["nbs/*.ipynb", "contrastive_explanations/**/*.py", "reference/*.csv", "benchmarks/results/*.json",
            "_toc.yml", "_config.yml", "params/embedded.yaml", "tools/*.py", "tools/static/*"]
 
@@ -45,16 +42,8 @@ def site() -> Path:
 @pytest.fixture(scope="session")
 def base_url(site: Path):
     "An HTTP server on 127.0.0.1 (a free port) serving the built book."
-    handler = functools.partial(_QuietHandler, directory=str(site))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+    with serve(site) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +54,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         yield b
         b.close()
 
@@ -228,8 +215,6 @@ def test_the_introduction_opens_with_a_working_explorer(page, base_url):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The Introduction's photo explainer: the reader's own image, explained in the page (tools/static/photo-explainer.js)
-
-from benchmarks.bench_explainer import explain_pixels, open_explainer, relative_error, upload  # noqa: E402
 
 EXPLAINED_PHOTOS = ("chelsea", "coffee")
 RECORD_STATES = """() => { const box = document.querySelector('.photo-explainer'); window.peStates = [];
