@@ -114,7 +114,9 @@ def measure(args) -> dict:
     torch.set_num_threads(2)
     model = build_model("efficientnet_lite0")
     photos = packaged_photos().photos
-    results = {"benchmark": "explainer", "settings": {"reps": args.reps, "site": str(args.site)},
+    site = args.site.resolve()
+    results = {"benchmark": "explainer", "settings": {"reps": args.reps, "site": str(
+                   site.relative_to(ROOT) if site.is_relative_to(ROOT) else site)},
                "machine": machine("cpu"), "photos": {}}
     with serve(args.site) as base_url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium_path()), headless=True, args=CHROMIUM_FLAGS)

@@ -152,3 +152,11 @@ def test_each_model_records_a_failure_and_goes_on():
     common.each_model(results, ["bad", "skipped", "good"], measure)
     assert results["failed"] == ["bad"] and results["models"]["bad"] == {"error": "MemoryError: out of memory"}
     assert list(results["models"]) == ["bad", "good"]
+
+
+def test_bench_explainer_without_a_built_book_says_so_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_explainer", "--site", str(tmp_path), "--out-dir",
+                          str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "is missing: build the book first (make book)" in out.stderr
+    assert not (tmp_path / "out").exists()
