@@ -34,7 +34,6 @@ INTRODUCTION = "executed/index.html"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STATE = "() => document.querySelector('.photo-explainer')?.dataset.state"
-METHODS = ("gradcam", "linear_approximation", "xgradcam")
 
 
 def chromium_path() -> Path:
@@ -131,8 +130,8 @@ def measure(args) -> dict:
         medians = []
         for photo in photos:
             upload(page, photo.path)  # warm-up
-            seconds = [upload(page, photo.path)[0] for _ in range(args.reps)]
-            _, last = upload(page, photo.path)
+            timed = [upload(page, photo.path) for _ in range(args.reps)]
+            seconds, last = [s for s, _ in timed], timed[-1][1]
             medians.append(statistics.median(seconds))
             with Image.open(photo.path) as im:
                 x = model.preprocess(im.convert("RGB"))

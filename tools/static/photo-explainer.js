@@ -177,7 +177,7 @@
     const method = el("select", {"aria-label": "method"},
                       Object.entries(METHODS).map(([v, t]) => el("option", {value: v, text: t})));
     const klass = el("select", {"aria-label": "class", disabled: ""});
-    const status = el("div", {class: "pe-status", role: "status", text: "loading the model…"});
+    const status = el("div", {class: "pe-status", role: "status"});
     const panels = ["your image", ...TARGETS].map((name) => {
       const canvas = el("canvas", {width: 224, height: 224});
       const caption = el("figcaption", {text: name});
@@ -255,8 +255,7 @@
       e.preventDefault();
       return e.dataTransfer.files.length && explainFile(e.dataTransfer.files[0]);
     }));
-    const api = {ready, model: null, last: null, explainPixels: guard(explainPixels), explainFile: guard(explainFile),
-                 maps, logitsOf, features};
+    const api = {ready, model: null, last: null, explainPixels: guard(explainPixels), explainFile: guard(explainFile)};
     ready.then((model) => { api.model = model; setStatus("ready", "choose or drop an image"); },
                (err) => setStatus("error", "The model could not be loaded (" + (err.message || err) + "): this " +
                                   "explainer needs the book's offline assets, built by `make book` with npm."));
