@@ -199,7 +199,7 @@ def test_default_layers():
 @pytest.mark.parametrize("Method", METHODS)
 @pytest.mark.parametrize("x, error, message", [
     (torch.rand(3, 6, 6, dtype=torch.float64), ValueError, r"batch of images \(B, C, H, W\).*x\[None\]"),
-    (torch.rand(1, 2, 6, 6, dtype=torch.float64), ValueError, "has 2 channels but the model expects 3"),
+    (torch.rand(1, 2, 6, 6, dtype=torch.float64), ValueError, "has 2 channels but the model's first convolution takes 3"),
     (torch.randint(0, 255, (1, 3, 6, 6)), TypeError, r"floating point.*x.float\(\) / 255"),
     (torch.full((1, 3, 6, 6), float("nan"), dtype=torch.float64), ValueError, "NaN or inf"),
     (np.zeros((1, 3, 6, 6)), TypeError, "must be a torch.Tensor"),
@@ -228,7 +228,7 @@ def test_bad_layers():
         GradCAM(net, "layer4")
     with pytest.raises(ValueError, match="not a submodule of the model"):
         GradCAM(net, nn.Conv2d(3, 3, 1))
-    with pytest.raises(ValueError, match=r"outputs shape \(1, 4\), not \(B, channels, h, w\)"):
+    with pytest.raises(ValueError, match=r"outputs shape \(1, 4\): \(B, C\) features have no spatial layout"):
         GradCAM(net, "7")(torch.rand(1, 3, 6, 6, dtype=torch.float64), 0)
     shared = nn.ReLU()
     twice = nn.Sequential(nn.Conv2d(3, 2, 1), shared, nn.Conv2d(2, 2, 1), shared, nn.Flatten(), nn.LazyLinear(3))
@@ -324,7 +324,7 @@ def test_a_map_from_p_t_that_underflows_to_zero_is_not_silent():
         GradCAM(net, "2")(x, 0, ["weighted"])
     with torch.no_grad():
         net[-1].bias.copy_(torch.tensor([40.0, 0.0, 0.0]))  # p_0 = 1 in float32
-    with pytest.warns(UnderflowWarning, match=r"2 of the 2 maps from p_t are all zero.*targets='weighted_log'"):
+    with pytest.warns(UnderflowWarning, match=r"2 of the 6 maps are zero everywhere: p_t rounds to 1.*targets='weighted_log'"):
         e = GradCAM(net, "2")(x, 0, ["original", "weighted", "weighted_log"])
     assert (e.map("weighted") == 0).all() and (e.map("weighted_log") != 0).any()
     with warnings.catch_warnings():
@@ -332,7 +332,7 @@ def test_a_map_from_p_t_that_underflows_to_zero_is_not_silent():
         GradCAM(net, "2")(x, 0, ["weighted_log", "original"])  # not asked for p_t: nothing to warn about
 
 
-def test_a_model_returning_a_dict_or_a_model_output_is_explained_through_output():
+def test_a_model_returning_a_dict_or_a_model_output_is_read_through_logits_or_output():
     from dataclasses import dataclass
 
     import torchvision
@@ -342,21 +342,22 @@ def test_a_model_returning_a_dict_or_a_model_output_is_explained_through_output(
         logits: torch.Tensor
 
     class Hub(nn.Module):
-        def __init__(self, net, as_dict):
+        def __init__(self, net, kind):
             super().__init__()
-            self.net, self.as_dict = net, as_dict
+            self.net, self.kind = net, kind
 
         def forward(self, x):
             y = self.net(x)
-            return {"logits": y} if self.as_dict else ModelOutput(y)
+            return {"logits": y, "pooled": None} if self.kind == "dict" else ModelOutput(y) if self.kind == "output" \
+                else {"scores": y}
 
     net = torchvision.models.resnet18(weights=None, num_classes=5).eval()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     want = GradCAM(net, "layer4")(x, [1, 3], ["original", "weighted"]).maps
-    for hub, output in ((Hub(net, True), lambda out: out["logits"]), (Hub(net, False), lambda out: out.logits)):
-        got = GradCAM(hub, "net.layer4", output=output)(x, [1, 3], ["original", "weighted"]).maps
-        torch.testing.assert_close(got, want)
-    with pytest.raises(TypeError, match=r"returned a dict with keys \['logits'\].*output=lambda out: out\['logits'\]"):
-        GradCAM(Hub(net, True), "net.layer4")(x, 1)
-    with pytest.raises(TypeError, match="returned a ModelOutput, not logits"):
-        GradCAM(Hub(net, False), "net.layer4")(x, 1)
+    for hub in (Hub(net, "dict"), Hub(net, "output")):  # a 'logits' entry or attribute is read without output=
+        torch.testing.assert_close(GradCAM(hub, "net.layer4")(x, [1, 3], ["original", "weighted"]).maps, want)
+    scores = Hub(net, "scores")
+    got = GradCAM(scores, "net.layer4", output=lambda out: out["scores"])(x, [1, 3], ["original", "weighted"]).maps
+    torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match=r"returned a dict with keys \['scores'\], not logits.*pass output="):
+        GradCAM(scores, "net.layer4")(x, 1)

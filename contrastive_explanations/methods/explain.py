@@ -6,20 +6,29 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .targets import Target, as_classes, check_later, deferred_checks, get_target
+from .targets import (Target, WeightedTarget, as_classes, check_later,
+                                                     deferred_checks, get_target, rival_margin)
 
 # %% auto #0
-__all__ = ['check_images', 'input_channels', 'as_class_matrix', 'classes_to', 'as_targets', 'objectives', 'batched_grad',
-           'explaining', 'find_layer', 'leaf_output', 'Explanation', 'UnderflowWarning', 'warn_underflow', 'WithOutput',
-           'check_logits', 'Method', 'default_layer', 'ActivationMethod']
+__all__ = ['TOKEN_PARAMETERS', 'LAYOUTS', 'HALF', 'DEFAULT_LAYERS', 'check_images', 'input_channels', 'as_class_matrix',
+           'classes_to', 'as_targets', 'objectives', 'batched_grad', 'explaining', 'unwrapped', 'find_layer',
+           'first_tensor', 'with_first', 'leaf_output', 'plausible_grid', 'token_grid', 'model_prefix_tokens', 'Layout',
+           'layout_hint', 'resolve_layout', 'Explanation', 'ZeroMapWarning', 'UnderflowWarning', 'zero_head',
+           'zero_map_cause', 'warn_zero_maps', 'WithOutput', 'check_logits', 'checked_channels',
+           'BatchedBackwardWarning', 'Method', 'last_conv_in', 'block_before_last', 'known_layer', 'default_layer',
+           'ActivationMethod']
 
 # %% ../../nbs/02_explain.ipynb #6be0fb71
 def check_images(x: Tensor, # (B, C, H, W) images in [0, 1]
@@ -95,12 +104,16 @@ def objectives(logits: Tensor, # (B, C)
 # %% ../../nbs/02_explain.ipynb #f365c5a9
 def batched_grad(outputs: Tensor, # (B, J) one column per objective; sample b depends only on input b
                  wrt: Tensor | Sequence[Tensor], # (B, ...) what to differentiate with respect to, or several
+                 batched: bool = True, # False: one backward pass per objective, for models that vmap cannot batch
                 ) -> Tensor | tuple[Tensor, ...]: # (B, J, ...) for each tensor of `wrt`
     "The gradient of every objective with respect to `wrt`, in one batched backward pass (Eq. eq-batch-sum)."
     inputs = (wrt,) if isinstance(wrt, Tensor) else tuple(wrt)
     J = outputs.shape[1]
     if J == 1:
         grads = [g[:, None] for g in torch.autograd.grad(outputs[:, 0].sum(), inputs)]
+    elif not batched:  # Eq. eq-batch-sum column by column
+        per = [torch.autograd.grad(outputs[:, j].sum(), inputs, retain_graph=j < J - 1) for j in range(J)]
+        grads = [torch.stack(g, 1) for g in zip(*per)]
     else:
         basis = torch.eye(J, dtype=outputs.dtype, device=outputs.device)[:, None, :].expand(J, *outputs.shape)
         grads = [g.movedim(0, 1) for g in torch.autograd.grad(outputs, inputs, grad_outputs=basis,
@@ -125,14 +138,25 @@ def explaining(model: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.train(mode)
 
-# %% ../../nbs/02_explain.ipynb #e1aaf09e
-def find_layer(model: nn.Module, layer: nn.Module | str) -> nn.Module:
-    "The submodule `layer` of `model`, given as a module or a dotted name such as 'layer4' or 'features.28'."
+# %% ../../nbs/02_explain.ipynb #b6c9c414
+def unwrapped(model: nn.Module) -> nn.Module:
+    "The module a `torch.compile`d model wraps (its `_orig_mod`); any other model is itself."
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def find_layer(model: nn.Module, # the model, or a `torch.compile`d one
+               layer: nn.Module | str, # a submodule, or its dotted name such as 'layer4' or 'features.28'
+              ) -> nn.Module:
+    """The submodule `layer` of `model`; a compiled model's layers keep their original names.
+
+    Returns the module; raises ValueError, naming the model's last leaves, when there is no such layer."""
+    base = unwrapped(model)
     if isinstance(layer, str):
         try:
-            return model.get_submodule(layer)
+            return base.get_submodule(layer)
         except AttributeError:
-            names = [n for n, m in model.named_modules() if n and not list(m.children())][-5:]
+            names = [n for n, m in base.named_modules() if n and not list(m.children())][-5:]
             raise ValueError(f"model has no layer {layer!r}: pass a dotted name from model.named_modules(), "
                              f"e.g. one of the last leaves {names}") from None
     if not isinstance(layer, nn.Module) or not any(m is layer for m in model.modules()):
@@ -140,22 +164,49 @@ def find_layer(model: nn.Module, layer: nn.Module | str) -> nn.Module:
                          "or a dotted name from model.named_modules()")
     return layer
 
+# %% ../../nbs/02_explain.ipynb #9f10b0df
+def first_tensor(output) -> Tensor | None:
+    "The tensor a layer outputs: the output itself, the first item of a tuple or list, the first value of a dict or `ModelOutput`."
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        item = output[0]
+    elif isinstance(output, Mapping) and output:
+        item = next(iter(output.values()))
+    else:
+        return None
+    return item if isinstance(item, Tensor) else None
+
+
+def with_first(output, tensor: Tensor):
+    "`output` with its first tensor replaced by `tensor`, in the same kind of container."
+    if isinstance(output, Tensor):
+        return tensor
+    if isinstance(output, Mapping):  # a dict or a ModelOutput, made by the layer for this call: changed in place
+        output[next(iter(output))] = tensor
+        return output
+    items = [tensor, *output[1:]]
+    if isinstance(output, list):
+        return items
+    return tuple(items) if type(output) is tuple else type(output)(*items)  # a named tuple takes its fields
+
 
 @contextlib.contextmanager
 def leaf_output(layer: nn.Module) -> Iterator[list[Tensor]]:
-    "Capture `layer`'s output as a fresh leaf that requires grad; yields the list it is appended to."
+    "Capture `layer`'s output tensor as a fresh leaf that requires grad; the network goes on with a copy of it."
     captured: list[Tensor] = []
 
     def hook(module, inputs, output):
-        if not isinstance(output, Tensor):
-            raise TypeError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor: "
-                            "choose a layer whose output is a single tensor")
+        tensor = first_tensor(output)
+        if tensor is None:
+            raise TypeError(f"{type(module).__name__} returns {type(output).__name__}, which holds no tensor first: "
+                            "choose a layer whose output is a tensor, or a tuple or ModelOutput that starts with one")
         if captured:
             raise ValueError(f"{type(module).__name__} runs more than once per forward pass: choose a layer "
                              "that runs once, or wrap the model so that it does")
-        leaf = output.detach().requires_grad_(True)
+        leaf = tensor.detach().requires_grad_(True)
         captured.append(leaf)
-        return leaf
+        return with_first(output, leaf.clone())  # in-place operations after the layer change the copy, not the leaf
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -163,52 +214,279 @@ def leaf_output(layer: nn.Module) -> Iterator[list[Tensor]]:
     finally:
         handle.remove()
 
-# %% ../../nbs/02_explain.ipynb #7b99bacc
-@dataclass
-class Explanation:
-    "Signed maps for B samples x K classes x T targets, and what produced them."
-    maps: Tensor  # (B, K, T, h, w) signed, at the method's resolution
-    logits: Tensor  # (B, C) the model's outputs, detached
-    classes: Tensor  # (B, K) the explained classes
-    targets: tuple[str, ...]  # the T target names
-    grads: Tensor | None = None  # (B, K, T, ...) the raw gradients, when the method keeps them
+# %% ../../nbs/02_explain.ipynb #f331d841
+def plausible_grid(h: int, w: int, # a grid of positions
+                   size: tuple[int, int], # (H, W) the input images' size
+                   strict: bool = True, # one stride and one rounding for both sides; False: each side within a cell
+                  ) -> bool:
+    "Whether an h x w grid can be the input seen at some stride: inside the image, with its aspect ratio up to rounding."
+    H, W = size
+    if not (1 <= h <= H and 1 <= w <= W):
+        return False
+    if not strict:
+        return abs(h * W - w * H) <= max(H, W)
+    inf = Fraction(10**9)
+    floor = max(Fraction(H, h + 1), Fraction(W, w + 1)) < min(Fraction(H, h), Fraction(W, w))  # h = floor(H / s), ...
+    ceil = max(Fraction(H, h), Fraction(W, w)) < min(Fraction(H, h - 1) if h > 1 else inf,
+                                                       Fraction(W, w - 1) if w > 1 else inf)  # h = ceil(H / s), ...
+    return floor or ceil or (h, w) == (H, W)
 
-    def map(self, target: str | None = None, k: int = 0) -> Tensor:
-        "(B, h, w): the maps of the k-th class for one target (the only one, if there is one)."
+
+def token_grid(n: int, # the number of patch tokens
+               size: tuple[int, int], # (H, W) the input images' size
+              ) -> tuple[int, int] | None:
+    "The h x w grid, row by row, of n patch tokens with the images' aspect ratio; None if there is none."
+    if n < 1:
+        return None
+    h0 = max(1, round(math.sqrt(n * size[0] / size[1])))
+    return next(((h, n // h) for strict in (True, False) for h in (h0, h0 - 1, h0 + 1)
+                 if h >= 1 and n % h == 0 and plausible_grid(h, n // h, size, strict)), None)
+
+
+TOKEN_PARAMETERS = ("cls_token", "class_token", "dist_token", "distillation_token", "reg_token", "register_tokens")
+
+
+def model_prefix_tokens(model: nn.Module) -> int:
+    "How many tokens precede the patch tokens: timm's `num_prefix_tokens`, else the class, distillation and register tokens."
+    for m in model.modules():
+        n = getattr(m, "num_prefix_tokens", None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n
+    return sum(p.shape[-2] if p.ndim >= 2 else 1 for name, p in model.named_parameters()
+               if name.rsplit(".", 1)[-1] in TOKEN_PARAMETERS)
+
+# %% ../../nbs/02_explain.ipynb #309cb649
+LAYOUTS = ("BCHW", "BHWC", "BLC")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a layer lays out its output: 'BCHW' (channels first), 'BHWC' (channels last) or 'BLC' (tokens).
+
+    Parameters: name, one of LAYOUTS; prefix, the tokens before the patch tokens ('BLC'; None: the model's own);
+    grid, the (h, w) of the patch tokens ('BLC'; None: from their number and the images' aspect ratio)."""
+    name: str
+    prefix: int | None = None
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.name not in LAYOUTS:
+            raise ValueError(f"layout {self.name!r} is not one of {LAYOUTS}: 'BCHW' channels first, 'BHWC' channels "
+                             "last, 'BLC' tokens; or pass a function from the layer's output to (B, C, h, w)")
+
+    def __call__(self, t: Tensor) -> Tensor: # (N, C, h, w) from the layer's output (N, ...)
+        if self.name == "BCHW":
+            return t
+        if self.name == "BHWC":
+            return t.permute(0, 3, 1, 2)
+        tokens = t[:, self.prefix or 0:]
+        return tokens.transpose(1, 2).reshape(t.shape[0], t.shape[2], *self.grid)
+
+
+def layout_hint(layer: nn.Module) -> str | None:
+    "What the layer's last operation says of its layout: a convolution, batch norm or pooling is channels first."
+    last = layer
+    while isinstance(last, nn.Sequential) and len(last):
+        last = last[-1]
+    return "BCHW" if isinstance(last, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d)) else None
+
+# %% ../../nbs/02_explain.ipynb #81d1ee5e
+def resolve_layout(layout: str | Layout | Callable | None, # what the user said; None: detect
+                   shape: tuple[int, ...], # the layer's output shape
+                   size: tuple[int, int], # (H, W) the input images' size
+                   prefix: int, # the model's prefix tokens (for tokens)
+                   hint: str | None = None, # layout_hint(layer): breaks a tie between channels first and last
+                   where: str = "the layer", # how errors name the layer
+                  ) -> Callable[[Tensor], Tensor]: # from the output (N, ...) to (N, C, h, w)
+    "The function that lays the layer's output out as (N, C, h, w): as stated, or detected where it is unambiguous."
+    if callable(layout) and not isinstance(layout, Layout):
+        return layout
+    if isinstance(layout, str):
+        layout = Layout(layout)
+    name = layout.name if layout is not None else None
+    got = f"{where} outputs shape {tuple(shape)}"
+    if len(shape) == 2:
+        raise ValueError(f"{got}: (B, C) features have no spatial layout; choose a layer before the global pooling")
+    if len(shape) == 4 and name in (None, "BCHW", "BHWC"):
+        readings = (("BCHW", shape[2:]), ("BHWC", shape[1:3]))
+        fits = ([n for n, hw in readings if plausible_grid(*hw, size)]
+                or [n for n, hw in readings if plausible_grid(*hw, size, strict=False)])
+        if name is None and len(fits) == 2 and hint in fits:
+            fits = [hint]
+        if name is not None:
+            return Layout(name)
+        if len(fits) == 1:
+            return Layout(fits[0])
+        if fits:
+            raise ValueError(f"{got}, which could be (B, C, h, w) or (B, h, w, C) for {size[0]}x{size[1]} images: "
+                             "pass layout='BCHW' or layout='BHWC'")
+        raise ValueError(f"{got}, which is neither (B, C, h, w) nor (B, h, w, C) for {size[0]}x{size[1]} images: "
+                         "pass layout=, a function from the output to (B, C, h, w)")
+    if len(shape) == 3 and name in (None, "BLC"):
+        p = prefix if layout is None or layout.prefix is None else layout.prefix
+        grid = layout.grid if layout is not None and layout.grid is not None else token_grid(shape[1] - p, size)
+        if grid is None or grid[0] * grid[1] != shape[1] - p:
+            raise ValueError(f"{got}: {shape[1]} tokens less {p} prefix tokens form no grid of {size[0]}x{size[1]} "
+                             "images' aspect ratio; pass layout=Layout('BLC', prefix=..., grid=(h, w)), or a function "
+                             "from the output to (B, C, h, w)")
+        return Layout("BLC", p, tuple(grid))
+    raise ValueError(f"{got}, which layout={name!r} does not fit: pass layout='BCHW', 'BHWC' or 'BLC' to match, or a "
+                     "function from the output to (B, C, h, w)")
+
+# %% ../../nbs/02_explain.ipynb #828f5b5a
+@dataclass(repr=False)
+class Explanation:
+    """Signed maps for B samples x K classes x T targets, and what produced them.
+
+    Fields: maps (B, K, T, h, w), signed, at the method's resolution; logits (B, C), detached; classes (B, K), the
+    explained classes; targets, the T target names; grads (B, K, T, ...), the raw gradients when the method was asked
+    to keep them, else None; method, the name of the method that made them."""
+    maps: Tensor
+    logits: Tensor
+    classes: Tensor
+    targets: tuple[str, ...]
+    grads: Tensor | None = None
+    method: str = ""
+
+    def map(self,
+            target: str | None = None, # a target name; None: the only one
+            k: int = 0, # which of the K classes
+           ) -> Tensor: # (B, h, w)
+        """The maps of the k-th class for one target (the only one, if there is one).
+
+        Returns (B, h, w) signed maps."""
         if target is None and len(self.targets) > 1:
             raise ValueError(f"this explanation has targets {self.targets}: name one, e.g. map('{self.targets[0]}')")
         if target is not None and target not in self.targets:
             raise ValueError(f"no target {target!r} here: it has {self.targets}")
         return self.maps[:, k, 0 if target is None else self.targets.index(target)]
 
-    def upsampled(self, size: tuple[int, int]) -> Tensor:
-        "(B, K, T, H, W): the maps resized bilinearly to `size` (align_corners=False), still signed."
+    def upsampled(self,
+                  size: int | tuple[int, int], # (H, W), or one int for a square
+                 ) -> Tensor: # (B, K, T, H, W)
+        """The maps resized bilinearly to `size` (align_corners=False), still signed.
+
+        Returns (B, K, T, H, W) maps in the maps' dtype."""
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = (size, size)
+        if (not isinstance(size, Sequence) or len(size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            raise ValueError(f"size must be a positive int or a pair (H, W) of them, got {size!r}: e.g. upsampled(224)")
         B, K, T, h, w = self.maps.shape
-        up = F.interpolate(self.maps.reshape(B, K * T, h, w).float(), size=size, mode="bilinear", align_corners=False)
+        up = F.interpolate(self.maps.reshape(B, K * T, h, w).float(), size=tuple(size), mode="bilinear",
+                           align_corners=False)
         return up.reshape(B, K, T, *size).to(self.maps.dtype)
 
-# %% ../../nbs/02_explain.ipynb #e9b1d13c
-class UnderflowWarning(UserWarning):
-    "A map from p_t is all zero because p_t rounds to 1 in the logits' precision."
+    def to(self, *args, **kwargs) -> Explanation:
+        """A copy with the tensors moved or cast as `Tensor.to` does; the classes change device only.
+
+        Returns an Explanation."""
+        maps = self.maps.to(*args, **kwargs)
+        return replace(self, maps=maps, logits=self.logits.to(*args, **kwargs), classes=self.classes.to(maps.device),
+                       grads=None if self.grads is None else self.grads.to(*args, **kwargs))
+
+    def cpu(self) -> Explanation:
+        "A copy on the CPU. Returns an Explanation."
+        return self.to("cpu")
+
+    def numpy(self) -> np.ndarray: # (B, K, T, h, w)
+        "The maps as a NumPy array on the CPU (bfloat16 as float32). Returns an array (B, K, T, h, w)."
+        maps = self.maps.detach().cpu()
+        return (maps.float() if maps.dtype == torch.bfloat16 else maps).numpy()
+
+    def __repr__(self) -> str:
+        B, K, T, h, w = self.maps.shape
+        classes = self.classes.tolist() if self.classes.numel() <= 8 else f"{tuple(self.classes.shape)} tensor"
+        grads = "" if self.grads is None else f", grads {tuple(self.grads.shape)}"
+        return (f"Explanation({self.method or 'maps'}: {B} images x {K} classes x {T} targets {list(self.targets)}, "
+                f"maps {h}x{w}, classes {classes}, {str(self.maps.dtype).removeprefix('torch.')} on "
+                f"{self.maps.device}{grads})")
+
+# %% ../../nbs/02_explain.ipynb #c4f1309b
+class ZeroMapWarning(UserWarning):
+    "Maps are zero everywhere; the message names the cause it can tell and what to do."
 
 
-def warn_underflow(maps: Tensor, # (B, K, T, h, w)
+class UnderflowWarning(ZeroMapWarning):
+    "Maps are zero everywhere because a gradient underflowed: p_t rounds to 1, or half precision is too coarse."
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def zero_head(model: nn.Module) -> str | None:
+    "The name of the model's last linear layer if all its weights are zero (its logits do not depend on the input)."
+    last = next(((n, m) for n, m in reversed(list(unwrapped(model).named_modules())) if isinstance(m, nn.Linear)), None)
+    return last[0] if last is not None and not last[1].weight.detach().any() else None
+
+
+def zero_map_cause(model: nn.Module,
+                   logits: Tensor, # (B, C)
+                   t: Tensor, # (n,) the classes of the zero maps
+                   rows: Tensor, # (n,) their samples
+                   target: Target,
+                   gradient_zero: bool | None, # whether the objective's gradient is zero too (None: not known)
+                  ) -> tuple[type[Warning], str]:
+    "Why maps of `target` are zero everywhere, as a warning category and a sentence ending in what to do."
+    dtype = str(logits.dtype).removeprefix("torch.")
+    head = zero_head(model)
+    if head is not None:
+        return ZeroMapWarning, (f"the logits do not depend on the image: the last linear layer {head!r} has all-zero "
+                                "weights (torchvision builds some heads so, e.g. vit_b_16(weights=None)); load trained "
+                                "weights or initialise the head")
+    sub = logits.detach()[rows]
+    L = rival_margin(sub.double(), t)  # p_t = sigmoid(-L): the logit gap that decides it, in float64
+    uses_p = isinstance(target, WeightedTarget)
+    if uses_p and bool((torch.sigmoid(-L).to(logits.dtype) == 1).all()):
+        if bool((torch.sigmoid(L).to(logits.dtype) > 0).all()):
+            return UnderflowWarning, (f"p_t rounds to 1 in {dtype}, so the gradient of p_t underflows; "
+                                      "targets='weighted_log' (log p_t) gives the same map divided by p_t, without "
+                                      "underflow")
+        return UnderflowWarning, (f"p_t rounds to 1 and even 1 - p_t underflows in {dtype} (a logit gap of "
+                                  f"{float(-L.max()):.0f}), so every target from p_t gives zero; compare the logits "
+                                  "instead with targets='max' or 'mean', or compute in float64 (which keeps 1 - p_t "
+                                  "up to a gap of about 700)")
+    if logits.dtype in HALF:
+        scale = float(target.scale(sub, t).abs().max())
+        return UnderflowWarning, (f"in {dtype} the gradient underflows (its scale here is at most {scale:.1e}); compute "
+                                  "in float32 (model.float() and x.float())"
+                                  + (", or use targets='weighted_log', scaled by 1 - p_t rather than p_t (1 - p_t)"
+                                     if uses_p else ""))
+    if gradient_zero is None:
+        return ZeroMapWarning, ("the gradient or the values it weighs are zero there (inactive ReLUs above the "
+                                "differentiated quantity, or a part of the network the logits do not depend on)")
+    if gradient_zero:
+        return ZeroMapWarning, ("the objective's gradient is zero there: for this image the logits do not depend on "
+                                "what the method differentiates (every ReLU above it inactive, or, for example, the "
+                                "patch tokens of a ViT's last block under a head that reads the class token only); "
+                                "choose an earlier layer")
+    return ZeroMapWarning, ("the gradient is not zero, but the activations it weighs are (or cancel exactly); "
+                            "choose another layer to see more")
+
+
+def warn_zero_maps(model: nn.Module,
+                   maps: Tensor, # (B, K, T, h, w)
                    logits: Tensor, # (B, C)
                    classes: Tensor, # (B, K)
                    targets: Sequence[Target],
+                   grads: Tensor | None = None, # (B, K, T, ...) the gradients, to tell a zero gradient apart
                   ) -> None:
-    "Warn (UnderflowWarning) where a map from p_t is all zero and p_t rounds to 1: its gradient underflowed."
-    which = [i for i, t in enumerate(targets) if t.name in ("weighted", "weighted_softmax")]
-    if not which:
+    "Warn, once per cause, where maps are zero everywhere: ZeroMapWarning, or UnderflowWarning for an underflow."
+    blank = ~maps.flatten(-2).any(-1)  # (B, K, T)
+    if not bool(blank.any()):  # one read of a (B, K, T) flag
         return
-    saturated = logits.detach().softmax(1).gather(1, classes) == 1  # (B, K), in the logits' precision
-    blank = (maps[:, :, which] == 0).flatten(-2).all(-1).any(-1) & saturated
-    if blank.any():  # one read of a (B, K) flag, only when p_t is asked for
-        warnings.warn(f"{int(blank.sum())} of the {blank.numel()} maps from p_t are all zero: p_t rounds to 1 in "
-                      f"{logits.dtype}, so its gradient underflows. targets='weighted_log' (log p_t) gives the same "
-                      "map divided by p_t, without underflow", UnderflowWarning, stacklevel=3)
+    flat_grads = None if grads is None else ~grads.flatten(3).any(-1)
+    causes: dict[tuple[type[Warning], str], int] = {}
+    for j, target in enumerate(targets):
+        rows, ks = blank[:, :, j].nonzero(as_tuple=True)
+        if len(rows):
+            zero = None if flat_grads is None else bool(flat_grads[rows, ks, j].all())
+            cause = zero_map_cause(model, logits, classes[rows, ks], rows, target, zero)
+            causes[cause] = causes.get(cause, 0) + len(rows)
+    for (category, why), n in causes.items():
+        warnings.warn(f"{n} of the {blank.numel()} maps are zero everywhere: {why}", category, stacklevel=3)
 
-
+# %% ../../nbs/02_explain.ipynb #e5d37092
 class WithOutput(nn.Module):
     "A model whose output is taken apart by `output`: the logits of a model that returns a dict or a ModelOutput."
 
@@ -221,22 +499,56 @@ class WithOutput(nn.Module):
 
 
 def check_logits(logits) -> Tensor:
-    "The model's output, if it is a (B, C) tensor of logits; else an error that says how to pass the logits out."
+    """The model's (B, C) logits: its output, or the `logits` entry or attribute of a dict or ModelOutput (Hugging Face's).
+
+    Returns the logits; any other output is refused with how to pass the logits out (output=)."""
     if isinstance(logits, Tensor) and logits.ndim == 2:
         return logits
+    inner = logits.get("logits") if isinstance(logits, Mapping) else getattr(logits, "logits", None)
+    if isinstance(inner, Tensor) and inner.ndim == 2:
+        return inner
     what = f"a {type(logits).__name__}" if not isinstance(logits, Tensor) else f"a tensor of shape {tuple(logits.shape)}"
-    keys = f" with keys {list(logits)[:5]}" if isinstance(logits, dict) else ""
+    keys = f" with keys {list(logits)[:5]}" if isinstance(logits, Mapping) else ""
     raise TypeError(f"the model returned {what}{keys}, not logits (B, classes): pass output=, a function from its "
-                    "output to the logits, e.g. output=lambda out: out['logits'] (or out.logits)")
+                    "output to the logits, e.g. output=lambda out: out['scores']")
 
 
+@contextlib.contextmanager
+def checked_channels(model: nn.Module, x: Tensor) -> Iterator[None]:
+    "Refuse, with a ValueError, images whose channels the first convolution that runs on them does not take."
+    seen = []
+
+    def hook(module, args):
+        if seen or not isinstance(args[0], Tensor):
+            return
+        seen.append(module)
+        got, want = args[0].shape[1], module.in_channels
+        if got != want and args[0].shape[-2:] == x.shape[-2:]:
+            raise ValueError(f"x has {got} channels but the model's first convolution takes {want}: pass images "
+                             "as (B, C, H, W), channels first, with the channels the model was built for")
+
+    with contextlib.ExitStack() as stack:
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                stack.enter_context(m.register_forward_pre_hook(hook))
+        yield
+
+
+class BatchedBackwardWarning(UserWarning):
+    "The batched backward pass could not batch for this model: one backward pass per objective instead."
+
+# %% ../../nbs/02_explain.ipynb #cb9e62ab
 class Method:
-    "A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity."
+    """A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity.
+
+    Parameters: model, a torch classifier of images (left as it was after every call); output, a function from the
+    model's output to its (B, C) logits, for a model that returns anything else than logits or a dict/ModelOutput
+    with 'logits'. Call it with images, classes and targets (see `__call__`); it returns an `Explanation`."""
     name: str = ""
     keep_grads: bool = False  # whether the Explanation carries the raw gradients
 
     def __init__(self,
-                 model: nn.Module,
+                 model: nn.Module, # the classifier; eval mode and frozen parameters for the call, restored after
                  output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
                 ):
         if not isinstance(model, nn.Module):
@@ -245,15 +557,19 @@ class Method:
             raise TypeError(f"output must be a function from the model's output to its logits, got "
                             f"{type(output).__name__}: e.g. output=lambda out: out['logits']")
         self.model = model if output is None else WithOutput(model, output)
-        self.channels = input_channels(model)
+        self.batched = True  # False once the batched backward failed on this model: one backward per objective
 
     def __call__(self,
-                 x: Tensor, # (B, C, H, W) images
+                 x: Tensor, # (B, C, H, W) images, as the model takes them
                  classes: Tensor | int | Sequence[int] | None = None, # (B,), (B, K) or an int; None: the predicted class
                  targets: Target | str | Sequence[Target | str] = "weighted", # one target or several
                  **unknown, # refused with a hint: e.g. target= (say classes= or targets=)
                 ) -> Explanation:
-        "Explain `classes` of `x` under each of `targets`, with one forward and one (batched) backward pass."
+        """Explain `classes` of `x` under each of `targets`, with one forward and one (batched) backward pass.
+
+        Parameters: x, (B, C, H, W) images; classes, (B,), (B, K) or one int, None for the predicted class; targets,
+        what to back-propagate from: 'weighted' (p_t, the default), 'original' (y_t), 'mean', 'max', 'weighted_log'
+        or Target objects. Returns an Explanation whose maps are (B, K, T, h, w), signed."""
         if unknown:
             hint = {"target": "classes= (the class indices) or targets= (what to back-propagate from)",
                     "class_idx": "classes=", "labels": "classes="}
@@ -261,23 +577,45 @@ class Method:
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}: did you mean "
                             f"{hint.get(name, 'classes= or targets=')}?")
         with deferred_checks(), explaining(self.model):  # on a GPU, the value checks are read once, at the end
-            check_images(x, self.channels)
+            check_images(x)
             targets = as_targets(targets)
             classes = classes_to(classes, x.device)  # before the forward pass is queued: the copy waits for nothing
-            logits, wrt = self._forward(x.detach().to(next(self.model.parameters(), x).dtype))
-            logits = check_logits(logits)
-            classes = as_class_matrix(classes, logits)
-            grads = batched_grad(objectives(logits, classes, targets), wrt)  # (B, K*T, ...), or a tuple of them
-            maps = self._maps(grads, wrt.detach() if isinstance(wrt, Tensor) else tuple(w.detach() for w in wrt))
+            x = x.detach().to(next(self.model.parameters(), x).dtype)
+            logits, wrt, classes, grads = self._gradients(x, classes, targets)
+            wrt = wrt.detach() if isinstance(wrt, Tensor) else tuple(w.detach() for w in wrt)
+            maps = self._maps(*self._laid_out(grads, wrt))
         B, K, T = len(x), classes.shape[1], len(targets)
-        warn_underflow(maps.reshape(B, K, T, *maps.shape[-2:]), logits, classes, targets)
-        keep = grads.reshape(B, K, T, *grads.shape[2:]) if self.keep_grads and isinstance(grads, Tensor) else None
-        return Explanation(maps.reshape(B, K, T, *maps.shape[-2:]), logits.detach(), classes,
-                           tuple(t.name for t in targets), keep)
+        maps = maps.reshape(B, K, T, *maps.shape[-2:])
+        grads = grads.reshape(B, K, T, *grads.shape[2:]) if isinstance(grads, Tensor) else None
+        warn_zero_maps(self.model, maps, logits, classes, targets, grads)
+        return Explanation(maps, logits.detach(), classes, tuple(t.name for t in targets),
+                           grads if self.keep_grads else None, self.name)
+
+    def _gradients(self, x: Tensor, classes: Tensor | None, targets: Sequence[Target]):
+        "Forward, objectives, backward: (logits, wrt, classes (B, K), grads); batched, else one pass per objective."
+        for attempt in range(2):
+            with checked_channels(self.model, x):
+                logits, wrt = self._forward(x)
+            logits = check_logits(logits)
+            matrix = as_class_matrix(classes, logits)
+            outputs = objectives(logits, matrix, targets)
+            try:
+                return logits, wrt, matrix, batched_grad(outputs, wrt, batched=self.batched)
+            except (RuntimeError, NotImplementedError) as error:
+                if not self.batched or outputs.shape[1] == 1:
+                    raise
+                self.batched = False  # and run the forward again: the failed pass may have freed the graph
+                warnings.warn(f"the batched backward pass cannot batch this model ({str(error).splitlines()[0]}): "
+                              f"computing its {outputs.shape[1]} objectives with one backward pass each, about "
+                              f"{outputs.shape[1]} times the backward time of one", BatchedBackwardWarning, stacklevel=3)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor | tuple[Tensor, ...]]:
         "Run the model on x; return the logits and the tensor (or tensors) to differentiate."
         raise NotImplementedError
+
+    def _laid_out(self, grads, wrt) -> tuple:
+        "The gradients and the differentiated tensor(s) as `_maps` takes them (activation methods: channels first)."
+        return grads, wrt
 
     def _maps(self, grads: Tensor | tuple[Tensor, ...], wrt: Tensor | tuple[Tensor, ...]) -> Tensor:
         "(B, J, h, w) maps from the gradients (B, J, ...) of J objectives and the differentiated tensor(s) (B, ...)."
@@ -286,29 +624,87 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
+# %% ../../nbs/02_explain.ipynb #8cb80d1c
+def last_conv_in(path: str) -> Callable[[nn.Module], str]:
+    "The rule 'the last Conv2d of the Sequential at `path`' (VGG's and AlexNet's features, as the paper's code used)."
+    def pick(model):
+        seq = model.get_submodule(path)
+        return f"{path}.{max(i for i, m in enumerate(seq) if isinstance(m, nn.Conv2d))}"
+    return pick
+
+
+def block_before_last(path: str) -> Callable[[nn.Module], str]:
+    "The rule 'the second-to-last block at `path`': a ViT's last block feeds only its class token to the head."
+    def pick(model):
+        names = [name for name, _ in model.get_submodule(path).named_children()]
+        if len(names) < 2:
+            raise ValueError(f"the model has {len(names)} block at {path}, so no block feeds the last one: pass layer=")
+        return f"{path}.{names[-2]}"
+    return pick
+
+
+#: class name (the model's or a base class's) -> layer rules, tried in order: torchvision, timm, Hugging Face
+DEFAULT_LAYERS: dict[str, tuple[str | Callable[[nn.Module], str], ...]] = {
+    "ResNet": ("layer4",), "VGG": (last_conv_in("features"),), "AlexNet": (last_conv_in("features"),),
+    "DenseNet": ("features",), "GoogLeNet": ("inception5b",), "Inception3": ("Mixed_7c",),
+    "MobileNetV2": ("features",), "MobileNetV3": ("features", "blocks"), "MNASNet": ("layers",),
+    "ShuffleNetV2": ("conv5",), "SqueezeNet": ("features",), "EfficientNet": ("features", "bn2"),
+    "RegNet": ("trunk_output", "final_conv"), "ConvNeXt": ("features", "stages"), "MaxVit": ("blocks",),
+    "SwinTransformer": ("features", "layers"), "SwinTransformerV2": ("layers",),
+    "VisionTransformer": (block_before_last("encoder.layers"), block_before_last("blocks")),
+    "Eva": (block_before_last("blocks"),),
+    "ViTForImageClassification": (block_before_last("vit.layers"), block_before_last("vit.encoder.layer")),
+    "DeiTForImageClassification": (block_before_last("deit.layers"), block_before_last("deit.encoder.layer")),
+    "DeiTForImageClassificationWithTeacher": (block_before_last("deit.layers"),
+                                              block_before_last("deit.encoder.layer")),
+    "ConvNextForImageClassification": ("convnext.encoder",), "ConvNextV2ForImageClassification": ("convnextv2.encoder",),
+    "ResNetForImageClassification": ("resnet.encoder",),
+}
+
+
+def known_layer(model: nn.Module) -> str | None:
+    "The layer DEFAULT_LAYERS gives `model`'s class (or a base class), if one of its rules fits the model."
+    for cls in type(model).__mro__:
+        for rule in DEFAULT_LAYERS.get(cls.__name__, ()):
+            try:
+                name = rule(model) if callable(rule) else rule
+                model.get_submodule(name)
+                return name
+            except (AttributeError, ValueError, TypeError):
+                continue
+    return None
+
 
 def default_layer(model: nn.Module) -> str:
-    "The layer activation methods use unless told otherwise: the model's own choice, else one per known architecture."
-    from torchvision.models import VGG, ResNet
+    """The layer activation methods use unless told otherwise: the model's own `default_layer`, else the rule for its
+    architecture (DEFAULT_LAYERS), found also inside a wrapper or a compiled model.
 
+    Returns a dotted name; raises ValueError, saying to pass layer=, for an architecture it does not know."""
+    model = unwrapped(model)
     if isinstance(getattr(model, "default_layer", None), str):
         return model.default_layer
-    if isinstance(model, ResNet):
-        return "layer4"
-    if isinstance(model, VGG):  # the last convolution (before its BatchNorm in vgg16_bn), as the paper's code used
-        last = max(i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d))
-        return f"features.{last}"
+    for prefix, module in model.named_modules():
+        name = known_layer(module)
+        if name is not None:
+            return f"{prefix}.{name}" if prefix else name
     raise ValueError(f"no default layer for a {type(model).__name__}: pass layer=... (a module of the model or "
-                     "a dotted name from model.named_modules())")
+                     "a dotted name from model.named_modules()), before the global pooling")
 
-
+# %% ../../nbs/02_explain.ipynb #acf74235
 class ActivationMethod(Method):
-    "A method that differentiates with respect to the output A of one layer (B, K, h, w)."
+    """A method that differentiates with respect to the output A of one layer, laid out as (B, K, h, w).
+
+    Parameters: model; layer, a module or dotted name (None: default_layer(model)); layout, how the layer lays out its
+    output: None to detect it ((B, C, h, w), channels-last (B, h, w, C), or (B, L, C) tokens less the model's prefix
+    tokens), 'BCHW', 'BHWC', 'BLC', a Layout, or a function from the output (N, ...) to (N, C, h, w) applied to the
+    output and to its gradient; target_layers, pytorch-grad-cam's one-layer list; output, the model's output ->
+    logits. Calling it returns an Explanation (see Method.__call__)."""
 
     def __init__(self,
                  model: nn.Module,
                  layer: nn.Module | str | Sequence[nn.Module | str] | None = None, # None: default_layer(model)
                  *,
+                 layout: str | Layout | Callable[[Tensor], Tensor] | None = None, # None: detected from the output
                  target_layers: Sequence[nn.Module | str] | None = None, # pytorch-grad-cam's name for `layer`
                  output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
                 ):
@@ -322,15 +718,33 @@ class ActivationMethod(Method):
                 raise ValueError(f"one layer per method, got {len(layer)}: make one {type(self).__name__} per layer, "
                                  "e.g. GradCAM(model, model.layer4)")
             layer = layer[0]
+        if isinstance(layout, str):
+            layout = Layout(layout)
+        elif layout is not None and not callable(layout):
+            raise TypeError(f"layout must be 'BCHW', 'BHWC', 'BLC', a Layout or a function, got {type(layout).__name__}")
         self.layer = find_layer(model, default_layer(model) if layer is None else layer)
+        self.layout, self.prefix = layout, model_prefix_tokens(unwrapped(model))
+        self.name_of_layer = next((n for n, m in unwrapped(model).named_modules() if m is self.layer), "the layer")
 
     def _forward(self, x):
         with leaf_output(self.layer) as captured:
             logits = self.model(x)
         if not captured:
-            raise ValueError(f"layer {type(self.layer).__name__} did not run in the forward pass: choose a layer "
+            raise ValueError(f"layer {self.name_of_layer!r} did not run in the forward pass: choose a layer "
                              "on the path from the input to the logits")
-        if captured[0].ndim != 4:
-            raise ValueError(f"layer {type(self.layer).__name__} outputs shape {tuple(captured[0].shape)}, not "
-                             "(B, channels, h, w): choose a convolutional layer")
-        return logits, captured[0]
+        A = captured[0]
+        self._layout = resolve_layout(self.layout, tuple(A.shape), tuple(x.shape[-2:]), self.prefix,
+                                      layout_hint(self.layer), f"layer {self.name_of_layer!r}")
+        return logits, A
+
+    def _laid_out(self, grads: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+        "(B, J, K, h, w) gradients and (B, K, h, w) activations, from the layer's own layout."
+        B, J = grads.shape[:2]
+        A = self._layout(A)
+        if A.ndim != 4 or A.shape[0] != B:
+            raise ValueError(f"layout turned the output of layer {self.name_of_layer!r} into shape {tuple(A.shape)}, "
+                             f"not (B, C, h, w) with B = {B}: return (N, C, h, w) from the layout function")
+        return self._layout(grads.reshape(B * J, *grads.shape[2:])).reshape(B, J, *A.shape[1:]), A
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.model).__name__}, layer={self.name_of_layer!r})"
