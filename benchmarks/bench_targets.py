@@ -59,7 +59,7 @@ def shared_forward(model, x, classes, sample, device):
 
 
 def variants(model, x, classes, chunk: int, sample: int | None, device: str = "cpu") -> dict:
-    g = Gradient(model)
+    g = Gradient(model, keep_grads=True)
     K = classes.shape[1]
     chunks = [lambda a=a: norms(g(x, classes[:, a:a + chunk], "original")) for a in range(0, K, chunk)]
     loop = [lambda k=k: norms(g(x, classes[:, k], "original")) for k in range(K)]
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = common.build(model_name, args.device)
         x = common.images(args.batch, args.size, args.device)
         classes = top_classes(model, x, N_CLASSES)
-        g = Gradient(model)
+        g = Gradient(model, keep_grads=True)
         check = classes[:, :3]
         batched, looped = norms(g(x, check, "original")), torch.stack([norms(g(x, check[:, k], "original"))[:, 0]
                                                                       for k in range(3)], 1)

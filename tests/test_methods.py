@@ -67,7 +67,7 @@ def test_gradient_agrees_with_captum_saliency_signed():
     from captum.attr import Saliency
 
     net, x, t = tiny_cnn(5, 1), torch.rand(2, 3, 6, 6, dtype=torch.float64), torch.tensor([3, 0])
-    ours = Gradient(net)(x, t, "weighted")
+    ours = Gradient(net, keep_grads=True)(x, t, "weighted")
     theirs = Saliency(Softmax(net)).attribute(x.clone().requires_grad_(True), target=t, abs=False)
     torch.testing.assert_close(ours.grads[:, 0, 0], theirs)
     torch.testing.assert_close(ours.maps[:, 0, 0], theirs.sum(1))

@@ -5,7 +5,9 @@
 # %% ../../nbs/03_gradient.ipynb #9a960d4f
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Callable
+
+from torch import Tensor, nn
 
 from .explain import Method
 
@@ -14,9 +16,20 @@ __all__ = ['Gradient']
 
 # %% ../../nbs/03_gradient.ipynb #dc2b0579
 class Gradient(Method):
-    "The input gradient of each objective; maps are summed over the colour channels (signed, linear)."
+    """The input gradient of each objective; maps are summed over the colour channels (signed, linear).
+
+    Parameters: model; keep_grads, whether the Explanation also carries the per-channel gradients (B, K, T, C, H, W)
+    in `grads` (default False: they are as large as the images times K times T); output, the model's output ->
+    logits. Calling it returns an Explanation with maps (B, K, T, H, W) (see Method.__call__)."""
     name = "gradient"
-    keep_grads = True  # (B, K, T, 3, H, W) in Explanation.grads
+
+    def __init__(self,
+                 model: nn.Module,
+                 keep_grads: bool = False, # keep the per-channel input gradients in Explanation.grads
+                 output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
+                ):
+        super().__init__(model, output)
+        self.keep_grads = keep_grads
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.requires_grad_(True)
