@@ -138,7 +138,7 @@ def explaining(model: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.train(mode)
 
-# %% ../../nbs/02_explain.ipynb #b6c9c414
+# %% ../../nbs/02_explain.ipynb #2fec3cf8
 def unwrapped(model: nn.Module) -> nn.Module:
     "The module a `torch.compile`d model wraps (its `_orig_mod`); any other model is itself."
     inner = getattr(model, "_orig_mod", None)
@@ -164,7 +164,7 @@ def find_layer(model: nn.Module, # the model, or a `torch.compile`d one
                          "or a dotted name from model.named_modules()")
     return layer
 
-# %% ../../nbs/02_explain.ipynb #9f10b0df
+# %% ../../nbs/02_explain.ipynb #eba7967b
 def first_tensor(output) -> Tensor | None:
     "The tensor a layer outputs: the output itself, the first item of a tuple or list, the first value of a dict or `ModelOutput`."
     if isinstance(output, Tensor):
@@ -214,7 +214,7 @@ def leaf_output(layer: nn.Module) -> Iterator[list[Tensor]]:
     finally:
         handle.remove()
 
-# %% ../../nbs/02_explain.ipynb #f331d841
+# %% ../../nbs/02_explain.ipynb #41305c6d
 def plausible_grid(h: int, w: int, # a grid of positions
                    size: tuple[int, int], # (H, W) the input images' size
                    strict: bool = True, # one stride and one rounding for both sides; False: each side within a cell
@@ -255,7 +255,7 @@ def model_prefix_tokens(model: nn.Module) -> int:
     return sum(p.shape[-2] if p.ndim >= 2 else 1 for name, p in model.named_parameters()
                if name.rsplit(".", 1)[-1] in TOKEN_PARAMETERS)
 
-# %% ../../nbs/02_explain.ipynb #309cb649
+# %% ../../nbs/02_explain.ipynb #c515616e
 LAYOUTS = ("BCHW", "BHWC", "BLC")
 
 
@@ -290,7 +290,7 @@ def layout_hint(layer: nn.Module) -> str | None:
         last = last[-1]
     return "BCHW" if isinstance(last, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d)) else None
 
-# %% ../../nbs/02_explain.ipynb #81d1ee5e
+# %% ../../nbs/02_explain.ipynb #8cf78b91
 def resolve_layout(layout: str | Layout | Callable | None, # what the user said; None: detect
                    shape: tuple[int, ...], # the layer's output shape
                    size: tuple[int, int], # (H, W) the input images' size
@@ -333,7 +333,7 @@ def resolve_layout(layout: str | Layout | Callable | None, # what the user said;
     raise ValueError(f"{got}, which layout={name!r} does not fit: pass layout='BCHW', 'BHWC' or 'BLC' to match, or a "
                      "function from the output to (B, C, h, w)")
 
-# %% ../../nbs/02_explain.ipynb #828f5b5a
+# %% ../../nbs/02_explain.ipynb #756c555d
 @dataclass(repr=False)
 class Explanation:
     """Signed maps for B samples x K classes x T targets, and what produced them.
@@ -402,7 +402,7 @@ class Explanation:
                 f"maps {h}x{w}, classes {classes}, {str(self.maps.dtype).removeprefix('torch.')} on "
                 f"{self.maps.device}{grads})")
 
-# %% ../../nbs/02_explain.ipynb #c4f1309b
+# %% ../../nbs/02_explain.ipynb #0765c8d9
 class ZeroMapWarning(UserWarning):
     "Maps are zero everywhere; the message names the cause it can tell and what to do."
 
@@ -486,7 +486,7 @@ def warn_zero_maps(model: nn.Module,
     for (category, why), n in causes.items():
         warnings.warn(f"{n} of the {blank.numel()} maps are zero everywhere: {why}", category, stacklevel=3)
 
-# %% ../../nbs/02_explain.ipynb #e5d37092
+# %% ../../nbs/02_explain.ipynb #ca87f7bc
 class WithOutput(nn.Module):
     "A model whose output is taken apart by `output`: the logits of a model that returns a dict or a ModelOutput."
 
@@ -537,7 +537,7 @@ def checked_channels(model: nn.Module, x: Tensor) -> Iterator[None]:
 class BatchedBackwardWarning(UserWarning):
     "The batched backward pass could not batch for this model: one backward pass per objective instead."
 
-# %% ../../nbs/02_explain.ipynb #cb9e62ab
+# %% ../../nbs/02_explain.ipynb #b6e5c99a
 class Method:
     """A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity.
 
@@ -583,13 +583,14 @@ class Method:
             x = x.detach().to(next(self.model.parameters(), x).dtype)
             logits, wrt, classes, grads = self._gradients(x, classes, targets)
             wrt = wrt.detach() if isinstance(wrt, Tensor) else tuple(w.detach() for w in wrt)
-            maps = self._maps(*self._laid_out(grads, wrt))
+            laid_grads, laid_wrt = self._laid_out(grads, wrt)
+            maps = self._maps(laid_grads, laid_wrt)
         B, K, T = len(x), classes.shape[1], len(targets)
         maps = maps.reshape(B, K, T, *maps.shape[-2:])
-        grads = grads.reshape(B, K, T, *grads.shape[2:]) if isinstance(grads, Tensor) else None
-        warn_zero_maps(self.model, maps, logits, classes, targets, grads)
-        return Explanation(maps, logits.detach(), classes, tuple(t.name for t in targets),
-                           grads if self.keep_grads else None, self.name)
+        per_map = laid_grads.reshape(B, K, T, *laid_grads.shape[2:]) if isinstance(laid_grads, Tensor) else None
+        warn_zero_maps(self.model, maps, logits, classes, targets, per_map)  # the gradient the maps are made of
+        kept = grads.reshape(B, K, T, *grads.shape[2:]) if self.keep_grads and isinstance(grads, Tensor) else None
+        return Explanation(maps, logits.detach(), classes, tuple(t.name for t in targets), kept, self.name)
 
     def _gradients(self, x: Tensor, classes: Tensor | None, targets: Sequence[Target]):
         "Forward, objectives, backward: (logits, wrt, classes (B, K), grads); batched, else one pass per objective."
@@ -624,7 +625,7 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
-# %% ../../nbs/02_explain.ipynb #8cb80d1c
+# %% ../../nbs/02_explain.ipynb #f2aa975d
 def last_conv_in(path: str) -> Callable[[nn.Module], str]:
     "The rule 'the last Conv2d of the Sequential at `path`' (VGG's and AlexNet's features, as the paper's code used)."
     def pick(model):
@@ -690,7 +691,7 @@ def default_layer(model: nn.Module) -> str:
     raise ValueError(f"no default layer for a {type(model).__name__}: pass layer=... (a module of the model or "
                      "a dotted name from model.named_modules()), before the global pooling")
 
-# %% ../../nbs/02_explain.ipynb #acf74235
+# %% ../../nbs/02_explain.ipynb #cb73027e
 class ActivationMethod(Method):
     """A method that differentiates with respect to the output A of one layer, laid out as (B, K, h, w).
 
