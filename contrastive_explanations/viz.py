@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from matplotlib.axes import Axes
 from matplotlib.colors import CenteredNorm
 from matplotlib.figure import Figure
+from PIL import Image
 from torch import Tensor
 
 from .methods.explain import Explanation
 
+if TYPE_CHECKING:  # the widgets extra: imported where a menu is made
+    import ipywidgets as widgets
 
 # %% auto #0
 __all__ = ['STATIC_CLASS', 'figure_png', 'static_switcher', 'colour_range', 'overlay', 'comparison_figure', 'static_grid',
@@ -29,7 +32,14 @@ __all__ = ['STATIC_CLASS', 'figure_png', 'static_switcher', 'colour_range', 'ove
 def figure_png(fig: Figure, # a matplotlib figure; it is closed afterwards
                dpi: int = 96,
               ) -> bytes: # PNG file contents
-    "Render `fig` to PNG bytes and close it, so the notebook does not also show it."
+    """Render `fig` to PNG bytes and close it, so the notebook does not also show it.
+
+    Parameters:
+        fig: a matplotlib figure; it is closed afterwards
+        dpi: the resolution, in dots per inch
+    Returns:
+        bytes: the PNG file's contents
+    """
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
@@ -39,10 +49,27 @@ def figure_png(fig: Figure, # a matplotlib figure; it is closed afterwards
 STATIC_CLASS = "ce-static-explorer" # the CSS class of every kernel-free explorer, so pages and tests can find them
 
 
-def static_switcher(pages: dict[str, bytes | widgets.Widget], # menu label -> PNG bytes or any widget
+def _widgets():
+    "ipywidgets, which the menus need: an extra of the package, imported only when a menu is made."
+    try:
+        import ipywidgets
+    except ImportError as e:
+        raise ImportError('the static menus need ipywidgets: pip install "contrastive_explanations[widgets]"') from e
+    return ipywidgets
+
+
+def static_switcher(pages: "dict[str, bytes | widgets.Widget]", # menu label -> PNG bytes or any widget
                     description: str = "Show", # the menu's label
-                   ) -> widgets.VBox:
-    "A menu linked in the browser to a stack of precomputed pages: it switches them in a static page, no kernel needed."
+                   ) -> "widgets.VBox":
+    """A menu linked in the browser to a stack of precomputed pages: it switches them in a static page, no kernel needed.
+
+    Parameters:
+        pages: menu label -> the page it shows, PNG bytes (see `figure_png`) or any ipywidgets widget
+        description: the menu's label
+    Returns:
+        ipywidgets.VBox: the menu above the stack of pages
+    """
+    widgets = _widgets()
     if not pages:
         raise ValueError("static_switcher needs at least one page: pass {label: png_bytes_or_widget, ...}")
     children = []
@@ -63,7 +90,14 @@ def static_switcher(pages: dict[str, bytes | widgets.Widget], # menu label -> PN
 def colour_range(m, # a signed map (array or tensor)
                  percentile: float = 99.5, # where the symmetric scale saturates; 100: the largest |value|
                 ) -> float:
-    "Half-range of a map's symmetric colour scale: the `percentile` of its absolute values (1.0 for a zero map)."
+    """Half-range of a map's symmetric colour scale: the `percentile` of its absolute values (1.0 for a zero map).
+
+    Parameters:
+        m: a signed map, array or tensor, of any shape
+        percentile: where the symmetric scale saturates, in (0, 100]; 100: the largest |value|
+    Returns:
+        float: the half-range, positive
+    """
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile!r}: e.g. 99.5, or 100 for the maximum")
     a = torch.as_tensor(m).detach().float().abs().flatten().cpu().numpy()
@@ -78,12 +112,24 @@ def overlay(*args, # (image, m): a new figure with a colour bar; or (ax, image, 
             halfrange: float | None = None, # the colour scale's +- range (default: the map's largest |value|)
             title: str = "", # the new figure's title
            ) -> Figure | None: # the new figure, when no Axes was given
-    """A signed map over its image: bwr with the scale centred on zero, half transparent. `overlay(image, m)` makes
-    one figure with a colour bar (red: for the class, blue: against it); `overlay(ax, image, m)` draws into `ax`."""
+    """A signed map over its image: bwr with the scale centred on zero, half transparent.
+
+    `overlay(image, m)` makes one figure with a colour bar (red: for the class, blue: against it), laid out so that
+    a plain `fig.savefig(path)` holds all of it; `overlay(ax, image, m)` draws into `ax`.
+
+    Parameters:
+        *args: (image, m) or (ax, image, m). image: a (3, H, W) tensor or array, an (H, W, 3) array, an (H, W) grey
+            image (uint8, or float in [0, 1]) or a PIL image; m: the (h, w) signed map, resized to the image
+        alpha: the map's opacity
+        halfrange: the colour scale's +- range (default: the map's largest |value|)
+        title: the new figure's title
+    Returns:
+        Figure | None: the new figure, or None when drawn into the Axes given
+    """
     if len(args) == 2:
-        fig, ax = plt.subplots(figsize=(4.2, 3.4))
+        fig, ax = plt.subplots(figsize=(4.2, 3.4), layout="constrained")  # the colour bar and its label fit inside
         shown = _overlay(ax, *args, alpha=alpha, halfrange=halfrange)
-        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+        bar = fig.colorbar(shown, ax=ax, fraction=0.05)
         bar.set_label("← against the class · for the class →", fontsize=8)
         ax.set_title(title, fontsize=9)
         return fig
@@ -94,14 +140,31 @@ def overlay(*args, # (image, m): a new figure with a colour bar; or (ax, image, 
     return None
 
 
+def _rgb(image) -> np.ndarray:
+    """An image as (H, W, 3) floats in [0, 1]: from a PIL image, a (3, H, W) or (H, W, 3) tensor or array (a tensor
+    whose first axis has 1 or 3 entries is channels-first, an array only if its last has not), or (H, W) grey."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    a = image.detach().cpu() if isinstance(image, Tensor) else torch.as_tensor(np.array(image))  # a copy: writable
+    if a.ndim == 3 and a.shape[0] in (1, 3) and (isinstance(image, Tensor) or a.shape[-1] not in (1, 3)):
+        a = a.movedim(0, -1)
+    elif a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3) or 0 in a.shape:
+        raise ValueError(f"an image of shape {tuple(a.shape)} cannot be drawn: pass a (3, H, W) tensor, an (H, W, 3) "
+                         "array, an (H, W) grey image or a PIL image")
+    a = a.float() / 255 if not (a.is_floating_point() or a.dtype == torch.bool) else a.float()
+    return a.expand(*a.shape[:2], 3).clamp(0, 1).numpy()
+
+
 def _overlay(ax, image, m, alpha: float = 0.5, halfrange: float | None = None):
     "Draw the image and the map over it into `ax`; the map's AxesImage, for a colour bar."
-    image = torch.as_tensor(np.asarray(image))
-    H, W = image.shape[-2:]
-    up = F.interpolate(torch.as_tensor(np.asarray(m), dtype=torch.float32)[None, None], size=(H, W),
-                       mode="bilinear", align_corners=False)[0, 0]
-    shown = image.float() / 255 if image.dtype == torch.uint8 else image.float()
-    ax.imshow(shown.permute(1, 2, 0).clamp(0, 1).numpy())
+    rgb = _rgb(image)
+    m = torch.as_tensor(np.asarray(m.detach().cpu() if isinstance(m, Tensor) else m), dtype=torch.float32)
+    if m.ndim != 2:
+        raise ValueError(f"the map must be (h, w), got shape {tuple(m.shape)}: pick one, e.g. e.map('weighted')[0]")
+    up = F.interpolate(m[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    ax.imshow(rgb)
     r = halfrange if halfrange is not None else float(up.abs().max())
     shown = ax.imshow(up.numpy(), cmap="bwr", norm=CenteredNorm(halfrange=r or 1.0), alpha=alpha)
     ax.set_xticks([]), ax.set_yticks([])
@@ -115,7 +178,19 @@ def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
                       size: float = 1.9, # inches per panel
                       percentile: float = 99.5, # each map's colour scale saturates here (see colour_range)
                      ) -> Figure:
-    "The image, then one signed map per target for each chosen class (bwr, centred on zero, over the image)."
+    """The image, then one signed map per target for each chosen class (bwr, centred on zero, over the image).
+
+    Parameters:
+        image: the (3, H, W) image in [0, 1]
+        explanation: the explanation of this one image (a batch of 1), classes (1, K), any targets
+        ranks: which of the K explained classes to draw, one row each
+        class_names: a name per class index, for the row titles (default: "class c")
+        title: the figure's title
+        size: inches per panel
+        percentile: where each map's colour scale saturates (see `colour_range`)
+    Returns:
+        Figure: one row per rank, the image and then one panel per target
+    """
     maps = explanation.upsampled(tuple(image.shape[-2:]))[0].float()  # (K, T, H, W)
     probs = explanation.logits[0].float().softmax(-1)
     T = len(explanation.targets)
@@ -139,19 +214,26 @@ def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
     fig.tight_layout()
     return fig
 
-
 # %% ../nbs/13_viz.ipynb #1381b271
 def static_grid(menus: dict[str, Sequence[str]], # menu label -> its options, in order
                 render: Callable[..., bytes], # render(**{menu: option}) -> PNG bytes, called once per combination
-               ) -> widgets.VBox:
-    "Menus linked in the browser to nested stacks of precomputed pictures, one per combination of options."
+               ) -> "widgets.VBox":
+    """Menus linked in the browser to nested stacks of precomputed pictures, one per combination of options.
+
+    Parameters:
+        menus: menu label -> its options, in order
+        render: render(**{menu: option}) -> PNG bytes, called once per combination of options
+    Returns:
+        ipywidgets.VBox: the menus in a row above the nested stacks
+    """
+    widgets = _widgets()
     if not menus or any(len(options) == 0 for options in menus.values()):
         raise ValueError(f"static_grid needs menus with at least one option each, got {dict(menus)!r}")
     names = list(menus)
     dropdowns = {n: widgets.Dropdown(options=list(menus[n]), index=0, description=n,
                                      layout=widgets.Layout(width="auto")) for n in names}
 
-    def level(i: int, chosen: dict) -> widgets.Widget:
+    def level(i: int, chosen: dict) -> "widgets.Widget":
         if i == len(names):
             return widgets.Image(value=render(**chosen), format="png", layout=widgets.Layout(max_width="100%"))
         stack = widgets.Stack([level(i + 1, {**chosen, names[i]: o}) for o in menus[names[i]]], selected_index=0)
@@ -163,11 +245,19 @@ def static_grid(menus: dict[str, Sequence[str]], # menu label -> its options, in
     return box
 
 
-def grid_bytes(grid: widgets.VBox) -> int:
-    "The total size of the PNGs a static_grid holds (its share of the page weight)."
+def grid_bytes(grid: "widgets.VBox", # a static_grid
+              ) -> int:
+    """The total size of the PNGs a static_grid holds (its share of the page weight).
+
+    Parameters:
+        grid: what `static_grid` returned
+    Returns:
+        int: the PNGs' total size in bytes
+    """
+    widgets = _widgets()
+
     def walk(w):
         if isinstance(w, widgets.Image):
             return len(w.value)
         return sum(walk(c) for c in getattr(w, "children", ()))
     return walk(grid.children[1])
-

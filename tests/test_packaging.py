@@ -1,11 +1,16 @@
-"""The package as users get it: a wheel built from the repository holds every subpackage and module and declares
-every package the code imports; installed with its dependencies into a fresh virtual environment, its command line
-explains an image; and the top level offers the names the README shows."""
+"""The package as users get it: a wheel built from the repository holds every subpackage and module and `py.typed`;
+the core (the methods, the models, the command line) imports only the core dependencies and everything else only
+the core's and the extras'; an installed CPU build of torch is kept; installed with its core dependencies alone into
+a fresh virtual environment, its command line explains an image and the README's core examples run; every README
+example says which extra it needs; and the top level offers the names the README shows."""
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +22,7 @@ import numpy as np
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +70,11 @@ def test_the_wheel_holds_every_module_of_the_source_tree(wheel_files):
     assert not any(f.startswith(("tests/", "tools/", "benchmarks/", "nbs/")) for f in wheel_files)
 
 
+def test_the_wheel_ships_py_typed(wheel_files):
+    "PEP 561: type checkers read the package's own hints only where the marker file is installed with it."
+    assert "contrastive_explanations/py.typed" in wheel_files, sorted(f for f in wheel_files if "/" not in f[25:])
+
+
 def test_the_wheel_declares_the_command_line_tool(wheel_files):
     assert any(f.endswith(".dist-info/entry_points.txt") for f in wheel_files)
 
@@ -77,37 +88,187 @@ def test_the_top_level_offers_the_readme_names():
     assert len(set(METHODS.values())) == len(METHODS)
 
 
+def extra_requirements(extra: str | None) -> list[Requirement]:
+    "The requirements an install of the package brings: the core's, plus `extra`'s (and the extras it names)."
+    found, todo, seen = [Requirement(r) for r in PROJECT["dependencies"]], [extra] if extra else [], set()
+    while todo:
+        name = todo.pop()
+        if name not in PROJECT["optional-dependencies"]:
+            raise AssertionError(f"extra {name!r} is not in pyproject.toml: choose among {sorted(PROJECT['optional-dependencies'])}")
+        seen.add(name)
+        for r in map(Requirement, PROJECT["optional-dependencies"][name]):
+            if canonicalize_name(r.name) == canonicalize_name(PROJECT["name"]):
+                todo += sorted(r.extras - seen)
+            else:
+                found.append(r)
+    return found
+
+
+def declared(extra: str | None) -> set[str]:
+    return {canonicalize_name(r.name) for r in extra_requirements(extra)}
+
+
+@functools.cache
+def owners() -> dict[str, list[str]]:
+    "Top-level import name -> the installed distributions that provide it (a scan of every installed package)."
+    return importlib.metadata.packages_distributions()
+
+
+def undeclared(imported: set[str], allowed: set[str]) -> dict[str, list[str]]:
+    "The imported top-level names that no distribution in `allowed` provides: name -> the distributions that do."
+    owners_ = owners()
+    names = imported - set(sys.stdlib_module_names) - {PACKAGE.name, "__future__"}
+    return {n: owners_.get(n, [n]) for n in sorted(names)
+            if not any(canonicalize_name(d) in allowed for d in owners_.get(n, [n]))}
+
+
+NEEDS = re.compile(r'^# needs the "(\w+)" extra: pip install "\.\[\1\]"')
+
+
+def readme_blocks() -> list[tuple[str | None, str]]:
+    "README.md's ```python blocks, each with the extra its first line says it needs (None: the core install)."
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [(m[1] if (m := NEEDS.match(b)) else None, b) for b in blocks]
+
+
+def block_imports(block: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(block)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def test_every_readme_example_says_which_install_it_needs():
+    "A block runs after the install it names: the core, or `pip install \".[extra]\"`; its imports come with it."
+    blocks = readme_blocks()
+    assert len(blocks) >= 3 and any(extra is None for extra, _ in blocks)
+    for extra, block in blocks:
+        missing = undeclared(block_imports(block), declared(extra))
+        assert not missing, (f"a README block imports {missing}, which {extra or 'the core'} install does not bring: "
+                             f"begin it with '# needs the \"EXTRA\" extra: pip install \".[EXTRA]\"'\n{block}")
+
+
+def test_the_readme_block_check_sees_a_missing_extra():
+    "The check above can fail: timm is no core dependency, and a block that imports it must name the 'test' extra."
+    assert undeclared({"timm", "torch"}, declared(None)) == {"timm": ["timm"]}
+    assert undeclared({"timm", "torch"}, declared("test")) == {}
+
+
 def test_the_readmes_python_examples_run():
     "Every ```python block of README.md runs as written (offline: weights=None and the packaged model)."
-    import re
-
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(blocks) >= 2
-    for block in blocks:
+    for _, block in readme_blocks():
         exec(compile(block, "README.md", "exec"), {})
 
 
-def imported_distributions() -> dict[str, list[str]]:
-    "Every package outside the standard library that the package's code imports, anywhere: name -> distributions."
-    names = set()
+def imports_of(path: Path, module: str | None = None) -> tuple[set[str], set[str], set[str]]:
+    """A module's imports: (top-level names of other packages imported when the module is, those imported inside
+    functions or for type checkers only, the package's own modules it imports anywhere)."""
+    module = module or path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    eager, lazy, own = set(), set(), set()
+
+    def visit(node: ast.AST, inside: bool) -> None:
+        names = set()
+        if isinstance(node, ast.Import):
+            names = {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = {base} | {f"{base}.{alias.name}" for alias in node.names}
+        for name in names:
+            if name.partition(".")[0] == PACKAGE.name:
+                own.add(name)
+            elif not (isinstance(node, ast.ImportFrom) and name != (node.module or "")):
+                (lazy if inside else eager).add(name.partition(".")[0])
+        checking = isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)  # for type checkers only
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside or checking or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(path.read_text()), False)
+    return eager, lazy, own
+
+
+def module_file(name: str) -> Path | None:
+    path = ROOT / name.replace(".", "/")
+    return path / "__init__.py" if (path / "__init__.py").exists() else path.with_suffix(".py") if path.with_suffix(".py").exists() else None
+
+
+def core_roots() -> set[str]:
+    "The modules the core is: the public names' homes, the methods, the models, viz and the command line's module."
+    import contrastive_explanations
+    import contrastive_explanations.methods
+    roots = {PACKAGE.name, f"{PACKAGE.name}.methods", f"{PACKAGE.name}.data.models", f"{PACKAGE.name}.viz"}
+    roots |= {f"{PACKAGE.name}.methods.{p.stem}" for p in (PACKAGE / "methods").glob("*.py")}
+    for module in (contrastive_explanations, contrastive_explanations.methods):
+        roots |= {getattr(getattr(module, n), "__module__", None) or module.__name__ for n in module.__all__}
+    roots |= {spec.partition(":")[0] for spec in PROJECT["scripts"].values()}
+    return {r for r in roots if r.startswith(PACKAGE.name)}
+
+
+def core_modules() -> dict[str, Path]:
+    """Every module of the package the core reaches: its roots and, transitively, the package's modules they import;
+    each module's path, and in VIA which module imported it."""
+    found, todo = {}, [(r, "the core") for r in sorted(core_roots())]
+    while todo:
+        name, parent = todo.pop()
+        path = module_file(name)
+        if path is None or name in found:
+            continue  # `from package.module import function`: the name is no module
+        found[name], VIA[name] = path, parent
+        parts = name.split(".")
+        todo += [(".".join(parts[:i]), name) for i in range(2, len(parts))]  # importing a.b.c runs a.b's __init__
+        todo += [(m, name) for m in sorted(imports_of(path)[2])]
+    return found
+
+
+VIA: dict[str, str] = {}
+
+
+def test_the_core_imports_only_the_core_dependencies():
+    """What the methods, the models and the command line reach imports only pyproject.toml's dependencies when it is
+    imported (an extra's package only inside a function that needs it); `pip install .` alone runs them."""
+    core = core_modules()
+    assert {f"{PACKAGE.name}.methods.cam", f"{PACKAGE.name}.data.models", f"{PACKAGE.name}.viz"} <= set(core)
+    extras = set().union(*(declared(e) for e in PROJECT["optional-dependencies"]))
+    problems = {}
+    for name, path in sorted(core.items()):
+        eager, lazy, _ = imports_of(path)
+        if bad := undeclared(eager, declared(None)) | undeclared(lazy, extras):
+            problems[f"{name} (imported by {VIA[name]})"] = bad
+    assert not problems, ("the core reaches modules that import packages outside pyproject.toml's dependencies "
+                          f"(import them inside the function that needs them, from an extra, or move the code "
+                          f"out of the core's reach): {problems}")
+
+
+def test_the_import_scan_sees_eager_lazy_and_own_imports(tmp_path):
+    "The scan the test above relies on: it tells imports at import time from those inside a function."
+    source = tmp_path / "module.py"
+    source.write_text("import numpy as np\nfrom torch import nn\nfrom ..results import write_json\n"
+                      "try:\n    import yaml\nexcept ImportError:\n    pass\n"
+                      "class A:\n    def f(self):\n        import pandas\n        from . import models\n"
+                      "if TYPE_CHECKING:\n    import ipywidgets\n")
+    eager, lazy, own = imports_of(source, f"{PACKAGE.name}.data.module")
+    assert (eager, lazy) == ({"numpy", "torch", "yaml"}, {"pandas", "ipywidgets"})
+    assert own == {f"{PACKAGE.name}.results", f"{PACKAGE.name}.results.write_json", f"{PACKAGE.name}.data",
+                   f"{PACKAGE.name}.data.models"}
+    assert not undeclared({"pandas"}, declared("experiments")) and undeclared({"pandas"}, declared(None))
+
+
+def test_every_package_the_code_imports_is_declared():
+    "Any module of the package imports only the core dependencies and the extras'."
+    allowed = set().union(declared(None), *(declared(e) for e in PROJECT["optional-dependencies"]))
+    imported, scanned = set(), 0
     for path in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {alias.name.partition(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names.add(node.module.partition(".")[0])
-    names -= set(sys.stdlib_module_names) | {PACKAGE.name}
-    owners = importlib.metadata.packages_distributions()
-    return {name: owners.get(name, [name]) for name in sorted(names)}
-
-
-def test_every_package_the_code_imports_is_a_runtime_dependency():
-    declared = {canonicalize_name(Requirement(r).name) for r in PROJECT["dependencies"]}
-    imported = imported_distributions()
-    assert {"torch", "torchvision", "efficientnet_lite_pytorch", "yaml"} <= set(imported)  # the scan sees imports
-    missing = {name: dists for name, dists in imported.items()
-               if not any(canonicalize_name(d) in declared for d in dists)}
-    assert not missing, f"imported but not in pyproject.toml's dependencies: {missing}"
+        eager, lazy, _ = imports_of(path)
+        imported |= eager | lazy
+        scanned += 1
+    assert {"torch", "torchvision", "efficientnet_lite_pytorch", "yaml"} <= imported, scanned  # the scan sees imports
+    missing = undeclared(imported, allowed)
+    assert not missing, f"imported but declared neither as a dependency nor in an extra of pyproject.toml: {missing}"
 
 
 def pins() -> dict[str, str]:
@@ -133,10 +294,103 @@ def test_the_pinned_environment_satisfies_every_declared_bound():
     assert not outside, f"the tested versions lie outside pyproject.toml's bounds: {outside}"
 
 
+TORCH = ("torch", "torchvision")
+
+
+def test_the_core_pins_neither_torch_nor_torchvision():
+    """The core's bounds on torch and torchvision are lower bounds that a CPU build (a `+cpu` local version) of the
+    tested versions meets: an exact pin or an upper bound would make pip replace the build a user installed first."""
+    core = {canonicalize_name(r.name): r for r in extra_requirements(None)}
+    pinned = pins()
+    for name in TORCH:
+        spec = core[name].specifier
+        assert all(s.operator in (">=", "!=") for s in spec), f"{name}{spec}: declare a lower bound only (>=)"
+        assert Version(f"{pinned[name]}+cpu") in spec, f"{name}{spec} refuses the CPU build {pinned[name]}+cpu"
+
+
+def fake_wheel(folder: Path, name: str, version: str, requires: list[str] = ()) -> Path:
+    "An empty wheel that only declares `name` `version` and its requirements, for pip's resolver."
+    dist = f"{canonicalize_name(name).replace('-', '_')}-{version}"
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                   + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        z.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                               "Tag: py3-none-any\n")
+        z.writestr(f"{dist}.dist-info/RECORD", "")
+    return path
+
+
+def pip_in(venv: Path, *args: str) -> subprocess.CompletedProcess:
+    "This pip, run for the interpreter of `venv`, offline, with no configuration of this machine."
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    out = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "--no-input",
+                          "--disable-pip-version-check", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fake_index(tmp_path_factory) -> Path:
+    """Wheels that stand for an index: the package, declaring pyproject.toml's core requirements; torch and
+    torchvision at the tested versions (the default, CUDA builds), torchvision needing a torch at least as new as
+    the tested one, as torchvision's releases do; every other core requirement at its tested version."""
+    index = tmp_path_factory.mktemp("index")
+    pinned = pins()
+    fake_wheel(index, PROJECT["name"], PROJECT["version"], PROJECT["dependencies"])
+    torch_, vision = pinned["torch"], pinned["torchvision"]
+    fake_wheel(index, "torch", torch_)
+    fake_wheel(index, "torchvision", vision, [f"torch>={torch_}"])
+    for r in extra_requirements(None):
+        if canonicalize_name(r.name) not in TORCH:
+            fake_wheel(index, r.name, pinned.get(canonicalize_name(r.name), "1000"))
+    return index
+
+
+def replaced_after_installing(fake_index: Path, venv_root: Path, cpu: dict[str, str], *extra: str) -> set[str]:
+    """Which of torch and torchvision `pip install <the package>` would install (replacing the CPU builds `cpu`,
+    name -> version, installed first in a fresh venv)."""
+    venv = venv_root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    local = venv_root / "cpu"
+    local.mkdir()
+    fake_wheel(local, "torch", cpu["torch"])
+    if "torchvision" in cpu:
+        fake_wheel(local, "torchvision", cpu["torchvision"], [f"torch=={cpu['torch']}"])
+    pip_in(venv, "install", "--quiet", "--no-index", "--no-deps", *local.iterdir())
+    report = venv_root / "report.json"
+    pip_in(venv, "install", "--quiet", "--dry-run", "--report", str(report), "--no-index", "--find-links",
+           str(fake_index), *extra, PROJECT["name"])
+    chosen = {item["metadata"]["name"]: item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
+    assert PROJECT["name"] in chosen, chosen
+    return {name for name in TORCH if name in chosen}
+
+
+def test_installing_the_package_keeps_a_cpu_build_of_torch(fake_index, tmp_path):
+    """The README's CPU-only install: torch and torchvision from PyTorch's CPU index first (`+cpu` builds), then the
+    package. pip keeps both: nothing of the core asks for another build. Also with constraints.txt, where the CPU
+    builds are of the tested versions (constraints name no local version)."""
+    pinned = pins()
+    tested = {name: f"{pinned[name]}+cpu" for name in TORCH}
+    older = {"torch": "2.3.0+cpu", "torchvision": "0.18.0+cpu"}  # the oldest pair the core's bounds admit
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    assert replaced_after_installing(fake_index, tmp_path / "a", tested) == set()
+    assert replaced_after_installing(fake_index, tmp_path / "b", older) == set()
+    assert replaced_after_installing(fake_index, tmp_path / "c", tested, "-c", str(ROOT / "constraints.txt")) == set()
+
+
+def test_a_cpu_torch_alone_is_replaced_which_is_why_the_readme_installs_torchvision_with_it(fake_index, tmp_path):
+    """The cause of the replaced CPU build: with torch alone from the CPU index, pip takes the newest torchvision
+    from the index, which needs a newer torch than the CPU build, and installs the default (CUDA) torch with it."""
+    pinned = pins()
+    older = f"{Version(pinned['torch']).major}.{Version(pinned['torch']).minor - 1}.0+cpu"
+    assert replaced_after_installing(fake_index, tmp_path, {"torch": older}) == {"torch", "torchvision"}
+
+
 @pytest.fixture(scope="module")
 def installed(wheel, tmp_path_factory) -> Path:
-    """A fresh virtual environment with the wheel and its declared dependencies and nothing else, installed by pip
-    at the tested versions (constraints.txt; pip takes them from its wheel cache after `make setup`). Its bin/."""
+    """A fresh virtual environment with the wheel and its core dependencies and nothing else (no extra), installed by
+    pip at the tested versions (constraints.txt; pip takes them from its wheel cache after `make setup`). Its bin/."""
     venv = tmp_path_factory.mktemp("venv") / "venv"
     free = shutil.disk_usage(venv.parent).free / 2**30
     assert free > 12, f"the fresh venv needs about 6 GB (torch and its CUDA libraries), and {free:.1f} GB are free"
@@ -172,3 +426,16 @@ def test_the_installed_wheel_is_complete_and_explains_an_image(installed, tmp_pa
     with np.load(tmp_path / "out" / "photo.npz") as saved:
         assert {"maps", "classes", "targets", "probabilities"} <= set(saved.files)
         assert np.isfinite(saved["maps"]).all() and np.abs(saved["maps"]).max() > 0
+    absent = in_venv(installed, "python", "-c", "import importlib.util as u; print([m for m in "
+                     "('pandas', 'yaml', 'tqdm', 'scipy', 'ipywidgets', 'IPython') if u.find_spec(m)])", cwd=tmp_path)
+    assert absent.stdout.strip() == "[]", absent.stdout + absent.stderr  # the extras' packages: none came along
+
+
+def test_the_readmes_core_examples_run_after_the_core_install(installed, tmp_path):
+    "The README's blocks that name no extra run in the fresh venv of the core install, one process for them all."
+    core = [block for extra, block in readme_blocks() if extra is None]
+    assert core
+    script = tmp_path / "readme.py"
+    script.write_text(f"for block in {core!r}:\n    exec(compile(block, 'README.md', 'exec'), {{}})\n")
+    run = in_venv(installed, "python", str(script), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -12,6 +12,7 @@ import torchvision.transforms.v2 as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 from contrastive_explanations.methods.targets import TARGETS, explicit_contrast, get_target
 from contrastive_explanations.methods.vit import (AttentionRollout, ViTGradCAM, ViTMethod, attention_weights,
@@ -515,6 +516,23 @@ def test_attention_that_cannot_be_captured():
     vit.encoder.layers[0].self_attention.forward = lambda *args, **kwargs: None
     with pytest.raises(ValueError, match="already has a forward patched"):
         AttentionRollout(vit)
+
+
+def test_a_vit_with_a_forward_of_its_own_is_refused_by_rollout_only():
+    "What such a head reads is unknown: rollout, which reads the class token's row, is refused; GradCAM's last block is not."
+    class MeanHead(VisionTransformer):
+        def forward(self, x):
+            tokens = self.encoder(torch.cat([self.class_token.expand(len(x), -1, -1), self._process_input(x)], 1))
+            return self.heads(tokens.mean(1))  # every token, the last block's patch tokens included
+
+    torch.manual_seed(0)
+    vit = MeanHead(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                   num_classes=4).double().eval()
+    nn.init.normal_(vit.heads.head.weight)
+    with pytest.raises(ValueError, match=r"MeanHead replaces its library's forward, so its logits are not known to "
+                                         r"come from the class token alone.*ViTGradCAM"):
+        AttentionRollout(vit)
+    assert ViTGradCAM(vit, block=-1)(images(0, 2, 16), 1).maps.abs().amax() > 0
 
 
 def test_blocks_that_run_twice_or_share_attention_are_refused():

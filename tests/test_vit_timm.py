@@ -1,5 +1,5 @@
 """timm's Vision Transformers under the ViT methods (nbs/06_vit.ipynb): register tokens, the captured attention,
-the pooling rules, the model left as it was; and output= on the ViT methods and FullGrad. The chapter checks that
+the pooling and distillation rules, the model left as it was; and output= on the ViT methods and FullGrad. The chapter checks that
 a timm ViT holding a torchvision ViT's weights gets the same maps from every method."""
 from __future__ import annotations
 
@@ -104,12 +104,26 @@ def test_timm_pooling_decides_the_last_block_and_the_rollout():
         ViTGradCAM(timm_vit(), block=-1)
     pooled = timm_vit(global_pool="avg")
     assert ViTGradCAM(pooled, block=-1)(x, t).maps.abs().amax() > 0  # the head averages the patch tokens
-    with pytest.raises(ValueError, match=r"global_pool='avg'.*ViTGradCAM, or build it with global_pool='token'"):
+    with pytest.raises(ValueError, match=r"pools its tokens with global_pool='avg', so its logits do not come from the "
+                                         r"class token alone.*ViTGradCAM.*or build it with global_pool='token'"):
         AttentionRollout(pooled)
     with pytest.raises(ValueError, match="dynamic_img_size=True.*build it with dynamic_img_size=False"):
         ViTGradCAM(timm_vit(dynamic_img_size=True))
     with pytest.raises(ValueError, match=r"takes 32x32 images, got x of shape \(3, 3, 24, 24\).*Resize\(\(32, 32\)\)"):
         AttentionRollout(timm_vit())(x[..., :24, :24], t)
+
+
+def test_timm_distilled_deit_is_refused_for_its_distillation_head_not_for_global_pool():
+    "Its head averages the class and distillation tokens' heads: not the class token alone, and never a patch token."
+    deit = timm.models.deit.VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                                                       num_classes=C)
+    assert deit.global_pool == "token" and ViTGradCAM(deit).prefix == 2
+    with pytest.raises(ValueError, match=r"VisionTransformerDistilled averages the heads of its class token and its "
+                                         r"distillation token.*ViTGradCAM") as info:
+        AttentionRollout(deit)
+    assert "global_pool" not in str(info.value)
+    with pytest.raises(ValueError, match=r"block=-1 is the last encoder block.*class and distillation tokens only"):
+        ViTGradCAM(deit, block=-1)
 
 
 def test_timm_model_is_left_as_it_was_after_a_call_that_raises():
@@ -128,19 +142,19 @@ def test_timm_model_is_left_as_it_was_after_a_call_that_raises():
 def test_find_vit_finds_a_wrapped_timm_vit_and_names_timm_when_there_is_none():
     vit = timm_vit()
     assert find_vit(nn.Sequential(nn.Identity(), vit)) is vit
-    with pytest.raises(TypeError, match=r"contains no VisionTransformer.*timm.create_model"):
+    with pytest.raises(TypeError, match=r"contains no VisionTransformer.*timm.create_model.*Hugging Face"):
         find_vit(torchvision.models.resnet18(weights=None))
 
 
 class Hub(nn.Module):
-    "A model that returns its logits in a dict, as Hugging Face models do."
+    "A model that returns its logits in a dict under a name of its own ('logits' would be read without output=)."
 
     def __init__(self, net):
         super().__init__()
         self.net = net
 
     def forward(self, x):
-        return {"logits": self.net(x)}
+        return {"scores": self.net(x)}
 
 
 @pytest.mark.parametrize("make", [lambda m, **kw: ViTGradCAM(m, **kw), lambda m, **kw: AttentionRollout(m, **kw),
@@ -149,9 +163,9 @@ class Hub(nn.Module):
 def test_vit_methods_take_output(make, vit):
     x, t = images(), torch.tensor([0, 4, 2])
     want = make(vit)(x, t, ["original", "weighted"]).maps
-    torch.testing.assert_close(make(Hub(vit), output=lambda out: out["logits"])(x, t, ["original", "weighted"]).maps,
+    torch.testing.assert_close(make(Hub(vit), output=lambda out: out["scores"])(x, t, ["original", "weighted"]).maps,
                                want)
-    with pytest.raises(TypeError, match=r"returned a dict with keys \['logits'\].*pass output="):
+    with pytest.raises(TypeError, match=r"returned a dict with keys \['scores'\].*pass output="):
         make(Hub(vit))(x, t)
 
 
@@ -159,7 +173,7 @@ def test_fullgrad_takes_output():
     net = torchvision.models.resnet18(weights=None, num_classes=C).double().eval()
     x = images(2, B=2)
     want = FullGrad(net)(x, [1, 3], ["original", "weighted"]).maps
-    got = FullGrad(Hub(net), output=lambda out: out["logits"])(x, [1, 3], ["original", "weighted"]).maps
+    got = FullGrad(Hub(net), output=lambda out: out["scores"])(x, [1, 3], ["original", "weighted"]).maps
     torch.testing.assert_close(got, want)
-    with pytest.raises(TypeError, match=r"returned a dict with keys \['logits'\].*pass output="):
+    with pytest.raises(TypeError, match=r"returned a dict with keys \['scores'\].*pass output="):
         FullGrad(Hub(net))(x, 1)

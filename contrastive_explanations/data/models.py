@@ -191,7 +191,16 @@ MODELS: dict[str, Callable[..., ImageClassifier]] = {
 
 
 def build_model(name: str, **kwargs) -> ImageClassifier:
-    "The model called `name` (one of `MODELS`), in eval mode."
+    """The model called `name` (one of `MODELS`), in eval mode.
+
+    Parameters:
+        name: one of `MODELS`: 'efficientnet_lite0' (its weights ship in a package), a torchvision ImageNet network
+            ('resnet18', 'vgg16', ...), or a fine-tuned one ('vgg16_bn_cub', 'vit_b_16_food101')
+        **kwargs: for the torchvision networks download=True (fetch the DEFAULT weights) or num_classes= (a new,
+            untrained head); for the fine-tuned ones checkpoint= (the .pt file; None: untrained)
+    Returns:
+        ImageClassifier: the model, taking (B, 3, H, W) images in [0, 1] (it normalises inside), in eval mode
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     return MODELS[name](**kwargs)

@@ -138,7 +138,7 @@ def explaining(model: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.train(mode)
 
-# %% ../../nbs/02_explain.ipynb #2fec3cf8
+# %% ../../nbs/02_explain.ipynb #f90f477b
 def unwrapped(model: nn.Module) -> nn.Module:
     "The module a `torch.compile`d model wraps (its `_orig_mod`); any other model is itself."
     inner = getattr(model, "_orig_mod", None)
@@ -164,7 +164,7 @@ def find_layer(model: nn.Module, # the model, or a `torch.compile`d one
                          "or a dotted name from model.named_modules()")
     return layer
 
-# %% ../../nbs/02_explain.ipynb #eba7967b
+# %% ../../nbs/02_explain.ipynb #d96a75b0
 def first_tensor(output) -> Tensor | None:
     "The tensor a layer outputs: the output itself, the first item of a tuple or list, the first value of a dict or `ModelOutput`."
     if isinstance(output, Tensor):
@@ -214,7 +214,7 @@ def leaf_output(layer: nn.Module) -> Iterator[list[Tensor]]:
     finally:
         handle.remove()
 
-# %% ../../nbs/02_explain.ipynb #41305c6d
+# %% ../../nbs/02_explain.ipynb #b8a09025
 def plausible_grid(h: int, w: int, # a grid of positions
                    size: tuple[int, int], # (H, W) the input images' size
                    strict: bool = True, # one stride and one rounding for both sides; False: each side within a cell
@@ -255,7 +255,7 @@ def model_prefix_tokens(model: nn.Module) -> int:
     return sum(p.shape[-2] if p.ndim >= 2 else 1 for name, p in model.named_parameters()
                if name.rsplit(".", 1)[-1] in TOKEN_PARAMETERS)
 
-# %% ../../nbs/02_explain.ipynb #c515616e
+# %% ../../nbs/02_explain.ipynb #e7674ef7
 LAYOUTS = ("BCHW", "BHWC", "BLC")
 
 
@@ -290,7 +290,7 @@ def layout_hint(layer: nn.Module) -> str | None:
         last = last[-1]
     return "BCHW" if isinstance(last, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d)) else None
 
-# %% ../../nbs/02_explain.ipynb #8cf78b91
+# %% ../../nbs/02_explain.ipynb #098e30cc
 def resolve_layout(layout: str | Layout | Callable | None, # what the user said; None: detect
                    shape: tuple[int, ...], # the layer's output shape
                    size: tuple[int, int], # (H, W) the input images' size
@@ -333,14 +333,14 @@ def resolve_layout(layout: str | Layout | Callable | None, # what the user said;
     raise ValueError(f"{got}, which layout={name!r} does not fit: pass layout='BCHW', 'BHWC' or 'BLC' to match, or a "
                      "function from the output to (B, C, h, w)")
 
-# %% ../../nbs/02_explain.ipynb #756c555d
+# %% ../../nbs/02_explain.ipynb #21213bc6
 @dataclass(repr=False)
 class Explanation:
     """Signed maps for B samples x K classes x T targets, and what produced them.
 
-    Fields: maps (B, K, T, h, w), signed, at the method's resolution; logits (B, C), detached; classes (B, K), the
-    explained classes; targets, the T target names; grads (B, K, T, ...), the raw gradients when the method was asked
-    to keep them, else None; method, the name of the method that made them."""
+    Parameters: maps, (B, K, T, h, w), signed, at the method's resolution; logits, (B, C), detached; classes,
+    (B, K), the explained classes; targets, the T target names; grads, (B, K, T, ...), the raw gradients when the
+    method was asked to keep them, else None; method, the name of the method that made them."""
     maps: Tensor
     logits: Tensor
     classes: Tensor
@@ -402,7 +402,7 @@ class Explanation:
                 f"maps {h}x{w}, classes {classes}, {str(self.maps.dtype).removeprefix('torch.')} on "
                 f"{self.maps.device}{grads})")
 
-# %% ../../nbs/02_explain.ipynb #0765c8d9
+# %% ../../nbs/02_explain.ipynb #8c18990a
 class ZeroMapWarning(UserWarning):
     "Maps are zero everywhere; the message names the cause it can tell and what to do."
 
@@ -453,8 +453,9 @@ def zero_map_cause(model: nn.Module,
                                   + (", or use targets='weighted_log', scaled by 1 - p_t rather than p_t (1 - p_t)"
                                      if uses_p else ""))
     if gradient_zero is None:
-        return ZeroMapWarning, ("the gradient or the values it weighs are zero there (inactive ReLUs above the "
-                                "differentiated quantity, or a part of the network the logits do not depend on)")
+        return ZeroMapWarning, ("the gradients or the values they weigh are zero there (for example inactive ReLUs "
+                                "above what the method differentiates, a rollout whose fused attention is clamped "
+                                "to zero, or a part of the network the logits do not depend on)")
     if gradient_zero:
         return ZeroMapWarning, ("the objective's gradient is zero there: for this image the logits do not depend on "
                                 "what the method differentiates (every ReLU above it inactive, or, for example, the "
@@ -486,7 +487,7 @@ def warn_zero_maps(model: nn.Module,
     for (category, why), n in causes.items():
         warnings.warn(f"{n} of the {blank.numel()} maps are zero everywhere: {why}", category, stacklevel=3)
 
-# %% ../../nbs/02_explain.ipynb #ca87f7bc
+# %% ../../nbs/02_explain.ipynb #a9a49c33
 class WithOutput(nn.Module):
     "A model whose output is taken apart by `output`: the logits of a model that returns a dict or a ModelOutput."
 
@@ -537,7 +538,7 @@ def checked_channels(model: nn.Module, x: Tensor) -> Iterator[None]:
 class BatchedBackwardWarning(UserWarning):
     "The batched backward pass could not batch for this model: one backward pass per objective instead."
 
-# %% ../../nbs/02_explain.ipynb #b6e5c99a
+# %% ../../nbs/02_explain.ipynb #5b1c54a6
 class Method:
     """A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity.
 
@@ -625,7 +626,7 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
-# %% ../../nbs/02_explain.ipynb #f2aa975d
+# %% ../../nbs/02_explain.ipynb #724e2f52
 def last_conv_in(path: str) -> Callable[[nn.Module], str]:
     "The rule 'the last Conv2d of the Sequential at `path`' (VGG's and AlexNet's features, as the paper's code used)."
     def pick(model):
@@ -691,11 +692,11 @@ def default_layer(model: nn.Module) -> str:
     raise ValueError(f"no default layer for a {type(model).__name__}: pass layer=... (a module of the model or "
                      "a dotted name from model.named_modules()), before the global pooling")
 
-# %% ../../nbs/02_explain.ipynb #cb73027e
+# %% ../../nbs/02_explain.ipynb #ee109100
 class ActivationMethod(Method):
     """A method that differentiates with respect to the output A of one layer, laid out as (B, K, h, w).
 
-    Parameters: model; layer, a module or dotted name (None: default_layer(model)); layout, how the layer lays out its
+    Parameters: model, the classifier; layer, a module or dotted name (None: default_layer(model)); layout, how the layer lays out its
     output: None to detect it ((B, C, h, w), channels-last (B, h, w, C), or (B, L, C) tokens less the model's prefix
     tokens), 'BCHW', 'BHWC', 'BLC', a Layout, or a function from the output (N, ...) to (N, C, h, w) applied to the
     output and to its gradient; target_layers, pytorch-grad-cam's one-layer list; output, the model's output ->

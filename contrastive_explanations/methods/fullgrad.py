@@ -90,7 +90,15 @@ def bias_outputs(layers: Sequence[nn.Module], # layers whose outputs and biases 
 
 # %% ../../nbs/05_fullgrad.ipynb #43879f1b
 class FullGrad(Method):
-    "Input times gradient plus gradient times bias of every Conv2d and BatchNorm2d, per component psi, summed; signed."
+    """Input times gradient plus gradient times bias of every Conv2d and BatchNorm2d, per component psi, summed; signed.
+
+    Parameters:
+        model: the classifier, with Conv2d layers that add a bias or BatchNorm2d layers (eval mode for the call)
+        normalise: psi of Eq. eq-psi per component; False: upsampling only, the raw (linear) sum
+        output: the model's output -> its logits, for a model that returns something else (a dict, a tuple)
+    Returns:
+        a method: call it as `method(x, classes, targets)` for an Explanation with maps (B, K, T, H, W), signed
+    """
     name = "fullgrad"
 
     def __init__(self,

@@ -18,7 +18,7 @@ __all__ = ['Gradient']
 class Gradient(Method):
     """The input gradient of each objective; maps are summed over the colour channels (signed, linear).
 
-    Parameters: model; keep_grads, whether the Explanation also carries the per-channel gradients (B, K, T, C, H, W)
+    Parameters: model, the classifier; keep_grads, whether the Explanation also carries the per-channel gradients (B, K, T, C, H, W)
     in `grads` (default False: they are as large as the images times K times T); output, the model's output ->
     logits. Calling it returns an Explanation with maps (B, K, T, H, W) (see Method.__call__)."""
     name = "gradient"

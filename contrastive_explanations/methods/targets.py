@@ -32,7 +32,14 @@ class Target:
     name: str = ""
 
     def __call__(self, logits: Tensor, t: Tensor | int) -> Tensor:
-        "The objective, (B,), to back-propagate."
+        """The objective, (B,), to back-propagate.
+
+        Parameters:
+            logits: (B, C) the model's raw outputs
+            t: the class per sample, (B,) integers, or one int for the whole batch
+        Returns:
+            Tensor: (B,), one scalar objective per sample
+        """
         raise NotImplementedError
 
     def weights(self, logits: Tensor, t: Tensor | int) -> Tensor:
@@ -87,7 +94,7 @@ class MaxTarget(LinearTarget):
 
 # %% ../../nbs/01_targets.ipynb #fcbf10a5
 class WeightedTarget(Target):
-    "The probability p_t: the weighted contrast, scaled by p_t (1 - p_t)."
+    "The probability p_t: the weighted contrast, scaled by p_t (1 - p_t); the methods' default target."
     name = "weighted"
 
     def __call__(self, logits, t):
@@ -126,7 +133,14 @@ TARGETS: dict[str, Target] = {T.name: T() for T in (OriginalTarget, MeanTarget, 
 
 
 def get_target(name: str | Target) -> Target:
-    "The target called `name` (one of `TARGETS`); a `Target` passes through."
+    """The target called `name` (one of `TARGETS`); a `Target` passes through.
+
+    Parameters:
+        name: 'original', 'mean', 'max', 'weighted' (the methods' default), 'weighted_log', the review's variants, or
+            a Target
+    Returns:
+        Target: the target object
+    """
     if isinstance(name, Target):
         return name
     if not isinstance(name, str):

@@ -16,46 +16,125 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from .explain import Method, leaf_output
+from .explain import Method
 
 # %% auto #0
-__all__ = ['HEAD_FUSIONS', 'ROLLOUT_VARIANTS', 'ROLLOUT_GRADIENTS', 'timm_vit_class', 'is_vit', 'find_vit', 'encoder_blocks',
-           'image_size', 'patch_grid', 'prefix_tokens', 'reads_class_token_only', 'block_index', 'checked_image_size',
-           'ViTMethod', 'ViTGradCAM', 'check_rollout_options', 'score_gradient', 'fuse_heads', 'discard_lowest',
-           'grad_rollout', 'attention_weights', 'is_timm_attention', 'check_attention', 'recording',
-           'captured_attention', 'leaf_input', 'AttentionRollout']
+__all__ = ['HF_VITS', 'WINDOWED', 'GRIDDED', 'MAXXVIT', 'NOT_VITS', 'HEAD_FUSIONS', 'ROLLOUT_VARIANTS', 'ROLLOUT_GRADIENTS',
+           'NOT_CLASS_TOKEN', 'loaded_class', 'timm_vit_class', 'hf_vit_classes', 'is_hf_vit', 'is_vit', 'not_a_vit',
+           'find_vit', 'hf_base', 'blocks_path', 'encoder_blocks', 'image_size', 'patch_grid', 'prefix_tokens',
+           'head_reads', 'block_index', 'image_input', 'checked_image_size', 'ViTMethod', 'leaf_tokens', 'ViTGradCAM',
+           'check_rollout_options', 'score_gradient', 'fuse_heads', 'discard_lowest', 'grad_rollout',
+           'attention_weights', 'is_timm_attention', 'is_hf_attention', 'hf_attention', 'check_attention', 'recording',
+           'eager_attention', 'captured_attention', 'leaf_input', 'AttentionRollout']
 
 # %% ../../nbs/06_vit.ipynb #8d716e01
+def loaded_class(module: str, # a module's dotted name, e.g. 'timm.models.vision_transformer'
+                 name: str, # a class defined there
+                ) -> type | None:
+    "The class `name` of `module` if that module is loaded (as it is once one of its models exists); nothing is imported."
+    return getattr(sys.modules.get(module), name, None)
+
+
 def timm_vit_class() -> type | None:
     "timm's VisionTransformer class, if timm is loaded (as it is once a timm model exists); timm is never imported here."
-    return getattr(sys.modules.get("timm.models.vision_transformer"), "VisionTransformer", None)
+    return loaded_class("timm.models.vision_transformer", "VisionTransformer")
+
+
+HF_VITS = {  # Hugging Face's ViT image classifiers, by the module that defines them
+    "transformers.models.vit.modeling_vit": ("ViTForImageClassification",),
+    "transformers.models.deit.modeling_deit": ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"),
+}
+
+
+def hf_vit_classes() -> tuple[type, ...]:
+    "Hugging Face's ViT and DeiT image classifiers whose modules are loaded; transformers is never imported here."
+    found = (loaded_class(module, name) for module, names in HF_VITS.items() for name in names)
+    return tuple(c for c in found if c is not None)
+
+
+def is_hf_vit(module: nn.Module) -> bool:
+    "Whether `module` is a Hugging Face ViTForImageClassification, DeiTForImageClassification(WithTeacher) or a subclass."
+    return isinstance(module, hf_vit_classes())
 
 
 def is_vit(module: nn.Module) -> bool:
-    "Whether `module` is a torchvision or a timm VisionTransformer."
+    "Whether `module` is a torchvision or timm VisionTransformer, or a Hugging Face ViT or DeiT image classifier."
     timm_vit = timm_vit_class()
-    return isinstance(module, VisionTransformer) or (timm_vit is not None and isinstance(module, timm_vit))
+    return (isinstance(module, VisionTransformer) or (timm_vit is not None and isinstance(module, timm_vit))
+            or is_hf_vit(module))
+
+
+WINDOWED = ("windowed attention has no token-to-token attention over the whole image, and there is no class token, "
+            "so neither attention rollout nor ViTGradCAM applies")
+GRIDDED = ("MaxViT's attention is windowed or on a sparse grid, with no token-to-token attention over the whole "
+           "image, and its head pools the feature map, with no class token, so neither attention rollout nor "
+           "ViTGradCAM applies")
+MAXXVIT = ("this class builds MaxViT, whose attention is windowed or on a sparse grid, with no token-to-token "
+           "attention over the whole image, and CoAtNet, whose attention follows convolutional stages; either way the "
+           "head pools the feature map, with no class token, so neither attention rollout nor ViTGradCAM applies")
+NOT_VITS = [  # vision transformers the ViT methods do not apply to: (module, class, where its stages are, why)
+    ("torchvision.models.swin_transformer", "SwinTransformer", "features", WINDOWED),
+    ("timm.models.swin_transformer", "SwinTransformer", "layers", WINDOWED),
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2", "layers", WINDOWED),
+    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2Cr", "stages", WINDOWED),
+    ("transformers.models.swin.modeling_swin", "SwinForImageClassification", "swin.encoder.layers", WINDOWED),
+    ("transformers.models.swinv2.modeling_swinv2", "Swinv2ForImageClassification", "swinv2.encoder.layers", WINDOWED),
+    ("torchvision.models.maxvit", "MaxVit", "blocks", GRIDDED),
+    ("timm.models.maxxvit", "MaxxVit", "stages", MAXXVIT),
+]
+
+
+def not_a_vit(model: nn.Module) -> str | None:
+    "Why the ViT methods do not apply to a windowed or gridded transformer `model` is or holds, and what does; else None."
+    for path, module in model.named_modules():
+        for where, name, stages, why in NOT_VITS:
+            cls = loaded_class(where, name)
+            if cls is not None and isinstance(module, cls):
+                last = f"{path}.{stages}" if path else stages
+                last = f"{last}.{len(module.get_submodule(stages)) - 1}"
+                library = {"transformers": "Hugging Face"}.get(where.split(".")[0], where.split(".")[0])
+                what = f"{library}'s {type(module).__name__}"
+                what = f"model is {what}" if module is model else f"model holds {what} at '{path}'"
+                return f"{what}: {why}; explain it with GradCAM(model, '{last}')"
+    return None
 
 
 def find_vit(model: nn.Module) -> nn.Module:
-    "The torchvision or timm VisionTransformer that `model` is, or the only one it contains."
+    "The torchvision, timm or Hugging Face Vision Transformer that `model` is, or the only one it contains."
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     vits = [m for m in model.modules() if is_vit(m)]
     if not vits:
-        raise TypeError(f"model is a {type(model).__name__} and contains no VisionTransformer: pass a torchvision "
+        raise TypeError(not_a_vit(model) or
+                        f"model is a {type(model).__name__} and contains no VisionTransformer: pass a torchvision "
                         "VisionTransformer (e.g. vit_b_16(weights=None)), a timm one (e.g. timm.create_model("
-                        "'vit_base_patch16_224')) or a module wrapping one; for a convolutional network use GradCAM")
+                        "'vit_base_patch16_224')), a Hugging Face ViTForImageClassification or DeiTForImageClassification"
+                        ", or a module wrapping one; for a convolutional network use GradCAM")
     if len(vits) > 1:
         raise ValueError(f"model contains {len(vits)} VisionTransformers: pass the one to explain")
     return vits[0]
 
 
+def hf_base(vit: nn.Module) -> nn.Module:
+    "A Hugging Face classifier's transformer: its `vit` or `deit` attribute (named by `base_model_prefix`)."
+    return getattr(vit, vit.base_model_prefix)
+
+
+def blocks_path(vit: nn.Module) -> str:
+    "Where the blocks are: `encoder.layers` (torchvision), `blocks` (timm), `vit.layers` or `deit.layers` (transformers)."
+    if isinstance(vit, VisionTransformer):
+        return "encoder.layers"
+    if not is_hf_vit(vit):
+        return "blocks"
+    base = vit.base_model_prefix  # transformers 5's ViTModel keeps `layers`; its first releases, `encoder.layer`
+    return f"{base}.layers" if hasattr(hf_base(vit), "layers") else f"{base}.encoder.layer"
+
+
 def encoder_blocks(vit: nn.Module) -> list[nn.Module]:
-    "The ViT's encoder blocks in forward order: `vit.encoder.layers` (torchvision) or `vit.blocks` (timm)."
-    where = "encoder.layers" if isinstance(vit, VisionTransformer) else "blocks"
+    "The ViT's encoder blocks in forward order, from `blocks_path(vit)`."
+    where = blocks_path(vit)
     layers = functools.reduce(lambda m, name: getattr(m, name, None), where.split("."), vit)
-    blocks = list(layers) if isinstance(layers, nn.Sequential) else []
+    blocks = list(layers) if isinstance(layers, (nn.Sequential, nn.ModuleList)) else []
     if not blocks:
         raise ValueError(f"the VisionTransformer has no encoder blocks (vit.{where} is {type(layers).__name__} "
                          f"with {len(blocks)} modules): build it with at least one block")
@@ -66,6 +145,8 @@ def image_size(vit: nn.Module) -> tuple[int, int]:
     "(H, W): the size of the images the ViT was built for."
     if isinstance(vit, VisionTransformer):
         return vit.image_size, vit.image_size
+    if is_hf_vit(vit):
+        return tuple(hf_base(vit).embeddings.patch_embeddings.image_size)
     return tuple(vit.patch_embed.img_size)
 
 
@@ -74,21 +155,39 @@ def patch_grid(vit: nn.Module) -> tuple[int, int]:
     if isinstance(vit, VisionTransformer):
         n = vit.image_size // vit.patch_size
         return n, n
+    if is_hf_vit(vit):
+        patches = hf_base(vit).embeddings.patch_embeddings
+        return tuple(s // p for s, p in zip(patches.image_size, patches.patch_size))
     return tuple(vit.patch_embed.grid_size)
 
 
 def prefix_tokens(vit: nn.Module) -> int:
-    "How many tokens precede the patch tokens: the class token; in timm, its class and register tokens."
-    return 1 if isinstance(vit, VisionTransformer) else vit.num_prefix_tokens
-
-
-def reads_class_token_only(vit: nn.Module) -> bool:
-    "Whether the logits depend on the class token alone after the last block (a standard forward and head)."
+    "How many tokens precede the patch tokens: the class token; timm's register tokens; DeiT's distillation token."
     if isinstance(vit, VisionTransformer):
-        return type(vit).forward is VisionTransformer.forward
-    timm_vit = timm_vit_class()
-    return (vit.global_pool == "token" and type(vit).forward is timm_vit.forward
-            and type(vit).forward_head is timm_vit.forward_head)
+        return 1
+    if is_hf_vit(vit):  # every token has a position: the prefix tokens are the positions that are not patches
+        embeddings = hf_base(vit).embeddings
+        return embeddings.position_embeddings.shape[1] - embeddings.patch_embeddings.num_patches
+    return vit.num_prefix_tokens
+
+
+def head_reads(vit: nn.Module) -> str:
+    "What the logits read after the last block: 'class' (token), 'class+distillation' (both heads' mean), 'pooled' or 'own'."
+    if isinstance(vit, VisionTransformer):
+        return "class" if type(vit).forward is VisionTransformer.forward else "own"
+    if is_hf_vit(vit):
+        library = next((c for c in hf_vit_classes() if type(vit).forward is c.forward), None)
+        if library is None:
+            return "own"
+        return "class+distillation" if library.__name__.endswith("WithTeacher") else "class"
+    timm_vit, distilled = timm_vit_class(), loaded_class("timm.models.deit", "VisionTransformerDistilled")
+    if type(vit).forward is not timm_vit.forward:
+        return "own"
+    if distilled is not None and type(vit).forward_head is distilled.forward_head:
+        return "class+distillation"
+    if type(vit).forward_head is not timm_vit.forward_head:
+        return "own"
+    return "class" if vit.global_pool == "token" else "pooled"
 
 
 def block_index(block: int, # an index into the encoder blocks; negative counts from the end
@@ -104,6 +203,11 @@ def block_index(block: int, # an index into the encoder blocks; negative counts 
     return block % n
 
 
+def image_input(vit: nn.Module) -> nn.Module:
+    "The module the images enter first, as a positional argument: the ViT, or a Hugging Face ViT's patch embedding."
+    return hf_base(vit).embeddings.patch_embeddings if is_hf_vit(vit) else vit
+
+
 @contextlib.contextmanager
 def checked_image_size(vit: nn.Module) -> Iterator[None]:
     "Refuse, with a ValueError, images whose size the ViT was not built for; as a pre-hook, removed on exit."
@@ -115,15 +219,15 @@ def checked_image_size(vit: nn.Module) -> Iterator[None]:
             raise ValueError(f"the VisionTransformer takes {size[0]}x{size[1]} images, got x of shape {shape}: "
                              f"resize the images first, e.g. with torchvision.transforms.v2.Resize({size})")
 
-    with vit.register_forward_pre_hook(hook):  # a hook handle removes its hook on exit
+    with image_input(vit).register_forward_pre_hook(hook):  # a hook handle removes its hook on exit
         yield
 
 
 class ViTMethod(Method):
-    "A method on a VisionTransformer: the ViT inside `model`, its encoder blocks, patch grid and prefix tokens, found once."
+    "A method on a Vision Transformer: the ViT inside `model`, its encoder blocks, patch grid and prefix tokens, found once."
 
     def __init__(self,
-                 model: nn.Module, # a torchvision or timm VisionTransformer, or a module wrapping one
+                 model: nn.Module, # a torchvision, timm or Hugging Face ViT (or DeiT), or a module wrapping one
                  output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
                 ):
         super().__init__(model, output)
@@ -140,25 +244,60 @@ class ViTMethod(Method):
         return maps.reshape(*maps.shape[:2], *self.grid)
 
 # %% ../../nbs/06_vit.ipynb #67c3ef21
+@contextlib.contextmanager
+def leaf_tokens(block: nn.Module) -> Iterator[list[Tensor]]:
+    "Capture the tokens `block` outputs (the first element of a tuple) as a fresh leaf that requires grad."
+    captured: list[Tensor] = []
+
+    def hook(module, inputs, output):
+        tokens = output[0] if isinstance(output, tuple) else output
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"{type(module).__name__} returns {type(output).__name__}, not tokens: pass a standard "
+                            "torchvision, timm or Hugging Face Vision Transformer")
+        if captured:
+            raise ValueError(f"{type(module).__name__} runs more than once per forward pass: pass a model whose "
+                             "forward runs each block of the VisionTransformer once")
+        captured.append(tokens.detach().requires_grad_(True))
+        return (captured[0], *output[1:]) if isinstance(output, tuple) else captured[0]
+
+    with block.register_forward_hook(hook):
+        yield captured
+
+
 class ViTGradCAM(ViTMethod):
-    "GradCAM on the patch tokens one encoder block outputs: channels weighted by their grid-mean gradient, summed; no ReLU."
+    """GradCAM on the patch tokens one encoder block outputs: channels weighted by their grid-mean gradient, summed; no ReLU.
+
+    Parameters:
+        model: a torchvision or timm VisionTransformer, a Hugging Face ViTForImageClassification,
+            DeiTForImageClassification or DeiTForImageClassificationWithTeacher, or a module wrapping one
+        block: the encoder block whose output tokens are explained (default -2); negative counts from the end; the
+            last block is refused where the head reads the class token (or the class and distillation tokens) only
+        output: a function from the model's output to its logits (default None: the logits, or the 'logits' of a
+            dict or ModelOutput)
+    Returns:
+        calling it, `method(x, classes=None, targets='weighted')` with `x` (B, 3, H, W) images of the size the ViT
+        was built for, returns an `Explanation` whose `maps` (B, K, T, h, w) are signed, on the h x w patch grid:
+        K classes per image (None: the predicted class) by T targets
+    """
     name = "vit_gradcam"
 
     def __init__(self,
-                 model: nn.Module, # a torchvision or timm VisionTransformer, or a module wrapping one
+                 model: nn.Module, # a torchvision, timm or Hugging Face ViT (or DeiT), or a module wrapping one
                  block: int = -2, # which encoder block's output tokens; negative counts from the end
                  output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
                 ):
         super().__init__(model, output)
         self.block = block_index(block, len(self.blocks))
-        if self.block == len(self.blocks) - 1 and reads_class_token_only(self.vit):
+        reads = head_reads(self.vit)
+        if self.block == len(self.blocks) - 1 and reads in ("class", "class+distillation"):
+            tokens = "class token only" if reads == "class" else "class and distillation tokens only"
             raise ValueError(f"block={block} is the last encoder block, whose patch tokens never reach the logits "
-                             "(the head reads the class token only), so every map would be zero: choose an earlier "
+                             f"(the head reads the {tokens}), so every map would be zero: choose an earlier "
                              "block, e.g. block=-2")
         self.layer = self.blocks[self.block]
 
     def _forward(self, x):
-        with checked_image_size(self.vit), leaf_output(self.layer) as captured:
+        with checked_image_size(self.vit), leaf_tokens(self.layer) as captured:
             logits = self.model(x)
         if not captured:
             raise ValueError(f"encoder block {self.block} did not run in the forward pass: pass a model whose "
@@ -166,7 +305,8 @@ class ViTGradCAM(ViTMethod):
         h, w = self.grid
         if captured[0].ndim != 3 or captured[0].shape[1] != self.prefix + h * w:
             raise ValueError(f"encoder block {self.block} outputs shape {tuple(captured[0].shape)}, not (B, "
-                             f"{self.prefix} + {h}*{w}, D) tokens: pass a standard torchvision or timm VisionTransformer")
+                             f"{self.prefix} + {h}*{w}, D) tokens: pass a standard torchvision, timm or Hugging Face "
+                             "Vision Transformer")
         return logits, captured[0]
 
     def _maps(self, grads: Tensor, tokens: Tensor) -> Tensor:
@@ -271,18 +411,33 @@ def is_timm_attention(attn) -> bool:
     return isinstance(getattr(attn, "attn_drop", None), nn.Module) and hasattr(attn, "fused_attn")
 
 
+def is_hf_attention(attn) -> bool:
+    "Whether `attn` is a Hugging Face attention: a module that returns (output, weights), computed as its config says."
+    return isinstance(attn, nn.Module) and hasattr(getattr(attn, "config", None), "_attn_implementation")
+
+
+def hf_attention(block: nn.Module) -> nn.Module | None:
+    "A Hugging Face ViT or DeiT layer's attention module, or None."
+    attn = getattr(block, "attention", None)
+    attn = getattr(attn, "attention", attn)  # transformers 5's first releases: the weights come from attention.attention
+    return attn if is_hf_attention(attn) else None
+
+
 def check_attention(block: nn.Module, i: int) -> nn.Module:
-    "Block i's attention module, if its weights can be captured (torchvision's or timm's); else what to do."
+    "Block i's attention module, if its weights can be captured (torchvision's, timm's, Hugging Face's); else what to do."
     fix = ("AttentionRollout captures the attention of torchvision's EncoderBlock.self_attention (an "
            "nn.MultiheadAttention with batch_first=True, packed q/k/v projections, no bias_k/bias_v and no "
-           "add_zero_attn) or of timm's Block.attn: use a standard torchvision or timm VisionTransformer, or "
-           "ViTGradCAM, which needs no attention weights")
+           "add_zero_attn), of timm's Block.attn or of a Hugging Face ViT or DeiT layer's attention: use a standard "
+           "torchvision, timm or Hugging Face Vision Transformer, or ViTGradCAM, which needs no attention weights")
     if is_timm_attention(getattr(block, "attn", None)):
         return block.attn
+    if (attn := hf_attention(block)) is not None:
+        return attn
     mha = getattr(block, "self_attention", None)
     if not isinstance(mha, nn.MultiheadAttention):
-        raise TypeError(f"encoder block {i} ({type(block).__name__}) has no nn.MultiheadAttention self_attention "
-                        f"and no timm attn (got {type(mha).__name__}), so its attention cannot be captured: {fix}")
+        raise TypeError(f"encoder block {i} ({type(block).__name__}) has no nn.MultiheadAttention self_attention, "
+                        f"no timm attn and no Hugging Face attention (got {type(mha).__name__}), so its attention "
+                        f"cannot be captured: {fix}")
     unsupported = [name for name, bad in [("batch_first=False", not mha.batch_first),
                                           ("kdim/vdim different from embed_dim", not mha._qkv_same_embed_dim),
                                           ("bias_k/bias_v", mha.bias_k is not None),
@@ -320,6 +475,11 @@ def recording(attn: nn.Module, record: list[Tensor]) -> Iterator[None]:
         finally:
             vars(attn).pop("forward", None)
         return
+    if is_hf_attention(attn):  # Hugging Face: the eager implementation returns the weights its output is made from
+        with attn.register_forward_hook(lambda module, args, out: record.append(out[1] if isinstance(out, tuple)
+                                                                                and len(out) > 1 else None)):
+            yield
+        return
     fused = attn.fused_attn  # timm: the unfused path passes the softmax output A to attn_drop, which sees it first
     attn.fused_attn = False
     try:
@@ -327,6 +487,20 @@ def recording(attn: nn.Module, record: list[Tensor]) -> Iterator[None]:
             yield
     finally:
         attn.fused_attn = fused
+
+
+@contextlib.contextmanager
+def eager_attention(attns: Sequence[nn.Module]) -> Iterator[None]:
+    "Switch the configs of the Hugging Face attentions in `attns` to the eager implementation; put back on exit."
+    configs = list({id(a.config): a.config for a in attns if is_hf_attention(a)}.values())
+    saved = [config._attn_implementation for config in configs]
+    try:
+        for config in configs:  # sdpa and flash attention never form the weights; eager returns them
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for config, implementation in zip(configs, saved):
+            config._attn_implementation = implementation
 
 
 @contextlib.contextmanager
@@ -338,6 +512,7 @@ def captured_attention(blocks: Sequence[nn.Module]) -> Iterator[list[list[Tensor
                          "told apart: give every block its own attention module")
     records: list[list[Tensor]] = [[] for _ in blocks]
     with contextlib.ExitStack() as stack:
+        stack.enter_context(eager_attention(attns))
         for attn, record in zip(attns, records):
             stack.enter_context(recording(attn, record))
         yield records
@@ -350,12 +525,41 @@ def leaf_input(module: nn.Module) -> Iterator[None]:
         yield
 
 # %% ../../nbs/06_vit.ipynb #f21c7d9d
+NOT_CLASS_TOKEN = {  # head_reads(vit) -> why the class token's row is not the whole story, and what to use instead
+    "class+distillation": ("averages the heads of its class token and its distillation token, so its logits do not "
+                           "come from the class token alone", "explain it with ViTGradCAM (block=-2: the last "
+                           "block's patch tokens do not reach the logits either)"),
+    "pooled": ("pools its tokens with global_pool={pool!r}, so its logits do not come from the class token alone",
+               "explain it with ViTGradCAM (its last block counts too), or build it with global_pool='token'"),
+    "own": ("replaces its library's forward, so its logits are not known to come from the class token alone",
+            "explain it with ViTGradCAM, or wrap the library's model in a module of your own instead of overriding "
+            "its forward"),
+}
+
+
 class AttentionRollout(ViTMethod):
-    "Gradient-weighted attention rollout (Eq. eq-rollout): the class token's row of R over the patch grid."
+    """Gradient-weighted attention rollout (Eq. eq-rollout): the class token's row of R over the patch grid.
+
+    Parameters:
+        model: a torchvision or timm VisionTransformer, a Hugging Face ViTForImageClassification or
+            DeiTForImageClassification, or a module wrapping one, whose head reads the class token alone (pooled and
+            distilled heads are refused: explain them with ViTGradCAM)
+        head_fusion: how the heads are fused, 'mean' (default), 'max' or 'min' (Eq. eq-rollout-fused)
+        variant: 'standard' (default) keeps the positive part of the fused values, 'signed' all of them
+        discard_ratio: the fraction of each block's fused values zeroed, smallest first (default 0; vit-explain: 0.9)
+        gradient: 'weights' (default) differentiates the attention weights, 'scores' the scores before the softmax,
+            as vit-explain's hook does (Eq. eq-score-gradient)
+        output: a function from the model's output to its logits (default None: the logits, or the 'logits' of a
+            dict or ModelOutput)
+    Returns:
+        calling it, `method(x, classes=None, targets='weighted')` with `x` (B, 3, H, W) images of the size the ViT
+        was built for, returns an `Explanation` whose `maps` (B, K, T, h, w) are the class token's rows of the
+        rollout on the h x w patch grid: K classes per image (None: the predicted class) by T targets
+    """
     name = "attention_rollout"
 
     def __init__(self,
-                 model: nn.Module, # a torchvision or timm VisionTransformer, or a module wrapping one
+                 model: nn.Module, # a torchvision, timm or Hugging Face ViT (or DeiT), or a module wrapping one
                  head_fusion: str = "mean", # 'mean', 'max' or 'min' over the heads
                  variant: str = "standard", # 'standard' (positive part) or 'signed'
                  discard_ratio: float = 0.0, # fraction of each block's fused values to zero (vit-explain: 0.9)
@@ -364,10 +568,11 @@ class AttentionRollout(ViTMethod):
                 ):
         check_rollout_options(head_fusion, variant, discard_ratio, gradient)
         super().__init__(model, output)
-        if not reads_class_token_only(self.vit) and not isinstance(self.vit, VisionTransformer):
-            raise ValueError(f"the timm VisionTransformer pools its tokens with global_pool={self.vit.global_pool!r}, "
-                             "so its logits do not come from the class token whose row the rollout reads: explain "
-                             "it with ViTGradCAM, or build it with global_pool='token'")
+        reads = head_reads(self.vit)
+        if reads != "class":
+            why, fix = NOT_CLASS_TOKEN[reads]
+            why = why.format(pool=getattr(self.vit, "global_pool", None))
+            raise ValueError(f"the {type(self.vit).__name__} {why}, whose row the rollout reads: {fix}")
         self.head_fusion, self.variant, self.discard_ratio = head_fusion, variant, discard_ratio
         self.gradient = gradient
         for i, block in enumerate(self.blocks):
@@ -376,10 +581,15 @@ class AttentionRollout(ViTMethod):
     def _forward(self, x):
         with checked_image_size(self.vit), leaf_input(self.blocks[0]), captured_attention(self.blocks) as records:
             logits = self.model(x)
+        N = self.prefix + self.grid[0] * self.grid[1]
         for i, record in enumerate(records):
             if len(record) != 1:
                 raise ValueError(f"encoder block {i}'s attention ran {len(record)} times in one forward pass, not "
                                  "once: pass a model whose forward runs each block of the VisionTransformer once")
+            if not isinstance(record[0], Tensor) or record[0].ndim != 4 or record[0].shape[-2:] != (N, N):
+                got = tuple(record[0].shape) if isinstance(record[0], Tensor) else record[0]
+                raise ValueError(f"encoder block {i}'s attention gave weights {got}, not (B, heads, {N}, {N}) even "
+                                 "with the eager implementation: use ViTGradCAM, which needs no attention weights")
         return logits, tuple(record[0] for record in records)
 
     def _maps(self, grads: tuple[Tensor, ...], attentions: tuple[Tensor, ...]) -> Tensor:
