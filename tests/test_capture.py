@@ -241,7 +241,7 @@ def test_half_precision_underflow_says_to_compute_in_float32():
     x = torch.rand(2, 3, 6, 6).half()
     p0 = net(x).float().softmax(1)[:, 0]
     assert (p0 > 0).all() and (p0 < 1e-6).all()
-    with pytest.warns(UnderflowWarning, match=r"in float16 the gradient underflows.*float32.*weighted_log"):
+    with pytest.warns(UnderflowWarning, match=r"p_t = 3.\de-07 is below float16's smallest normal.*weighted_log.*float32"):
         e = GradCAM(net, "2")(x, 0, "weighted")
     assert (e.maps == 0).all()
     assert GradCAM(net.float(), "2")(x.float(), 0, "weighted").maps.abs().amax() > 0  # not zero in float32
@@ -260,6 +260,16 @@ def test_a_saturated_p_t_gets_advice_that_works_for_its_gap():
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the advice is right: its map is not zero
             assert GradCAM(net, "2")(x, 0, works).maps.abs().amax() > 0
+
+
+def test_a_class_whose_p_t_underflows_to_zero_gets_weighted_log():
+    torch.manual_seed(2)  # ResNet-50 with random weights on unnormalised noise: logits far apart, p_281 = 0 in float32
+    net = torchvision.models.resnet50(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    p = net(x).softmax(1)[0, 281]
+    with pytest.warns(UnderflowWarning, match=r"p_t = 3.1e-41 is below float32's smallest normal.*targets='weighted_log'"):
+        e = GradCAM(net, net.layer4)(x, [281], ["weighted", "weighted_log"])
+    assert 0 < p < 1e-38 and (e.map("weighted") == 0).all() and e.map("weighted_log").abs().amax() > 0
 
 
 def test_a_layer_the_logits_do_not_depend_on_says_so():

@@ -138,7 +138,7 @@ def explaining(model: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.train(mode)
 
-# %% ../../nbs/02_explain.ipynb #f90f477b
+# %% ../../nbs/02_explain.ipynb #43033ffd
 def unwrapped(model: nn.Module) -> nn.Module:
     "The module a `torch.compile`d model wraps (its `_orig_mod`); any other model is itself."
     inner = getattr(model, "_orig_mod", None)
@@ -164,7 +164,7 @@ def find_layer(model: nn.Module, # the model, or a `torch.compile`d one
                          "or a dotted name from model.named_modules()")
     return layer
 
-# %% ../../nbs/02_explain.ipynb #d96a75b0
+# %% ../../nbs/02_explain.ipynb #97065f45
 def first_tensor(output) -> Tensor | None:
     "The tensor a layer outputs: the output itself, the first item of a tuple or list, the first value of a dict or `ModelOutput`."
     if isinstance(output, Tensor):
@@ -214,7 +214,7 @@ def leaf_output(layer: nn.Module) -> Iterator[list[Tensor]]:
     finally:
         handle.remove()
 
-# %% ../../nbs/02_explain.ipynb #b8a09025
+# %% ../../nbs/02_explain.ipynb #81afe61e
 def plausible_grid(h: int, w: int, # a grid of positions
                    size: tuple[int, int], # (H, W) the input images' size
                    strict: bool = True, # one stride and one rounding for both sides; False: each side within a cell
@@ -255,7 +255,7 @@ def model_prefix_tokens(model: nn.Module) -> int:
     return sum(p.shape[-2] if p.ndim >= 2 else 1 for name, p in model.named_parameters()
                if name.rsplit(".", 1)[-1] in TOKEN_PARAMETERS)
 
-# %% ../../nbs/02_explain.ipynb #e7674ef7
+# %% ../../nbs/02_explain.ipynb #a6004493
 LAYOUTS = ("BCHW", "BHWC", "BLC")
 
 
@@ -290,7 +290,7 @@ def layout_hint(layer: nn.Module) -> str | None:
         last = last[-1]
     return "BCHW" if isinstance(last, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d)) else None
 
-# %% ../../nbs/02_explain.ipynb #098e30cc
+# %% ../../nbs/02_explain.ipynb #8ccf9447
 def resolve_layout(layout: str | Layout | Callable | None, # what the user said; None: detect
                    shape: tuple[int, ...], # the layer's output shape
                    size: tuple[int, int], # (H, W) the input images' size
@@ -333,7 +333,7 @@ def resolve_layout(layout: str | Layout | Callable | None, # what the user said;
     raise ValueError(f"{got}, which layout={name!r} does not fit: pass layout='BCHW', 'BHWC' or 'BLC' to match, or a "
                      "function from the output to (B, C, h, w)")
 
-# %% ../../nbs/02_explain.ipynb #21213bc6
+# %% ../../nbs/02_explain.ipynb #1f5070a6
 @dataclass(repr=False)
 class Explanation:
     """Signed maps for B samples x K classes x T targets, and what produced them.
@@ -402,7 +402,7 @@ class Explanation:
                 f"maps {h}x{w}, classes {classes}, {str(self.maps.dtype).removeprefix('torch.')} on "
                 f"{self.maps.device}{grads})")
 
-# %% ../../nbs/02_explain.ipynb #8c18990a
+# %% ../../nbs/02_explain.ipynb #e4401a77
 class ZeroMapWarning(UserWarning):
     "Maps are zero everywhere; the message names the cause it can tell and what to do."
 
@@ -437,11 +437,15 @@ def zero_map_cause(model: nn.Module,
     sub = logits.detach()[rows]
     L = rival_margin(sub.double(), t)  # p_t = sigmoid(-L): the logit gap that decides it, in float64
     uses_p = isinstance(target, WeightedTarget)
-    if uses_p and bool((torch.sigmoid(-L).to(logits.dtype) == 1).all()):
+    p = torch.sigmoid(-L)
+    saturated = bool((p.to(logits.dtype) == 1).all())
+    tiny = torch.finfo(logits.dtype).tiny  # below it, p_t (1 - p_t) times anything underflows
+    if uses_p and (saturated or bool((target.scale(sub.double(), t) < tiny).all())):
+        what = "rounds to 1" if saturated else f"= {float(p.max()):.1e} is below {dtype}'s smallest normal number"
         if bool((torch.sigmoid(L).to(logits.dtype) > 0).all()):
-            return UnderflowWarning, (f"p_t rounds to 1 in {dtype}, so the gradient of p_t underflows; "
+            return UnderflowWarning, (f"p_t {what} in {dtype}, so the gradient of p_t underflows; "
                                       "targets='weighted_log' (log p_t) gives the same map divided by p_t, without "
-                                      "underflow")
+                                      "underflow" + (", or compute in float32" if logits.dtype in HALF else ""))
         return UnderflowWarning, (f"p_t rounds to 1 and even 1 - p_t underflows in {dtype} (a logit gap of "
                                   f"{float(-L.max()):.0f}), so every target from p_t gives zero; compare the logits "
                                   "instead with targets='max' or 'mean', or compute in float64 (which keeps 1 - p_t "
@@ -487,7 +491,7 @@ def warn_zero_maps(model: nn.Module,
     for (category, why), n in causes.items():
         warnings.warn(f"{n} of the {blank.numel()} maps are zero everywhere: {why}", category, stacklevel=3)
 
-# %% ../../nbs/02_explain.ipynb #a9a49c33
+# %% ../../nbs/02_explain.ipynb #31c1a87b
 class WithOutput(nn.Module):
     "A model whose output is taken apart by `output`: the logits of a model that returns a dict or a ModelOutput."
 
@@ -538,7 +542,7 @@ def checked_channels(model: nn.Module, x: Tensor) -> Iterator[None]:
 class BatchedBackwardWarning(UserWarning):
     "The batched backward pass could not batch for this model: one backward pass per objective instead."
 
-# %% ../../nbs/02_explain.ipynb #5b1c54a6
+# %% ../../nbs/02_explain.ipynb #7573c6a0
 class Method:
     """A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity.
 
@@ -626,7 +630,7 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
-# %% ../../nbs/02_explain.ipynb #724e2f52
+# %% ../../nbs/02_explain.ipynb #ce5017ce
 def last_conv_in(path: str) -> Callable[[nn.Module], str]:
     "The rule 'the last Conv2d of the Sequential at `path`' (VGG's and AlexNet's features, as the paper's code used)."
     def pick(model):
@@ -692,7 +696,7 @@ def default_layer(model: nn.Module) -> str:
     raise ValueError(f"no default layer for a {type(model).__name__}: pass layer=... (a module of the model or "
                      "a dotted name from model.named_modules()), before the global pooling")
 
-# %% ../../nbs/02_explain.ipynb #ee109100
+# %% ../../nbs/02_explain.ipynb #7d48c196
 class ActivationMethod(Method):
     """A method that differentiates with respect to the output A of one layer, laid out as (B, K, h, w).
 
