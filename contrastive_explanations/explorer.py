@@ -5,11 +5,9 @@
 # %% ../nbs/22_explorer.ipynb #8b76c592
 from __future__ import annotations
 
-import argparse
 import html
 import io
 import os
-import sys
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -17,18 +15,17 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .cli import explain_image, top_classes  # one image, as the command line does
 from .viz import comparison_figure, figure_png, static_grid
 
 # %% auto #0
-__all__ = ['CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'FINETUNED_MODELS', 'class_choices', 'explain_all',
-           'static_explorer', 'parse_classes', 'explain_image', 'top_classes', 'LiveExplorer', 'output_stems', 'main']
+__all__ = ['CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'class_choices', 'explain_all', 'static_explorer', 'parse_classes',
+           'LiveExplorer']
 
 # %% ../nbs/22_explorer.ipynb #fe38d9e4
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
-from matplotlib.colors import CenteredNorm
 from torch import Tensor, nn
 
 from .methods import METHODS  # the one registry, keyed by Method.name
@@ -114,36 +111,6 @@ def parse_classes(text: str, num_classes: int) -> list[int] | None:
     if bad:
         raise ValueError(f"class indices {bad} are outside [0, {num_classes}): the model has {num_classes} classes")
     return classes
-
-
-def explain_image(model: nn.Module, # an ImageClassifier (with .preprocess and .categories)
-                  image: Image.Image,
-                  method: str | Method = "gradcam", # a name in METHODS, or a method made for this model
-                  targets: Sequence[str] = COMPARED_TARGETS,
-                  classes: Sequence[int] | None = None, # None: the top-k
-                  k: int = 3,
-                 ) -> tuple[Tensor, Explanation]:
-    """Preprocess one image and explain the chosen (or top-k) classes under each target, on the model's device:
-    (x (3, H, W), explanation), both on the CPU."""
-    if isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}: choose among {', '.join(METHODS)}")
-        method = METHODS[method](model)
-    device = next(model.parameters()).device
-    x = model.preprocess(image)[None].to(device)
-    if classes is None:
-        with torch.no_grad():
-            classes = model(x).topk(k, dim=1).indices[0].tolist()
-    e = method(x, torch.tensor([list(classes)], device=device), list(targets))
-    return x[0].cpu(), Explanation(e.maps.cpu(), e.logits.cpu(), e.classes.cpu(), e.targets)
-
-
-def top_classes(explanation: Explanation, class_names: Sequence[str], k: int = 5) -> list[dict]:
-    "The k most probable classes of the (single) explained image, with names and probabilities."
-    p = explanation.logits[0].float().softmax(-1)
-    values, indices = p.topk(min(k, len(p)))
-    return [{"class": int(i), "name": class_names[int(i)], "probability": round(float(v), 6)}
-            for v, i in zip(values, indices)]
 
 
 class LiveExplorer:
@@ -254,137 +221,8 @@ class LiveExplorer:
 
 
 def _save_png(fig: Figure, path: Path, dpi: int = 120) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-# %% ../nbs/22_explorer.ipynb #f4081493
-FINETUNED_MODELS = ("vgg16_bn_cub", "vit_b_16_food101")  # MODELS whose head is trained by the book: need --checkpoint
-
-
-def _parser() -> argparse.ArgumentParser:
-    from contrastive_explanations import __version__
-    from contrastive_explanations.data.models import MODELS
-    p = argparse.ArgumentParser(
-        prog="contrastive-explain",
-        description="Explain why a classifier picks a class over the others: for each image, one figure with the "
-                    "original (logit) and contrastive (softmax: weighted, mean, max) maps of the chosen classes, "
-                    "and a JSON file with the top classes.",
-        epilog="Example: contrastive-explain cat.jpg --method gradcam --top-k 2 --out-dir out/. Models: "
-               f"{', '.join(MODELS)} (efficientnet_lite0 ships with the package; the torchvision ones need their "
-               f"weights in TORCH_HOME or --download; {', '.join(FINETUNED_MODELS)} need --checkpoint).")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--model", default="efficientnet_lite0", metavar="NAME",
-                   help="a registered model (default: efficientnet_lite0, offline); the list is below")
-    p.add_argument("--checkpoint", help=f"checkpoint file of a fine-tuned model ({', '.join(FINETUNED_MODELS)})")
-    p.add_argument("--download", action="store_true",
-                   help="let torchvision download a torchvision model's DEFAULT weights into TORCH_HOME")
-    p.add_argument("--method", default="gradcam", choices=list(METHODS), help="explanation method (default: gradcam)")
-    p.add_argument("--layer", help="the layer an activation method explains, a dotted name from "
-                                   "model.named_modules() (default: the model's own)")
-    p.add_argument("--targets", nargs="+", default=list(COMPARED_TARGETS), metavar="TARGET",
-                   help="targets to compare (default: original weighted mean max)")
-    p.add_argument("--classes", nargs="+", type=int, metavar="C", help="class indices to explain (default: top-k)")
-    p.add_argument("--top-k", type=int, default=2, help="how many top classes to explain (default 2)")
-    p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--out-dir", default=".", help="where to write NAME.png and NAME.json (default: here)")
-    p.add_argument("--save-maps", action="store_true",
-                   help="also write NAME.npz: the signed maps (classes x targets x h x w), the classes, the targets "
-                        "and the classes' probabilities")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p
-
-
-def output_stems(paths: Sequence[Path]) -> list[str]:
-    "One output name per input: its stem, with -2, -3, ... for later inputs of the same stem."
-    seen, out = {}, []
-    for p in paths:
-        n = seen[p.stem] = seen.get(p.stem, 0) + 1
-        out.append(p.stem if n == 1 else f"{p.stem}-{n}")
-    return out
-
-
-def _checked_setup(args, build_model, TARGETS):
-    "Everything the command line can refuse, checked before any output: (images, model, method)."
-    bad = [t for t in args.targets if t not in TARGETS]
-    if bad:
-        raise ValueError(f"unknown target(s) {bad}: choose among {', '.join(TARGETS)}")
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out-dir {out} is a file, not a folder: pass a folder (it is created if missing)")
-    images = [(Path(p), _read_image(p)) for p in args.images]  # every input checked before any output
-    if args.model in FINETUNED_MODELS and not args.checkpoint:
-        raise ValueError(f"--model {args.model} has a head fine-tuned by the book's training chapter: pass its "
-                         f"--checkpoint (without one the head is random and the explanation meaningless)")
-    kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
-    if args.download:
-        kwargs["download"] = True
-    try:
-        model = build_model(args.model, **kwargs)
-    except TypeError:
-        raise ValueError(f"--model {args.model} does not take "
-                         f"{' and '.join(f'--{k}' for k in kwargs)}: drop it") from None
-    if args.top_k > len(model.categories):
-        raise ValueError(f"--top-k {args.top_k} is more than the {len(model.categories)} classes of {args.model}: "
-                         f"pass at most {len(model.categories)}")
-    if args.classes is not None:
-        parse_classes(" ".join(map(str, args.classes)), len(model.categories))
-    model = model.to(_device(args.device))
-    try:  # a method that does not fit the model (a ViT method on a CNN, a layer it lacks) says so now
-        method = METHODS[args.method](model, layer=args.layer) if args.layer else METHODS[args.method](model)
-    except TypeError as e:
-        if args.layer and "'layer'" in str(e):
-            raise ValueError(f"--method {args.method} takes no --layer: drop it") from None
-        raise ValueError(f"--method {args.method} does not fit --model {args.model}: {e}") from None
-    return images, model, method
-
-
-def _device(name: str) -> torch.device:
-    "--device as the experiments resolve it (toolkit.resolve_device), its errors in the command line's words."
-    from contrastive_explanations.experiments.toolkit import resolve_device
-    try:
-        return resolve_device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: pass cpu, cuda or cuda:N") from None
-    except ValueError:
-        raise ValueError(f"--device {name}: there is no GPU here; pass --device cpu") from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    "Command-line entry point; returns the exit status (2 for bad input)."
-    args = _parser().parse_args(argv)
-    from contrastive_explanations.methods.targets import TARGETS
-    from contrastive_explanations.data.models import build_model
-    from contrastive_explanations.results import write_arrays, write_json
-    try:
-        images, model, method = _checked_setup(args, build_model, TARGETS)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    out = Path(args.out_dir)
-    for (path, image), stem in zip(images, output_stems([p for p, _ in images])):
-        x, e = explain_image(model, image, method, args.targets, args.classes, args.top_k)
-        fig = comparison_figure(x, e, range(e.classes.shape[1]), model.categories,
-                                f"{path.name}: {args.model}, {args.method}")
-        _save_png(fig, out / f"{stem}.png")
-        plt.close(fig)
-        report = {"image": str(path), "model": args.model, "method": args.method, "targets": list(args.targets),
-                  "explained": e.classes[0].tolist(), "top": top_classes(e, model.categories)}
-        write_json(out / f"{stem}.json", report)
-        if args.save_maps:
-            p = e.logits[0].float().softmax(-1)[e.classes[0]]
-            write_arrays(out / f"{stem}.npz", report, maps=e.maps[0].numpy(), classes=e.classes[0].numpy(),
-                         targets=np.array(e.targets), probabilities=p.numpy())
-        print(f"{path}: {report['top'][0]['name']} ({report['top'][0]['probability']:.2f}) -> {out / stem}.png")
-    return 0
-
-
-if __name__ == "__main__" and "__file__" in globals():  # run as a module, not in the notebook
-    from contrastive_explanations.explorer import main as _main
-    sys.exit(_main())
+    "Save `fig` as PNG at `path` through a temporary file and a rename: a reader never sees half a picture."
+    from contrastive_explanations.results import write_atomic
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    write_atomic(path, buffer.getvalue())

@@ -53,15 +53,11 @@ def test_switcher_refuses_bad_pages():
         static_switcher({"x": "picture.png"})
 
 
-# ---- the static grid, the live explorer and the command line
-import json  # noqa: E402
-import os  # noqa: E402
-
-import numpy as np  # noqa: E402
+# ---- the static grid and the live explorer (the command line: test_cli.py)
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from contrastive_explanations.explorer import (LiveExplorer, class_choices, explain_all, main,  # noqa: E402
+from contrastive_explanations.explorer import (LiveExplorer, class_choices, explain_all,  # noqa: E402
                                                parse_classes, static_explorer)
 from contrastive_explanations.viz import (STATIC_CLASS, colour_range, comparison_figure, grid_bytes,  # noqa: E402
                                           static_grid, static_switcher)
@@ -178,36 +174,6 @@ def test_live_explorer_driven_from_python(tmp_path):
     assert live.explain() is None and "outside" in live.status.value
 
 
-def test_cli_help_reads_well(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
-    out = capsys.readouterr().out
-    assert e.value.code == 0 and "--method" in out and "original (logit) and contrastive" in out
-
-
-def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
-    good = _png_file(tmp_path / "good.png")
-    (tmp_path / "notes.txt").write_text("hello")
-    for args, word in (([str(good), str(tmp_path / "nope.jpg")], "no image at"),
-                       ([str(good), str(tmp_path / "notes.txt")], "not an image"),
-                       ([str(good), "--targets", "weighted", "banana"], "unknown target"),
-                       ([str(good), "--model", "resnet1"], "unknown model"),
-                       ([str(good), "--classes", "1000"], "outside [0, 1000)")):
-        assert main([*args, "--out-dir", str(tmp_path / "out")]) == 2, args
-        assert word in capsys.readouterr().err, args
-        assert not (tmp_path / "out").exists()
-
-
-def test_cli_writes_a_figure_and_the_top_classes(tmp_path, capsys):
-    import skimage.data
-    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "chelsea.jpg")
-    assert main([str(tmp_path / "chelsea.jpg"), "--top-k", "2", "--out-dir", str(tmp_path / "out")]) == 0
-    report = json.loads((tmp_path / "out" / "chelsea.json").read_text())
-    assert (tmp_path / "out" / "chelsea.png").read_bytes().startswith(b"\x89PNG")
-    assert report["explained"] == [t["class"] for t in report["top"][:2]] and "cat" in report["top"][0]["name"]
-    assert abs(sum(t["probability"] for t in report["top"])) <= 1.0 + 1e-6
-
-
 def test_colour_range_ignores_a_few_outlier_pixels():
     m = torch.zeros(64, 64)
     m[:8] = -0.25  # 512 pixels of faint negative evidence
@@ -220,58 +186,6 @@ def test_colour_range_ignores_a_few_outlier_pixels():
     assert colour_range(spike) == 2.0
     with pytest.raises(ValueError, match="percentile must be in"):
         colour_range(m, 0)
-
-
-def test_cli_refuses_what_would_have_been_a_traceback_or_a_lie(tmp_path, capsys):
-    good = _png_file(tmp_path / "good.png")
-    (tmp_path / "a_file").write_text("not a folder")
-    for args, word in (([str(good), "--top-k", "5000"], "more than the 1000 classes"),
-                       ([str(good), "--method", "vit_gradcam"], "does not fit --model efficientnet_lite0"),
-                       ([str(good), "--method", "attention_rollout"], "does not fit --model efficientnet_lite0"),
-                       ([str(good), "--model", "vgg16_bn_cub"], "pass its --checkpoint"),
-                       ([str(good), "--layer", "no.such.layer"], "no layer 'no.such.layer'"),
-                       ([str(good), "--method", "gradient", "--layer", "net.features"], "takes no --layer"),
-                       ([str(good), "--device", "banana"], "is not a device"),
-                       ([str(good), "--out-dir", str(tmp_path / "a_file")], "is a file, not a folder")):
-        out = args[-1] if "--out-dir" in args else str(tmp_path / "out")
-        argv = args if "--out-dir" in args else [*args, "--out-dir", out]
-        assert main(argv) == 2, args
-        err = capsys.readouterr().err
-        assert word in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
-        assert not (tmp_path / "out").exists()
-    if not torch.cuda.is_available():
-        assert main([str(good), "--device", "cuda", "--out-dir", str(tmp_path / "out")]) == 2
-        assert "no GPU here" in capsys.readouterr().err
-
-
-def test_cli_same_names_do_not_collide_and_maps_can_be_saved(tmp_path, capsys):
-    import stat
-
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    first, second = _png_file(tmp_path / "a" / "x.png"), _png_file(tmp_path / "b" / "x.png")
-    out = tmp_path / "out"
-    assert main([str(first), str(second), "--save-maps", "--layer", "net.features", "--out-dir", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["x-2.json", "x-2.npz", "x-2.png", "x.json", "x.npz", "x.png"]
-    assert json.loads((out / "x-2.json").read_text())["image"] == str(second)
-    with np.load(out / "x.npz") as saved:
-        assert saved["maps"].shape[:2] == (2, 4) and list(saved["targets"]) == ["original", "weighted", "mean", "max"]
-        assert saved["classes"].tolist() == json.loads((out / "x.json").read_text())["explained"]
-        assert (np.diff(saved["probabilities"]) <= 0).all()  # the top-2, in order
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE((out / "x.json").stat().st_mode) == 0o666 & ~umask  # the user's umask, not 0600
-
-
-def test_cli_version_and_help_name_the_models(capsys):
-    from contrastive_explanations import __version__
-
-    with pytest.raises(SystemExit) as e:
-        main(["--version"])
-    assert e.value.code == 0 and __version__ in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    out = capsys.readouterr().out
-    assert all(name in out for name in ("efficientnet_lite0", "resnet18", "vgg16_bn_cub", "--save-maps", "--device"))
 
 
 def test_live_explorer_buttons_report_every_error_and_offer_only_fitting_methods(tmp_path):
