@@ -27,7 +27,6 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .models import imagenet_categories
-from ..results import current_umask, output_dir
 
 # %% auto #0
 __all__ = ['IMAGENET_DEVKIT', 'IMAGENET_TREE', 'CUB_TREE', 'FOOD101_TREE', 'PHOTOS', 'DATASETS', 'ImageReadError', 'to_rgb',
@@ -277,6 +276,7 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             shutil.copyfileobj(inp, out)
+        from contrastive_explanations.results import current_umask  # the store: not needed to read an image
         os.chmod(tmp, 0o666 & ~current_umask())  # not mkstemp's 0600
         os.replace(tmp, dst)
     except BaseException:
@@ -318,6 +318,7 @@ def imagenet(root: str | os.PathLike, # the folder holding val/ (and the devkit,
                                                  "does it with the devkit." if loose else ""))
     subset = ""
     if layout == "torchvision":
+        from contrastive_explanations.results import output_dir  # the store: not needed to read an image
         wnid_to_classes = _imagenet_meta(root, Path(index_dir) if index_dir else output_dir("", "imagenet"))
         unknown = [d for d in dirs if d not in wnid_to_classes]
         if unknown:

@@ -27,8 +27,8 @@ __all__ = ['TOKEN_PARAMETERS', 'LAYOUTS', 'HALF', 'DEFAULT_LAYERS', 'check_image
            'first_tensor', 'with_first', 'leaf_output', 'plausible_grid', 'token_grid', 'model_prefix_tokens', 'Layout',
            'layout_hint', 'resolve_layout', 'Explanation', 'ZeroMapWarning', 'UnderflowWarning', 'zero_head',
            'zero_map_cause', 'warn_zero_maps', 'WithOutput', 'check_logits', 'checked_channels',
-           'BatchedBackwardWarning', 'Method', 'last_conv_in', 'block_before_last', 'known_layer', 'default_layer',
-           'ActivationMethod']
+           'BatchedBackwardWarning', 'Method', 'last_conv_in', 'last_block', 'block_before_last', 'known_layer',
+           'default_layer', 'ActivationMethod']
 
 # %% ../../nbs/02_explain.ipynb #6be0fb71
 def check_images(x: Tensor, # (B, C, H, W) images in [0, 1]
@@ -138,7 +138,7 @@ def explaining(model: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.train(mode)
 
-# %% ../../nbs/02_explain.ipynb #43033ffd
+# %% ../../nbs/02_explain.ipynb #1a78feb5
 def unwrapped(model: nn.Module) -> nn.Module:
     "The module a `torch.compile`d model wraps (its `_orig_mod`); any other model is itself."
     inner = getattr(model, "_orig_mod", None)
@@ -164,7 +164,7 @@ def find_layer(model: nn.Module, # the model, or a `torch.compile`d one
                          "or a dotted name from model.named_modules()")
     return layer
 
-# %% ../../nbs/02_explain.ipynb #97065f45
+# %% ../../nbs/02_explain.ipynb #c2c22b34
 def first_tensor(output) -> Tensor | None:
     "The tensor a layer outputs: the output itself, the first item of a tuple or list, the first value of a dict or `ModelOutput`."
     if isinstance(output, Tensor):
@@ -214,7 +214,7 @@ def leaf_output(layer: nn.Module) -> Iterator[list[Tensor]]:
     finally:
         handle.remove()
 
-# %% ../../nbs/02_explain.ipynb #81afe61e
+# %% ../../nbs/02_explain.ipynb #8ab2e89c
 def plausible_grid(h: int, w: int, # a grid of positions
                    size: tuple[int, int], # (H, W) the input images' size
                    strict: bool = True, # one stride and one rounding for both sides; False: each side within a cell
@@ -255,7 +255,7 @@ def model_prefix_tokens(model: nn.Module) -> int:
     return sum(p.shape[-2] if p.ndim >= 2 else 1 for name, p in model.named_parameters()
                if name.rsplit(".", 1)[-1] in TOKEN_PARAMETERS)
 
-# %% ../../nbs/02_explain.ipynb #a6004493
+# %% ../../nbs/02_explain.ipynb #9b9def91
 LAYOUTS = ("BCHW", "BHWC", "BLC")
 
 
@@ -290,7 +290,7 @@ def layout_hint(layer: nn.Module) -> str | None:
         last = last[-1]
     return "BCHW" if isinstance(last, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d)) else None
 
-# %% ../../nbs/02_explain.ipynb #8ccf9447
+# %% ../../nbs/02_explain.ipynb #f12da2bb
 def resolve_layout(layout: str | Layout | Callable | None, # what the user said; None: detect
                    shape: tuple[int, ...], # the layer's output shape
                    size: tuple[int, int], # (H, W) the input images' size
@@ -333,7 +333,7 @@ def resolve_layout(layout: str | Layout | Callable | None, # what the user said;
     raise ValueError(f"{got}, which layout={name!r} does not fit: pass layout='BCHW', 'BHWC' or 'BLC' to match, or a "
                      "function from the output to (B, C, h, w)")
 
-# %% ../../nbs/02_explain.ipynb #1f5070a6
+# %% ../../nbs/02_explain.ipynb #f2113a07
 @dataclass(repr=False)
 class Explanation:
     """Signed maps for B samples x K classes x T targets, and what produced them.
@@ -402,7 +402,7 @@ class Explanation:
                 f"maps {h}x{w}, classes {classes}, {str(self.maps.dtype).removeprefix('torch.')} on "
                 f"{self.maps.device}{grads})")
 
-# %% ../../nbs/02_explain.ipynb #e4401a77
+# %% ../../nbs/02_explain.ipynb #a3c3e87f
 class ZeroMapWarning(UserWarning):
     "Maps are zero everywhere; the message names the cause it can tell and what to do."
 
@@ -491,7 +491,7 @@ def warn_zero_maps(model: nn.Module,
     for (category, why), n in causes.items():
         warnings.warn(f"{n} of the {blank.numel()} maps are zero everywhere: {why}", category, stacklevel=3)
 
-# %% ../../nbs/02_explain.ipynb #31c1a87b
+# %% ../../nbs/02_explain.ipynb #8d881642
 class WithOutput(nn.Module):
     "A model whose output is taken apart by `output`: the logits of a model that returns a dict or a ModelOutput."
 
@@ -542,7 +542,7 @@ def checked_channels(model: nn.Module, x: Tensor) -> Iterator[None]:
 class BatchedBackwardWarning(UserWarning):
     "The batched backward pass could not batch for this model: one backward pass per objective instead."
 
-# %% ../../nbs/02_explain.ipynb #7573c6a0
+# %% ../../nbs/02_explain.ipynb #f9064422
 class Method:
     """A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity.
 
@@ -630,12 +630,19 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
-# %% ../../nbs/02_explain.ipynb #ce5017ce
+# %% ../../nbs/02_explain.ipynb #5adbf58b
 def last_conv_in(path: str) -> Callable[[nn.Module], str]:
     "The rule 'the last Conv2d of the Sequential at `path`' (VGG's and AlexNet's features, as the paper's code used)."
     def pick(model):
         seq = model.get_submodule(path)
         return f"{path}.{max(i for i, m in enumerate(seq) if isinstance(m, nn.Conv2d))}"
+    return pick
+
+
+def last_block(path: str) -> Callable[[nn.Module], str]:
+    "The rule 'the last block at `path`': the stages of a list that the model's forward runs one by one."
+    def pick(model):
+        return f"{path}.{[name for name, _ in model.get_submodule(path).named_children()][-1]}"
     return pick
 
 
@@ -655,7 +662,7 @@ DEFAULT_LAYERS: dict[str, tuple[str | Callable[[nn.Module], str], ...]] = {
     "DenseNet": ("features",), "GoogLeNet": ("inception5b",), "Inception3": ("Mixed_7c",),
     "MobileNetV2": ("features",), "MobileNetV3": ("features", "blocks"), "MNASNet": ("layers",),
     "ShuffleNetV2": ("conv5",), "SqueezeNet": ("features",), "EfficientNet": ("features", "bn2"),
-    "RegNet": ("trunk_output", "final_conv"), "ConvNeXt": ("features", "stages"), "MaxVit": ("blocks",),
+    "RegNet": ("trunk_output", "final_conv"), "ConvNeXt": ("features", "stages"), "MaxVit": (last_block("blocks"),),
     "SwinTransformer": ("features", "layers"), "SwinTransformerV2": ("layers",),
     "VisionTransformer": (block_before_last("encoder.layers"), block_before_last("blocks")),
     "Eva": (block_before_last("blocks"),),
@@ -696,7 +703,7 @@ def default_layer(model: nn.Module) -> str:
     raise ValueError(f"no default layer for a {type(model).__name__}: pass layer=... (a module of the model or "
                      "a dotted name from model.named_modules()), before the global pooling")
 
-# %% ../../nbs/02_explain.ipynb #7d48c196
+# %% ../../nbs/02_explain.ipynb #41342622
 class ActivationMethod(Method):
     """A method that differentiates with respect to the output A of one layer, laid out as (B, K, h, w).
 
@@ -736,8 +743,8 @@ class ActivationMethod(Method):
         with leaf_output(self.layer) as captured:
             logits = self.model(x)
         if not captured:
-            raise ValueError(f"layer {self.name_of_layer!r} did not run in the forward pass: choose a layer "
-                             "on the path from the input to the logits")
+            raise ValueError(f"layer {self.name_of_layer!r} did not run in the forward pass (a container such as a "
+                             "ModuleList never does): pass layer=, a module on the path from the input to the logits")
         A = captured[0]
         self._layout = resolve_layout(self.layout, tuple(A.shape), tuple(x.shape[-2:]), self.prefix,
                                       layout_hint(self.layer), f"layer {self.name_of_layer!r}")
