@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from .explain import Method
 
 # %% auto #0
-__all__ = ['implicit_bias', 'bias_layers', 'input_term', 'bias_term', 'max_abs_normalise', 'upsample', 'bias_outputs', 'FullGrad']
+__all__ = ['implicit_bias', 'bias_layers', 'input_term', 'bias_term', 'max_abs_normalise', 'upsample', 'normalised_at',
+           'bias_outputs', 'FullGrad']
 
 # %% ../../nbs/05_fullgrad.ipynb #23b64952
 def implicit_bias(layer: nn.Module, # a Conv2d, or a BatchNorm2d used in evaluation mode
@@ -69,6 +70,15 @@ def upsample(maps: Tensor, # (B, J, h, w)
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 # %% ../../nbs/05_fullgrad.ipynb #1fe13636
+def normalised_at(layer: nn.Module) -> nn.Module | None:
+    """Where a batch norm's biased output is, if not its own output: a BatchNorm2d subclass whose forward goes on after
+    normalising (timm's BatchNormAct2d: dropout, then the activation) hands it to its first child; None otherwise."""
+    if (isinstance(layer, nn.BatchNorm2d) and type(layer).forward is not nn.BatchNorm2d.forward
+            and next(layer.children(), None) is not None):
+        return next(layer.children())
+    return None
+
+
 @contextlib.contextmanager
 def bias_outputs(layers: Sequence[nn.Module], # layers whose outputs and biases to capture
                 ) -> Iterator[list[tuple[Tensor, Tensor]]]: # (output, bias) appended at every call of a layer
@@ -79,10 +89,18 @@ def bias_outputs(layers: Sequence[nn.Module], # layers whose outputs and biases 
         captured.append((output, implicit_bias(module)))
         return output.clone()  # in-place operations downstream change the copy, never the captured output
 
+    def pre_hook(layer):  # the normalised value, where a batch norm goes on inside (timm's BatchNormAct2d)
+        def hook(module, args):
+            captured.append((args[0], implicit_bias(layer)))
+            return (args[0].clone(), *args[1:])
+        return hook
+
     handles = []
     try:
         for layer in layers:
-            handles.append(layer.register_forward_hook(hook))
+            inner = normalised_at(layer)
+            handles.append(layer.register_forward_hook(hook) if inner is None
+                           else inner.register_forward_pre_hook(pre_hook(layer)))
         yield captured
     finally:
         for handle in handles:
