@@ -31,13 +31,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-BENCHMARKS = ["methods", "peers", "targets", "perturbation", "masking"]
+BENCHMARKS = ["methods", "capture", "peers", "targets", "perturbation", "masking", "cli"]
 QUICK = ["--models", "tiny_cnn", "--size", "32", "--batch", "2", "--reps", "1", "--no-memory"]
 QUICK_EXTRA = {"methods": ["--explicit-sample", "2"], "targets": ["--sample", "2"], "perturbation": ["--n-tot", "2"]}
 
 
 def bench_args(name: str, args) -> list[str]:
     "The command-line options passed on to one benchmark."
+    if name == "cli":  # the command line's own options: photographs and rounds, no model or device
+        return ["--quick"] if args.quick else []
     if args.quick:
         return QUICK + QUICK_EXTRA.get(name, []) + ["--device", args.device, "--threads", str(args.threads)]
     out = ["--device", args.device, "--threads", str(args.threads)]
@@ -45,7 +47,7 @@ def bench_args(name: str, args) -> list[str]:
         out += ["--reps", str(args.reps)]
     if args.models and name != "masking":
         out += ["--models", *args.models]
-    if args.batch is not None and name in ("methods", "peers", "targets"):
+    if args.batch is not None and name in ("methods", "capture", "peers", "targets"):
         out += ["--batch", str(args.batch)]
     if args.perturbation_batch is not None and name == "perturbation":
         out += ["--batch", str(args.perturbation_batch)]

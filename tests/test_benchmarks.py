@@ -39,9 +39,9 @@ def check_file(path: Path, models: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> Path:
     "Every benchmark in-process on the tiny network (one repetition), into a temporary folder."
-    from benchmarks import bench_masking, bench_methods, bench_peers, bench_perturbation, bench_targets
+    from benchmarks import bench_capture, bench_masking, bench_methods, bench_peers, bench_perturbation, bench_targets
     out = tmp_path_factory.mktemp("bench")
-    for main, extra in ((bench_methods.main, ["--explicit-sample", "2"]), (bench_peers.main, []),
+    for main, extra in ((bench_methods.main, ["--explicit-sample", "2"]), (bench_capture.main, []), (bench_peers.main, []),
                         (bench_targets.main, ["--sample", "2"]), (bench_perturbation.main, ["--n-tot", "2"]),
                         (bench_masking.main, [])):
         main(TINY + extra + ["--out-dir", str(out)])
@@ -60,6 +60,29 @@ def test_methods_file(quick):
     assert goals["explicit Eq. 1 / ours: GradCAM, last layer"] == (">=", 15)
     (check,) = entry["checks"].values()
     assert check < 1e-4  # Eq. 1 done explicitly, 200 backward passes, equals the one-pass weighted map
+
+
+def test_capture_file(quick):
+    data = check_file(quick / "capture.json", ["tiny_cnn"])
+    entry = data["models"]["tiny_cnn"]
+    assert set(entry["seconds"]) == {"forward", "gradcam/weighted", "gradcam/weighted-leaf"}
+    assert entry["checks"] == {"same_maps": True}
+    assert {tuple(r["goal"]) for r in entry["ratios"].values() if r["goal"]} == {("<=", 1.10)}
+
+
+def test_the_old_capture_fails_on_an_in_place_layer_and_the_library_does_not():
+    "What the capture benchmark's baseline could not do: the leaf itself changed in place by the next ReLU."
+    import torch
+    from torch import nn
+
+    from benchmarks.bench_capture import old_capture
+    from contrastive_explanations.methods.cam import GradCAM
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(1, 3, 8, 8)
+    assert GradCAM(net, "0")(x, 0).maps.shape == (1, 1, 1, 6, 6)
+    with old_capture(), pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        GradCAM(net, "0")(x, 0)
 
 
 def test_peers_agree(quick):
