@@ -97,10 +97,18 @@ def test_swin_stage_is_read_channels_last_and_a_wrong_layout_would_differ(swin):
 
 
 def test_a_4d_output_whose_channel_axis_is_ambiguous_is_refused_not_guessed():
+    class Shift(nn.Module):  # a module of its own: it says nothing of the layout
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Parameter(torch.zeros(8, 1, 1))
+
+        def forward(self, x):
+            return x + self.b
+
     class Ambiguous(nn.Module):  # (B, 8, 8, 8) on 8 x 8 images: channels first and last both fit
         def __init__(self):
             super().__init__()
-            self.mix = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GELU())
+            self.mix = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GELU(), Shift())
             self.head = nn.Linear(8, 3)
 
         def forward(self, x):
@@ -114,8 +122,9 @@ def test_a_4d_output_whose_channel_axis_is_ambiguous_is_refused_not_guessed():
     stated = GradCAM(model, "mix", layout="BCHW")(x, 0, "original").maps
     by_function = GradCAM(model, "mix", layout=lambda t: t)(x, 0, "original").maps
     torch.testing.assert_close(stated, by_function)
-    last_is_conv = GradCAM(model, "mix.0")(x, 0, "original").maps  # a convolution's output is channels first
-    assert last_is_conv.shape == (1, 1, 1, 8, 8)
+    convolution = GradCAM(model, "mix.0")(x, 0, "original").maps  # a convolution's output is channels first
+    model.mix[2] = nn.Identity()  # convolutions and elementwise functions alone: channels first too
+    assert GradCAM(model, "mix")(x, 0, "original").maps.shape == convolution.shape == (1, 1, 1, 8, 8)
 
 
 def test_a_layout_function_is_applied_to_the_output_and_its_gradient(swin):

@@ -22,13 +22,13 @@ from .targets import (Target, WeightedTarget, as_classes, check_later,
                                                      deferred_checks, get_target, rival_margin)
 
 # %% auto #0
-__all__ = ['TOKEN_PARAMETERS', 'LAYOUTS', 'HALF', 'DEFAULT_LAYERS', 'check_images', 'input_channels', 'as_class_matrix',
-           'classes_to', 'as_targets', 'objectives', 'batched_grad', 'explaining', 'unwrapped', 'find_layer',
-           'first_tensor', 'with_first', 'leaf_output', 'plausible_grid', 'token_grid', 'model_prefix_tokens', 'Layout',
-           'layout_hint', 'resolve_layout', 'Explanation', 'ZeroMapWarning', 'UnderflowWarning', 'zero_head',
-           'zero_map_cause', 'warn_zero_maps', 'WithOutput', 'check_logits', 'checked_channels',
-           'BatchedBackwardWarning', 'Method', 'last_conv_in', 'last_block', 'block_before_last', 'known_layer',
-           'default_layer', 'ActivationMethod']
+__all__ = ['TOKEN_PARAMETERS', 'LAYOUTS', 'SHAPE_KEEPING', 'CHANNELS_FIRST', 'HALF', 'DEFAULT_LAYERS', 'check_images',
+           'input_channels', 'as_class_matrix', 'classes_to', 'as_targets', 'objectives', 'batched_grad', 'explaining',
+           'unwrapped', 'find_layer', 'first_tensor', 'with_first', 'leaf_output', 'plausible_grid', 'token_grid',
+           'model_prefix_tokens', 'Layout', 'layout_hint', 'resolve_layout', 'Explanation', 'ZeroMapWarning',
+           'UnderflowWarning', 'zero_head', 'zero_map_cause', 'warn_zero_maps', 'WithOutput', 'check_logits',
+           'checked_channels', 'BatchedBackwardWarning', 'Method', 'last_conv_in', 'last_block', 'block_before_last',
+           'known_layer', 'default_layer', 'ActivationMethod']
 
 # %% ../../nbs/02_explain.ipynb #6be0fb71
 def check_images(x: Tensor, # (B, C, H, W) images in [0, 1]
@@ -138,7 +138,7 @@ def explaining(model: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.train(mode)
 
-# %% ../../nbs/02_explain.ipynb #1a78feb5
+# %% ../../nbs/02_explain.ipynb #58c41954
 def unwrapped(model: nn.Module) -> nn.Module:
     "The module a `torch.compile`d model wraps (its `_orig_mod`); any other model is itself."
     inner = getattr(model, "_orig_mod", None)
@@ -164,7 +164,7 @@ def find_layer(model: nn.Module, # the model, or a `torch.compile`d one
                          "or a dotted name from model.named_modules()")
     return layer
 
-# %% ../../nbs/02_explain.ipynb #c2c22b34
+# %% ../../nbs/02_explain.ipynb #da5792eb
 def first_tensor(output) -> Tensor | None:
     "The tensor a layer outputs: the output itself, the first item of a tuple or list, the first value of a dict or `ModelOutput`."
     if isinstance(output, Tensor):
@@ -214,7 +214,7 @@ def leaf_output(layer: nn.Module) -> Iterator[list[Tensor]]:
     finally:
         handle.remove()
 
-# %% ../../nbs/02_explain.ipynb #8ab2e89c
+# %% ../../nbs/02_explain.ipynb #b398509b
 def plausible_grid(h: int, w: int, # a grid of positions
                    size: tuple[int, int], # (H, W) the input images' size
                    strict: bool = True, # one stride and one rounding for both sides; False: each side within a cell
@@ -255,7 +255,7 @@ def model_prefix_tokens(model: nn.Module) -> int:
     return sum(p.shape[-2] if p.ndim >= 2 else 1 for name, p in model.named_parameters()
                if name.rsplit(".", 1)[-1] in TOKEN_PARAMETERS)
 
-# %% ../../nbs/02_explain.ipynb #9b9def91
+# %% ../../nbs/02_explain.ipynb #f7c8f8a9
 LAYOUTS = ("BCHW", "BHWC", "BLC")
 
 
@@ -283,14 +283,18 @@ class Layout:
         return tokens.transpose(1, 2).reshape(t.shape[0], t.shape[2], *self.grid)
 
 
-def layout_hint(layer: nn.Module) -> str | None:
-    "What the layer's last operation says of its layout: a convolution, batch norm or pooling is channels first."
-    last = layer
-    while isinstance(last, nn.Sequential) and len(last):
-        last = last[-1]
-    return "BCHW" if isinstance(last, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d)) else None
+SHAPE_KEEPING = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                 nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity)  # no say in the layout
+CHANNELS_FIRST = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
-# %% ../../nbs/02_explain.ipynb #f12da2bb
+
+def layout_hint(layer: nn.Module) -> str | None:
+    "'BCHW' if the layer is made of convolutions, batch norms and pooling alone (and elementwise functions); else None."
+    leaves = [m for m in layer.modules() if not list(m.children())]
+    telling = [m for m in leaves if not isinstance(m, SHAPE_KEEPING)]
+    return "BCHW" if telling and all(isinstance(m, CHANNELS_FIRST) for m in telling) else None
+
+# %% ../../nbs/02_explain.ipynb #cc984707
 def resolve_layout(layout: str | Layout | Callable | None, # what the user said; None: detect
                    shape: tuple[int, ...], # the layer's output shape
                    size: tuple[int, int], # (H, W) the input images' size
@@ -333,7 +337,7 @@ def resolve_layout(layout: str | Layout | Callable | None, # what the user said;
     raise ValueError(f"{got}, which layout={name!r} does not fit: pass layout='BCHW', 'BHWC' or 'BLC' to match, or a "
                      "function from the output to (B, C, h, w)")
 
-# %% ../../nbs/02_explain.ipynb #f2113a07
+# %% ../../nbs/02_explain.ipynb #02d8931d
 @dataclass(repr=False)
 class Explanation:
     """Signed maps for B samples x K classes x T targets, and what produced them.
@@ -402,7 +406,7 @@ class Explanation:
                 f"maps {h}x{w}, classes {classes}, {str(self.maps.dtype).removeprefix('torch.')} on "
                 f"{self.maps.device}{grads})")
 
-# %% ../../nbs/02_explain.ipynb #a3c3e87f
+# %% ../../nbs/02_explain.ipynb #7cca795f
 class ZeroMapWarning(UserWarning):
     "Maps are zero everywhere; the message names the cause it can tell and what to do."
 
@@ -491,7 +495,7 @@ def warn_zero_maps(model: nn.Module,
     for (category, why), n in causes.items():
         warnings.warn(f"{n} of the {blank.numel()} maps are zero everywhere: {why}", category, stacklevel=3)
 
-# %% ../../nbs/02_explain.ipynb #8d881642
+# %% ../../nbs/02_explain.ipynb #1a07d485
 class WithOutput(nn.Module):
     "A model whose output is taken apart by `output`: the logits of a model that returns a dict or a ModelOutput."
 
@@ -542,7 +546,7 @@ def checked_channels(model: nn.Module, x: Tensor) -> Iterator[None]:
 class BatchedBackwardWarning(UserWarning):
     "The batched backward pass could not batch for this model: one backward pass per objective instead."
 
-# %% ../../nbs/02_explain.ipynb #f9064422
+# %% ../../nbs/02_explain.ipynb #3cfce178
 class Method:
     """A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity.
 
@@ -630,7 +634,7 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
-# %% ../../nbs/02_explain.ipynb #5adbf58b
+# %% ../../nbs/02_explain.ipynb #f58d979f
 def last_conv_in(path: str) -> Callable[[nn.Module], str]:
     "The rule 'the last Conv2d of the Sequential at `path`' (VGG's and AlexNet's features, as the paper's code used)."
     def pick(model):
@@ -703,7 +707,7 @@ def default_layer(model: nn.Module) -> str:
     raise ValueError(f"no default layer for a {type(model).__name__}: pass layer=... (a module of the model or "
                      "a dotted name from model.named_modules()), before the global pooling")
 
-# %% ../../nbs/02_explain.ipynb #41342622
+# %% ../../nbs/02_explain.ipynb #17d2e3a7
 class ActivationMethod(Method):
     """A method that differentiates with respect to the output A of one layer, laid out as (B, K, h, w).
 
