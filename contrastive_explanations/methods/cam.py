@@ -20,15 +20,7 @@ __all__ = ['POOLED_HEAD_METHODS', 'LinearApproximation', 'GradCAM', 'XGradCAM', 
 class LinearApproximation(ActivationMethod):
     """Activation times gradient, summed over channels (HiResCAM; the original's channel mean divides by K).
 
-    Parameters:
-        model: the classifier, called on the images (its mode is set to eval for the call and restored)
-        layer: the layer to explain, a module or its dotted name (or a one-layer list); None: `default_layer(model)`
-        layout: how the layer lays out its output: None detects (B, C, h, w), channels-last (B, h, w, C) or (B, L, C)
-            tokens; or 'BCHW', 'BHWC', 'BLC', a Layout, or a function from the output (N, ...) to (N, C, h, w)
-        target_layers: pytorch-grad-cam's name for `layer`
-        output: the model's output -> its logits, for a model that returns something else (a dict, a tuple)
-    Returns:
-        a method: call it as `method(x, classes, targets)` for an Explanation with maps (B, K, T, h, w), signed
+    Parameters and what a call returns: see `ActivationMethod.__init__` (help shows them below).
     """
     name = "linear_approximation"
 
@@ -39,15 +31,7 @@ class LinearApproximation(ActivationMethod):
 class GradCAM(ActivationMethod):
     """Channels weighted by their spatially averaged gradient, summed; no ReLU.
 
-    Parameters:
-        model: the classifier, called on the images (its mode is set to eval for the call and restored)
-        layer: the layer to explain, a module or its dotted name (or a one-layer list); None: `default_layer(model)`
-        layout: how the layer lays out its output: None detects (B, C, h, w), channels-last (B, h, w, C) or (B, L, C)
-            tokens; or 'BCHW', 'BHWC', 'BLC', a Layout, or a function from the output (N, ...) to (N, C, h, w)
-        target_layers: pytorch-grad-cam's name for `layer`
-        output: the model's output -> its logits, for a model that returns something else (a dict, a tuple)
-    Returns:
-        a method: call it as `method(x, classes, targets)` for an Explanation with maps (B, K, T, h, w), signed
+    Parameters and what a call returns: see `ActivationMethod.__init__` (help shows them below).
     """
     name = "gradcam"
 
@@ -61,15 +45,7 @@ class XGradCAM(ActivationMethod):
     pytorch-grad-cam's XGradCAM weighs with A / sum(A) instead: the same for non-negative activations (after a
     ReLU), different for signed ones (ConvNeXt's, a layer before its activation).
 
-    Parameters:
-        model: the classifier, called on the images (its mode is set to eval for the call and restored)
-        layer: the layer to explain, a module or its dotted name (or a one-layer list); None: `default_layer(model)`
-        layout: how the layer lays out its output: None detects (B, C, h, w), channels-last (B, h, w, C) or (B, L, C)
-            tokens; or 'BCHW', 'BHWC', 'BLC', a Layout, or a function from the output (N, ...) to (N, C, h, w)
-        target_layers: pytorch-grad-cam's name for `layer`
-        output: the model's output -> its logits, for a model that returns something else (a dict, a tuple)
-    Returns:
-        a method: call it as `method(x, classes, targets)` for an Explanation with maps (B, K, T, h, w), signed
+    Parameters and what a call returns: see `ActivationMethod.__init__` (help shows them below).
     """
     name = "xgradcam"
 

@@ -25,10 +25,10 @@ from .targets import (Target, WeightedTarget, as_classes, check_later,
 __all__ = ['TOKEN_PARAMETERS', 'LAYOUTS', 'SHAPE_KEEPING', 'CHANNELS_FIRST', 'HALF', 'DEFAULT_LAYERS', 'check_images',
            'input_channels', 'as_class_matrix', 'classes_to', 'as_targets', 'objectives', 'batched_grad', 'explaining',
            'unwrapped', 'find_layer', 'first_tensor', 'with_first', 'leaf_output', 'plausible_grid', 'token_grid',
-           'model_prefix_tokens', 'Layout', 'layout_hint', 'resolve_layout', 'Explanation', 'ZeroMapWarning',
-           'UnderflowWarning', 'zero_head', 'zero_map_cause', 'warn_zero_maps', 'WithOutput', 'check_logits',
-           'checked_channels', 'BatchedBackwardWarning', 'Method', 'last_conv_in', 'last_block', 'block_before_last',
-           'known_layer', 'default_layer', 'ActivationMethod']
+           'model_prefix_tokens', 'Layout', 'telling_leaves', 'layout_hint', 'resolve_layout', 'Explanation',
+           'ZeroMapWarning', 'UnderflowWarning', 'zero_head', 'zero_map_cause', 'warn_zero_maps', 'WithOutput',
+           'check_logits', 'checked_channels', 'BatchedBackwardWarning', 'Method', 'last_conv_in', 'last_block',
+           'block_before_last', 'known_layer', 'default_layer', 'ActivationMethod']
 
 # %% ../../nbs/02_explain.ipynb #6be0fb71
 def check_images(x: Tensor, # (B, C, H, W) images in [0, 1]
@@ -138,7 +138,7 @@ def explaining(model: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.train(mode)
 
-# %% ../../nbs/02_explain.ipynb #58c41954
+# %% ../../nbs/02_explain.ipynb #dd34d9b3
 def unwrapped(model: nn.Module) -> nn.Module:
     "The module a `torch.compile`d model wraps (its `_orig_mod`); any other model is itself."
     inner = getattr(model, "_orig_mod", None)
@@ -164,7 +164,7 @@ def find_layer(model: nn.Module, # the model, or a `torch.compile`d one
                          "or a dotted name from model.named_modules()")
     return layer
 
-# %% ../../nbs/02_explain.ipynb #da5792eb
+# %% ../../nbs/02_explain.ipynb #4d205094
 def first_tensor(output) -> Tensor | None:
     "The tensor a layer outputs: the output itself, the first item of a tuple or list, the first value of a dict or `ModelOutput`."
     if isinstance(output, Tensor):
@@ -214,7 +214,7 @@ def leaf_output(layer: nn.Module) -> Iterator[list[Tensor]]:
     finally:
         handle.remove()
 
-# %% ../../nbs/02_explain.ipynb #b398509b
+# %% ../../nbs/02_explain.ipynb #63920a72
 def plausible_grid(h: int, w: int, # a grid of positions
                    size: tuple[int, int], # (H, W) the input images' size
                    strict: bool = True, # one stride and one rounding for both sides; False: each side within a cell
@@ -255,7 +255,7 @@ def model_prefix_tokens(model: nn.Module) -> int:
     return sum(p.shape[-2] if p.ndim >= 2 else 1 for name, p in model.named_parameters()
                if name.rsplit(".", 1)[-1] in TOKEN_PARAMETERS)
 
-# %% ../../nbs/02_explain.ipynb #f7c8f8a9
+# %% ../../nbs/02_explain.ipynb #16a5cc6c
 LAYOUTS = ("BCHW", "BHWC", "BLC")
 
 
@@ -288,13 +288,24 @@ SHAPE_KEEPING = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmo
 CHANNELS_FIRST = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
-def layout_hint(layer: nn.Module) -> str | None:
-    "'BCHW' if the layer is made of convolutions, batch norms and pooling alone (and elementwise functions); else None."
-    leaves = [m for m in layer.modules() if not list(m.children())]
-    telling = [m for m in leaves if not isinstance(m, SHAPE_KEEPING)]
+def telling_leaves(module: nn.Module) -> list[nn.Module]:
+    "The module's leaves that have a say in the layout: all but elementwise functions, dropout and identities."
+    return [m for m in module.modules() if not list(m.children()) and not isinstance(m, SHAPE_KEEPING)]
+
+
+def layout_hint(model: nn.Module, layer: nn.Module) -> str | None:
+    """'BCHW' if the layer is made of convolutions, batch norms and pooling alone (and elementwise functions), or is
+    an elementwise function that such a layer feeds in an nn.Sequential; else None."""
+    telling = telling_leaves(layer)
+    parent = next((m for m in model.modules() if isinstance(m, nn.Sequential)
+                   and any(c is layer for c in m.children())), None)
+    if not telling and parent is not None:  # e.g. the ReLU after a convolution: what feeds it decides
+        siblings = list(parent.children())
+        before = siblings[:next(i for i, c in enumerate(siblings) if c is layer)]
+        telling = next((t for t in map(telling_leaves, reversed(before)) if t), [])
     return "BCHW" if telling and all(isinstance(m, CHANNELS_FIRST) for m in telling) else None
 
-# %% ../../nbs/02_explain.ipynb #cc984707
+# %% ../../nbs/02_explain.ipynb #3785cd4f
 def resolve_layout(layout: str | Layout | Callable | None, # what the user said; None: detect
                    shape: tuple[int, ...], # the layer's output shape
                    size: tuple[int, int], # (H, W) the input images' size
@@ -337,7 +348,7 @@ def resolve_layout(layout: str | Layout | Callable | None, # what the user said;
     raise ValueError(f"{got}, which layout={name!r} does not fit: pass layout='BCHW', 'BHWC' or 'BLC' to match, or a "
                      "function from the output to (B, C, h, w)")
 
-# %% ../../nbs/02_explain.ipynb #02d8931d
+# %% ../../nbs/02_explain.ipynb #8fb23ff5
 @dataclass(repr=False)
 class Explanation:
     """Signed maps for B samples x K classes x T targets, and what produced them.
@@ -406,7 +417,7 @@ class Explanation:
                 f"maps {h}x{w}, classes {classes}, {str(self.maps.dtype).removeprefix('torch.')} on "
                 f"{self.maps.device}{grads})")
 
-# %% ../../nbs/02_explain.ipynb #7cca795f
+# %% ../../nbs/02_explain.ipynb #a19ac2aa
 class ZeroMapWarning(UserWarning):
     "Maps are zero everywhere; the message names the cause it can tell and what to do."
 
@@ -495,7 +506,7 @@ def warn_zero_maps(model: nn.Module,
     for (category, why), n in causes.items():
         warnings.warn(f"{n} of the {blank.numel()} maps are zero everywhere: {why}", category, stacklevel=3)
 
-# %% ../../nbs/02_explain.ipynb #1a07d485
+# %% ../../nbs/02_explain.ipynb #3ad75af8
 class WithOutput(nn.Module):
     "A model whose output is taken apart by `output`: the logits of a model that returns a dict or a ModelOutput."
 
@@ -546,7 +557,7 @@ def checked_channels(model: nn.Module, x: Tensor) -> Iterator[None]:
 class BatchedBackwardWarning(UserWarning):
     "The batched backward pass could not batch for this model: one backward pass per objective instead."
 
-# %% ../../nbs/02_explain.ipynb #3cfce178
+# %% ../../nbs/02_explain.ipynb #c34ed025
 class Method:
     """A back-propagation explanation: maps from the gradient of target objectives with respect to some quantity.
 
@@ -634,7 +645,7 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
-# %% ../../nbs/02_explain.ipynb #f58d979f
+# %% ../../nbs/02_explain.ipynb #f0882bc6
 def last_conv_in(path: str) -> Callable[[nn.Module], str]:
     "The rule 'the last Conv2d of the Sequential at `path`' (VGG's and AlexNet's features, as the paper's code used)."
     def pick(model):
@@ -670,6 +681,7 @@ DEFAULT_LAYERS: dict[str, tuple[str | Callable[[nn.Module], str], ...]] = {
     "SwinTransformer": ("features", "layers"), "SwinTransformerV2": ("layers",),
     "VisionTransformer": (block_before_last("encoder.layers"), block_before_last("blocks")),
     "Eva": (block_before_last("blocks"),),
+    "SwinForImageClassification": ("swin.encoder",), "Swinv2ForImageClassification": ("swinv2.encoder",),
     "ViTForImageClassification": (block_before_last("vit.layers"), block_before_last("vit.encoder.layer")),
     "DeiTForImageClassification": (block_before_last("deit.layers"), block_before_last("deit.encoder.layer")),
     "DeiTForImageClassificationWithTeacher": (block_before_last("deit.layers"),
@@ -707,15 +719,9 @@ def default_layer(model: nn.Module) -> str:
     raise ValueError(f"no default layer for a {type(model).__name__}: pass layer=... (a module of the model or "
                      "a dotted name from model.named_modules()), before the global pooling")
 
-# %% ../../nbs/02_explain.ipynb #17d2e3a7
+# %% ../../nbs/02_explain.ipynb #f750aec7
 class ActivationMethod(Method):
-    """A method that differentiates with respect to the output A of one layer, laid out as (B, K, h, w).
-
-    Parameters: model, the classifier; layer, a module or dotted name (None: default_layer(model)); layout, how the layer lays out its
-    output: None to detect it ((B, C, h, w), channels-last (B, h, w, C), or (B, L, C) tokens less the model's prefix
-    tokens), 'BCHW', 'BHWC', 'BLC', a Layout, or a function from the output (N, ...) to (N, C, h, w) applied to the
-    output and to its gradient; target_layers, pytorch-grad-cam's one-layer list; output, the model's output ->
-    logits. Calling it returns an Explanation (see Method.__call__)."""
+    "A method that differentiates with respect to the output A of one layer, laid out as (B, K, h, w)."
 
     def __init__(self,
                  model: nn.Module,
@@ -725,6 +731,18 @@ class ActivationMethod(Method):
                  target_layers: Sequence[nn.Module | str] | None = None, # pytorch-grad-cam's name for `layer`
                  output: Callable | None = None, # the model's output -> its logits (for models returning a dict)
                 ):
+        """Make the method for one layer of `model`.
+
+        Parameters:
+            model: the classifier, called on the images (its mode is set to eval for the call and restored)
+            layer: the layer to explain, a module or its dotted name (or a one-layer list); None: `default_layer(model)`
+            layout: how the layer lays out its output: None detects (B, C, h, w), channels-last (B, h, w, C) or
+                (B, L, C) tokens; or 'BCHW', 'BHWC', 'BLC', a Layout, or a function from the output (N, ...) to
+                (N, C, h, w), applied to the output and to its gradient
+            target_layers: pytorch-grad-cam's name for `layer`
+            output: the model's output -> its logits, for a model that returns something else
+        Returns:
+            a method: call it as `method(x, classes, targets)` for an Explanation with maps (B, K, T, h, w), signed"""
         super().__init__(model, output)
         if target_layers is not None:
             if layer is not None:
@@ -741,6 +759,7 @@ class ActivationMethod(Method):
             raise TypeError(f"layout must be 'BCHW', 'BHWC', 'BLC', a Layout or a function, got {type(layout).__name__}")
         self.layer = find_layer(model, default_layer(model) if layer is None else layer)
         self.layout, self.prefix = layout, model_prefix_tokens(unwrapped(model))
+        self.hint = layout_hint(unwrapped(model), self.layer)  # breaks a tie between channels first and last
         self.name_of_layer = next((n for n, m in unwrapped(model).named_modules() if m is self.layer), "the layer")
 
     def _forward(self, x):
@@ -751,7 +770,7 @@ class ActivationMethod(Method):
                              "ModuleList never does): pass layer=, a module on the path from the input to the logits")
         A = captured[0]
         self._layout = resolve_layout(self.layout, tuple(A.shape), tuple(x.shape[-2:]), self.prefix,
-                                      layout_hint(self.layer), f"layer {self.name_of_layer!r}")
+                                      self.hint, f"layer {self.name_of_layer!r}")
         return logits, A
 
     def _laid_out(self, grads: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
