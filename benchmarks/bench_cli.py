@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import RESULTS, machine, process_peak, ratio, write_json
+from benchmarks.common import RESULTS, ROOT, machine, process_peak, ratio, repo_relative, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 MEMORY_GOAL = ("<=", 1.2)
 HELP_GOAL_S = 1.0
 
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.images, args.megapixels, args.reps, args.help_reps = 2, 0.05, 1, 1
     began = time.perf_counter()
-    results = {"benchmark": "cli", "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in
+    results = {"benchmark": "cli", "settings": {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in
                                                  vars(args).items()}, "machine": machine("cpu")}
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
         folder = Path(tmp)

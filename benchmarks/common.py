@@ -27,6 +27,7 @@ import torchvision
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 RESULTS = HERE / "results"
 # glibc malloc: serve large blocks from the heap and keep freed memory, so that repeated runs do not page-fault
 # their buffers in again and again (which would dominate the timings on a small CPU)
@@ -237,6 +238,12 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def repo_relative(path: Path) -> str:
+    "A path as the results record it: relative to the repository, or only its name when it lies outside (no machine's folders)."
+    path = Path(path).resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else f"<outside the repository>/{path.name}"
+
+
 def results_path(name: str, device: str, out_dir: Path | None = None) -> Path:
     "benchmarks/results/NAME.json on the CPU, NAME-cuda.json on a GPU (a separate file)."
     suffix = "" if torch.device(device).type == "cpu" else f"-{torch.device(device).type}"
@@ -261,7 +268,7 @@ def start(args, name: str) -> tuple[dict, Path]:
     torch.set_num_threads(args.threads)
     if args.models is None:
         args.models = GPU_MODELS if torch.device(args.device).type == "cuda" else CPU_MODELS
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return {"benchmark": name, "settings": settings, "machine": machine(args.device), "models": {}}, \
         results_path(name, args.device, args.out_dir)
 

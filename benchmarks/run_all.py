@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = [round(v, 2) for v in os.getloadavg()] if args.quick else wait_for_quiet(args.max_load,
                                                                                           args.wait_minutes)
     names = BENCHMARKS if args.only is None else args.only
-    summary = {"command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else argv,
+    given = sys.argv if argv is None else [sys.argv[0], *argv]
+    shown = [common.repo_relative(Path(a)) if i and given[i - 1] == "--out-dir" else a for i, a in enumerate(given)]
+    summary = {"command": " ".join([Path(sys.executable).name, *shown]) if argv is None else shown[1:],
                "quick": args.quick, "device": args.device, "load_average_before": load_before,
                "malloc": {k: env[k] for k in common.MALLOC}, "machine": common.machine(args.device),
                "benchmarks": {}}

@@ -183,3 +183,13 @@ def test_bench_explainer_without_a_built_book_says_so_in_one_line(tmp_path):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().count("\n") == 0 and "is missing: build the book first (make book)" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_results_record_no_folder_of_the_machine_that_ran_them(tmp_path):
+    "Tracked results name folders relative to the repository, and a folder outside it by its name alone."
+    assert common.repo_relative(ROOT / "benchmarks" / "results") == "benchmarks/results"
+    assert common.repo_relative(tmp_path) == f"<outside the repository>/{tmp_path.name}"
+    for path in (ROOT / "benchmarks" / "results").glob("*.json"):
+        text = path.read_text()
+        for absolute in (str(ROOT), str(Path.home()), "/root/", "/tmp/"):
+            assert absolute not in text, f"{path.name} records {absolute}"
