@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from .explain import Method
+from .explain import Method, leaf_output
 
 # %% auto #0
 __all__ = ['HF_VITS', 'WINDOWED', 'GRIDDED', 'MAXXVIT', 'NOT_VITS', 'HEAD_FUSIONS', 'ROLLOUT_VARIANTS', 'ROLLOUT_GRADIENTS',
            'NOT_CLASS_TOKEN', 'loaded_class', 'timm_vit_class', 'hf_vit_classes', 'is_hf_vit', 'is_vit', 'not_a_vit',
            'find_vit', 'hf_base', 'blocks_path', 'encoder_blocks', 'image_size', 'patch_grid', 'prefix_tokens',
-           'head_reads', 'block_index', 'image_input', 'checked_image_size', 'ViTMethod', 'leaf_tokens', 'ViTGradCAM',
+           'head_reads', 'block_index', 'image_input', 'checked_image_size', 'ViTMethod', 'ViTGradCAM',
            'check_rollout_options', 'score_gradient', 'fuse_heads', 'discard_lowest', 'grad_rollout',
            'attention_weights', 'is_timm_attention', 'is_hf_attention', 'hf_attention', 'check_attention', 'recording',
            'eager_attention', 'captured_attention', 'leaf_input', 'AttentionRollout']
@@ -244,26 +244,6 @@ class ViTMethod(Method):
         return maps.reshape(*maps.shape[:2], *self.grid)
 
 # %% ../../nbs/06_vit.ipynb #67c3ef21
-@contextlib.contextmanager
-def leaf_tokens(block: nn.Module) -> Iterator[list[Tensor]]:
-    "Capture the tokens `block` outputs (the first element of a tuple) as a fresh leaf that requires grad."
-    captured: list[Tensor] = []
-
-    def hook(module, inputs, output):
-        tokens = output[0] if isinstance(output, tuple) else output
-        if not isinstance(tokens, Tensor):
-            raise TypeError(f"{type(module).__name__} returns {type(output).__name__}, not tokens: pass a standard "
-                            "torchvision, timm or Hugging Face Vision Transformer")
-        if captured:
-            raise ValueError(f"{type(module).__name__} runs more than once per forward pass: pass a model whose "
-                             "forward runs each block of the VisionTransformer once")
-        captured.append(tokens.detach().requires_grad_(True))
-        return (captured[0], *output[1:]) if isinstance(output, tuple) else captured[0]
-
-    with block.register_forward_hook(hook):
-        yield captured
-
-
 class ViTGradCAM(ViTMethod):
     """GradCAM on the patch tokens one encoder block outputs: channels weighted by their grid-mean gradient, summed; no ReLU.
 
@@ -297,7 +277,7 @@ class ViTGradCAM(ViTMethod):
         self.layer = self.blocks[self.block]
 
     def _forward(self, x):
-        with checked_image_size(self.vit), leaf_tokens(self.layer) as captured:
+        with checked_image_size(self.vit), leaf_output(self.layer) as captured:  # a tuple's first tensor
             logits = self.model(x)
         if not captured:
             raise ValueError(f"encoder block {self.block} did not run in the forward pass: pass a model whose "
