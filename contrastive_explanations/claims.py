@@ -8,56 +8,153 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-MOSTLY, MIXED = 0.75, 0.25  # shares of the settings that do not tie (the rules above)
-IDENTITY, ALIKE, AGREE = 1e-4, 0.95, 0.02  # relative error, median cosine, mean difference
+from .experiments.toolkit import bootstrap_interval
+
+MOSTLY, MIXED = 0.75, 0.25  # shares of the decided settings (the rules above)
+IDENTITY, ALIKE, AGREE = 1e-4, 0.95, 0.02  # relative error, cosine similarity, mean difference
+LEVEL = 0.95  # every interval on this page: a percentile bootstrap of the items of one setting
+OUTCOMES: tuple[str, ...] = ("held", "failed", "inconclusive", "tied", "unmeasured")
+
 
 def verdict(share: float) -> str:
-    "The verdict for the share of the non-tied settings in which a directional claim held."
+    "The verdict for the share of the decided settings in which a directional claim held."
     return ("supported" if share == 1 else "mostly supported" if share >= MOSTLY else "mixed" if share >= MIXED
             else "not supported")
 
 
-def tally(ours: pd.Series, theirs: pd.Series, higher: bool = True) -> dict:
-    """Per setting (aligned index), whether `ours` beats `theirs` strictly (`higher`: is larger; else smaller),
-    ties, or was not measured (NaN on either side)."""
-    measured = ours.notna() & theirs.notna()
-    diff = (ours - theirs)[measured] * (1 if higher else -1)
-    return {"held": int((diff > 0).sum()), "tied": int((diff == 0).sum()), "failed": int((diff < 0).sum()),
-            "unmeasured": int((~measured).sum())}
+def outcome(differences, # one paired difference per item of a setting, ours minus theirs (NaN: not measured)
+            higher: bool = True, # the claim: ours is larger (else smaller)
+            seed: int = 0, # the bootstrap's seed
+           ) -> dict: # difference (the mean), low, high, n, outcome
+    """One setting's test: the mean of its items' paired differences with a 95% bootstrap interval. The claim *held*
+    when the interval lies on its side of zero, *failed* when on the other side, is *inconclusive* when the interval
+    holds zero; *tied* when every difference is exactly zero; *unmeasured* without a pair."""
+    d = np.asarray(differences, dtype=float)
+    d = d[~np.isnan(d)]
+    if d.size == 0:
+        return {"difference": np.nan, "low": np.nan, "high": np.nan, "n": 0, "outcome": "unmeasured"}
+    mean, low, high, n = bootstrap_interval(d, "mean", confidence=LEVEL, seed=seed)
+    if (d == 0).all():
+        return {"difference": 0.0, "low": 0.0, "high": 0.0, "n": n, "outcome": "tied"}
+    return {"difference": mean, "low": low, "high": high, "n": n, "outcome": interval_outcome(low, high, higher)}
+
+
+def interval_outcome(low: float, high: float, # a 95% interval of a mean difference, ours minus theirs
+                     higher: bool = True, # the claim: ours is larger (else smaller)
+                    ) -> str:
+    "'held' when the interval lies on the claim's side of zero, 'failed' on the other, else 'inconclusive' (NaN too)."
+    above, below = low > 0, high < 0
+    held, failed = (above, below) if higher else (below, above)
+    return "held" if held else "failed" if failed else "inconclusive"
+
+
+def paired_outcomes(table: pd.DataFrame, # one row per item and setting, both sides in columns
+                    by: list[str], # the columns that name a setting
+                    ours: str, theirs: str, # the two sides' columns
+                    higher: bool = True, # the claim: ours is larger (else smaller)
+                    seed: int = 0,
+                   ) -> pd.DataFrame: # one row per setting: the `by` columns and `outcome`'s
+    "`outcome` of every setting: the per-item differences `ours - theirs` within each group of `by`."
+    rows = [{**dict(zip(by, key if isinstance(key, tuple) else (key,))),
+             **outcome((d[ours] - d[theirs]).to_numpy(), higher, seed)}
+            for key, d in table.groupby(by, sort=False)]
+    return pd.DataFrame(rows, columns=[*by, "difference", "low", "high", "n", "outcome"])
+
+
+SAME = 1e-6  # two settings whose per-item numbers differ by no more than this (float32 rounding) are one map
+
+
+def merge_identical(table: pd.DataFrame, # one row per item and setting
+                    by: list[str], # the columns that name a setting, `label` among them
+                    label: str, # the column whose values may name one map twice (a method)
+                    item: str, # the column that names an item within a setting
+                    columns: list[str], # the numbers that decide whether two settings are one
+                   ) -> pd.DataFrame: # the rows of the distinct settings, `label` joined: 'gradcam = xgradcam'
+    """Settings that differ only in `label` and agree item by item (to SAME) are one piece of evidence, not several:
+    keep the first, named by all their labels. On a network ending in global average pooling and a linear layer,
+    Linear Approximation, GradCAM and XGradCAM give one map."""
+    others = [c for c in by if c != label]
+    kept = []
+    for _, group in (table.groupby(others, sort=False) if others else [((), table)]):
+        seen: list[tuple[list[str], pd.DataFrame]] = []
+        for name, d in group.groupby(label, sort=False):
+            values = d.set_index(item)[columns].sort_index()
+            same = next((s for s in seen if s[1].index.equals(values.index) and np.allclose(
+                s[1].to_numpy(float), values.to_numpy(float), rtol=0, atol=SAME, equal_nan=True)), None)
+            if same:
+                same[0].append(name)
+            else:
+                seen.append(([name], values))
+                kept.append((d, seen[-1][0]))
+    if not kept:
+        return table.iloc[:0]
+    return pd.concat([d.assign(**{label: " = ".join(names)}) for d, names in kept], ignore_index=True)
+
+
+def tally(outcomes) -> dict:
+    "How many settings held, failed, were inconclusive, tied or were not measured."
+    outcomes = list(outcomes)
+    unknown = set(outcomes) - set(OUTCOMES)
+    if unknown:
+        raise ValueError(f"unknown outcomes {sorted(unknown)}: each must be one of {OUTCOMES}")
+    return {o: outcomes.count(o) for o in OUTCOMES}
 
 
 def judged(t: dict) -> str:
-    "The verdict of a tally: over the settings that do not tie; 'no change' if all tie, 'not measured' if none was."
-    decided = t["held"] + t["failed"]
+    """The verdict of a tally over the decided settings (held, failed or inconclusive; a claim holds in a setting only
+    when its interval says so); 'no change' if every measured setting ties, 'not measured' if none was measured."""
+    decided = t["held"] + t["failed"] + t["inconclusive"]
     if decided:
         return verdict(t["held"] / decided)
     return "no change" if t["tied"] else "not measured"
 
 
 def tally_text(t: dict, unit: str = "settings") -> str:
-    "'holds in 5 of 8 settings that differ; 4 no change; 2 not measured'"
-    decided = t["held"] + t["failed"]
-    parts = [f"holds in {t['held']} of {decided} {unit} that differ" if decided else f"no {unit} that differ"]
+    "'holds in 5 of 8 settings; 1 against, 2 inconclusive; 4 no change; 2 not measured'"
+    decided = t["held"] + t["failed"] + t["inconclusive"]
+    parts = [f"holds in {t['held']} of {decided} {unit}" if decided else f"no {unit} that differ"]
+    if t["failed"] or t["inconclusive"]:
+        parts.append(", ".join([f"{t['failed']} against"] * bool(t["failed"])
+                               + [f"{t['inconclusive']} inconclusive"] * bool(t["inconclusive"])))
     parts += [f"{t['tied']} no change"] * bool(t["tied"]) + [f"{t['unmeasured']} not measured"] * bool(t["unmeasured"])
     return "; ".join(parts)
 
 
-def merge_identical(table: pd.DataFrame, # one row per setting
-                    label: str, # the column that names a setting (a method)
-                    values: list[str], # the columns whose numbers decide whether two settings are one
-                   ) -> list[tuple[list[str], pd.Series]]:
-    """Settings whose numbers are identical (to a relative 1e-9), merged into one: (their labels, the first's row).
-    Two methods that give one and the same map are one piece of evidence, not two."""
-    merged: list[tuple[list[str], pd.Series]] = []
-    for _, row in table.iterrows():
-        same = next((m for m in merged if np.allclose(m[1][values].astype(float), row[values].astype(float),
-                                                      rtol=1e-9, equal_nan=True)), None)
-        if same:
-            same[0].append(row[label])
-        else:
-            merged.append(([row[label]], row))
-    return merged
+def interval_text(row) -> str:
+    "'+0.012 [+0.003, +0.021]': a mean difference with its interval."
+    return f"{row['difference']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+
+
+def threshold_outcome(values, # one number per item (NaN left out)
+                      threshold: float, # the level the statistic must reach
+                      statistic: str = "median", # 'median' or 'mean'
+                      seed: int = 0,
+                     ) -> dict: # value, low, high, n, verdict
+    """An observation that a statistic reaches a level: *confirmed* when its 95% bootstrap interval lies at or above
+    `threshold`, *not confirmed* when below it, *inconclusive* when it straddles; *not measured* without values."""
+    value, low, high, n = bootstrap_interval(values, statistic, confidence=LEVEL, seed=seed)
+    if n == 0:
+        return {"value": np.nan, "low": np.nan, "high": np.nan, "n": 0, "verdict": "not measured"}
+    result = "confirmed" if low >= threshold else "not confirmed" if high < threshold else "inconclusive"
+    return {"value": value, "low": low, "high": high, "n": n, "verdict": result}
+
+
+def equivalence(differences, # one paired difference per item
+                margin: float = AGREE, # how far from zero the mean may lie and still "agree"
+                seed: int = 0,
+               ) -> dict: # difference, low, high, n, verdict
+    """Two things *agree* (confirmed) when the 95% interval of the mean difference lies within ±margin, *not confirmed*
+    when it lies wholly outside, *inconclusive* otherwise; *not measured* without values."""
+    mean, low, high, n = bootstrap_interval(differences, "mean", confidence=LEVEL, seed=seed)
+    if n == 0:
+        return {"difference": np.nan, "low": np.nan, "high": np.nan, "n": 0, "verdict": "not measured"}
+    inside = -margin <= low and high <= margin
+    outside = low > margin or high < -margin
+    return {"difference": mean, "low": low, "high": high, "n": n,
+            "verdict": "confirmed" if inside else "not confirmed" if outside else "inconclusive"}
 
 
 # %% auto #0
-__all__ = ['MOSTLY', 'MIXED', 'IDENTITY', 'ALIKE', 'AGREE', 'verdict', 'tally', 'judged', 'tally_text', 'merge_identical']
+__all__ = ['MOSTLY', 'MIXED', 'IDENTITY', 'ALIKE', 'AGREE', 'LEVEL', 'OUTCOMES', 'SAME', 'verdict', 'outcome', 'interval_outcome',
+           'paired_outcomes', 'merge_identical', 'tally', 'judged', 'tally_text', 'interval_text', 'threshold_outcome',
+           'equivalence']

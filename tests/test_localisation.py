@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contrastive_explanations.data.birds import CLASSES, PART_NAMES, generate_birds
-from contrastive_explanations.experiments.localisation import (CNN_METHODS, EXPLAINED_TARGETS, VIT_METHODS, Localisation,
-                                                               area_share, contrast_parts, measure_summary, methods_for,
+from contrastive_explanations.experiments.localisation import (CNN_METHODS, EXPLAINED_TARGETS, VARIANTS, VIT_METHODS,
+                                                               Localisation, area_share, contrast_parts,
+                                                               contrastive_gains, measure_summary, methods_for,
                                                                paired_differences, peak_on_part)
 from contrastive_explanations.experiments.toolkit import bootstrap_interval, mask_share
 from contrastive_explanations.methods import METHODS, TARGETS
@@ -223,10 +224,67 @@ def test_vit_gets_the_vit_methods(tiny):
     from contrastive_explanations.data.training import small_vit
     torch.manual_seed(0)
     vit = small_vit(12).eval()
+    torch.nn.init.normal_(vit.heads.head.weight, std=0.02)  # torchvision initialises a ViT's head with zeros
     favour_warblers(vit.heads.head)
     exp = tiny_localisation((tiny[0], vit), max_images=2)
     rows = pd.DataFrame(exp.rows([0, 1]))
-    assert set(rows["method"]) == {"gradient", "vit_gradcam", "attention_rollout"} and len(rows) == 2 * 3 * 2
+    assert set(rows["method"]) == set(VIT_METHODS) and len(rows) == 2 * 4 * 2
+    # the signed rollout's rows are the signed AttentionRollout's maps, measured on the part: an oracle built here
+    from contrastive_explanations.methods.vit import AttentionRollout
+    i = int(exp.items[0])
+    x = exp.test.images[i:i + 1].float() / 255
+    classes = torch.tensor([[int(exp.t1[i]), int(exp.t2[i])]])
+    mask = exp.test.masks[i, int(contrast_parts(exp.t1[i:i + 1], exp.t2[i:i + 1])[0])]
+    for method, variant in (("attention_rollout", "standard"), ("attention_rollout_signed", "signed")):
+        e = AttentionRollout(vit, variant=variant)(x, classes, ["original", "weighted"])
+        share = mask_share(e.upsampled((64, 64))[0], mask)  # (2 classes, 2 targets)
+        got = rows[(rows["image"] == i) & (rows["method"] == method)].sort_values("k")[["mass_original", "mass_weighted"]]
+        np.testing.assert_allclose(got.to_numpy(), share.numpy(), rtol=1e-4, atol=1e-6, equal_nan=True)
+    gains = contrastive_gains(rows)
+    assert gains.set_index("method").loc["attention_rollout_signed", "compared_with"] == "attention_rollout"
+    assert "attention_rollout" not in set(gains["method"])
+
+
+def vit_rows(standard_gain: float, signed_gain: float, n: int = 40, seed: int = 0) -> pd.DataFrame:
+    "Localisation-like rows of a ViT: the standard rollout from p_t gains `standard_gain`, the signed one `signed_gain`."
+    rng = np.random.default_rng(seed)
+    original = rng.uniform(0.1, 0.3, n)  # the standard rollout from y_t
+    noise = lambda: rng.normal(0, 0.01, n)
+    rows = []
+    for method, weighted, orig in (("gradient", original + noise(), original),
+                                   ("vit_gradcam", original + noise(), original),
+                                   ("attention_rollout", original + standard_gain + noise(), original),
+                                   ("attention_rollout_signed", original + signed_gain + noise(), original + 0.3)):
+        rows += [{"image": i, "k": 1, "method": method, "mass_weighted": w, "mass_original": o, "peak_weighted": 0.0,
+                  "peak_original": 0.0} for i, (w, o) in enumerate(zip(weighted, orig))]
+    return pd.DataFrame(rows)
+
+
+def test_the_claim_counts_the_contrastive_rollout_not_the_standard_one_from_p_t():
+    # the standard rollout from p_t gains a lot, the contrastive (signed from p_t) nothing against standard from y_t
+    gains = contrastive_gains(vit_rows(standard_gain=0.2, signed_gain=0.0)).set_index("method")
+    assert list(gains.index) == ["gradient", "vit_gradcam", "attention_rollout_signed"]
+    rollout = gains.loc["attention_rollout_signed"]
+    assert rollout["compared_with"] == "attention_rollout" and rollout["low"] < 0 < rollout["high"]  # not significant
+    # ... and the other way round: the contrastive rollout's gain is found whatever the standard one does
+    gains = contrastive_gains(vit_rows(standard_gain=-0.2, signed_gain=0.1)).set_index("method")
+    assert gains.loc["attention_rollout_signed", "low"] > 0.05
+    # the signed rollout is compared with the standard rollout from y_t, not with its own map from y_t
+    assert np.isclose(gains.loc["attention_rollout_signed", "difference"], 0.1, atol=0.01)
+
+
+def test_the_claim_needs_the_map_it_is_compared_with():
+    rows = vit_rows(0.0, 0.0)
+    with pytest.raises(ValueError, match="no attention_rollout rows"):
+        contrastive_gains(rows[rows["method"] != "attention_rollout"])
+    with pytest.raises(ValueError, match="measure must be one of"):
+        contrastive_gains(rows, measure="area")
+
+
+def test_one_map_under_several_names_is_one_setting_of_the_claim(tiny):
+    exp = tiny_localisation(tiny, max_images=6)
+    gains = contrastive_gains(pd.DataFrame(exp.rows(range(6))))
+    assert gains["methods"].tolist() == ["gradient", "linear_approximation = gradcam = xgradcam", "fullgrad"]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -258,7 +316,7 @@ def test_max_images_none_keeps_every_image_and_the_name_carries_the_folder(tiny)
 
 def test_methods_come_from_the_registry(tiny):
     from contrastive_explanations.data.training import small_vit
-    assert set(EXPLAINED_TARGETS) <= set(TARGETS) and set(CNN_METHODS + VIT_METHODS) <= set(METHODS)
+    assert set(EXPLAINED_TARGETS) <= set(TARGETS) and set(CNN_METHODS + VIT_METHODS) <= set(METHODS) | set(VARIANTS)
     on_cnn = methods_for(tiny[1])
     assert list(on_cnn) == list(CNN_METHODS) and all(type(m) is METHODS[name] for name, m in on_cnn.items())
     assert list(methods_for(small_vit(12).eval())) == list(VIT_METHODS)

@@ -20,8 +20,9 @@ from ..methods.explain import ActivationMethod
 from ..results import Experiment
 
 # %% auto #0
-__all__ = ['CLASS_GROUP', 'GROUP_PART', 'EXPLAINED_TARGETS', 'CNN_METHODS', 'VIT_METHODS', 'MEASURES', 'contrast_parts',
-           'peak_on_part', 'area_share', 'methods_for', 'Localisation', 'measure_summary', 'paired_differences']
+__all__ = ['CLASS_GROUP', 'GROUP_PART', 'EXPLAINED_TARGETS', 'CNN_METHODS', 'VIT_METHODS', 'VARIANTS', 'MEASURES',
+           'CONTRASTED_WITH', 'NOT_CONTRASTIVE', 'SAME_MAP', 'contrast_parts', 'peak_on_part', 'area_share',
+           'methods_for', 'Localisation', 'measure_summary', 'paired_differences', 'contrastive_gains']
 
 # %% ../../nbs/19_localisation.ipynb #40ce2917
 CLASS_GROUP = torch.tensor([c.group for c in CLASSES])  # (C,) each class's group
@@ -83,18 +84,22 @@ def area_share(masks: Tensor, # (..., H, W) bool
 # %% ../../nbs/19_localisation.ipynb #b437c357
 EXPLAINED_TARGETS: tuple[str, ...] = ("original", "weighted", "mean", "max")  # Target.name of each target compared
 CNN_METHODS: tuple[str, ...] = ("gradient", "linear_approximation", "gradcam", "xgradcam", "fullgrad")  # Method.name
-VIT_METHODS: tuple[str, ...] = ("gradient", "vit_gradcam", "attention_rollout")
+VIT_METHODS: tuple[str, ...] = ("gradient", "vit_gradcam", "attention_rollout", "attention_rollout_signed")
+VARIANTS: dict[str, tuple[str, dict]] = {  # a label of this chapter that is not a Method.name -> (Method.name, options)
+    "attention_rollout_signed": ("attention_rollout", {"variant": "signed"})}  # rollout with every ReLU removed
 
 
 def methods_for(model: nn.Module, # the small CNN, the small ViT, or another network on the birds
                 layer: str = "3", # the activation methods' layer in a CNN (the small CNN's last block)
                ) -> dict[str, Method]: # Method.name -> the method on this model
-    "The explanation methods compared on a model, from METHODS: five for a CNN, three for a VisionTransformer."
+    "The explanation methods compared on a model, from METHODS (and VARIANTS): five for a CNN, four for a VisionTransformer."
     from torchvision.models import VisionTransformer
 
-    names = VIT_METHODS if isinstance(model, VisionTransformer) else CNN_METHODS
-    return {name: METHODS[name](model, layer) if issubclass(METHODS[name], ActivationMethod) else METHODS[name](model)
-            for name in names}
+    def build(label: str) -> Method:
+        name, options = VARIANTS.get(label, (label, {}))
+        return METHODS[name](model, layer) if issubclass(METHODS[name], ActivationMethod) else METHODS[name](model, **options)
+
+    return {label: build(label) for label in (VIT_METHODS if isinstance(model, VisionTransformer) else CNN_METHODS)}
 
 
 # %% ../../nbs/19_localisation.ipynb #be0f1852
@@ -230,4 +235,46 @@ def paired_differences(table: pd.DataFrame, # Localisation rows
                                 "difference": mean, "low": low, "high": high, "n": n,
                                 "share_above": float((diff > 0).mean())})
     return pd.DataFrame(out)
+
+
+# %% ../../nbs/19_localisation.ipynb #f97af4b5
+CONTRASTED_WITH: dict[str, str] = {  # a contrastive map's method -> the method of the map it is compared with, where they differ
+    "attention_rollout_signed": "attention_rollout"}  # signed rollout from p_t against standard rollout from y_t
+NOT_CONTRASTIVE: tuple[str, ...] = ("attention_rollout",)  # methods whose map from p_t is not the weighted contrast
+SAME_MAP = 1e-6  # per-image shares that differ by no more than this (float32 rounding) come from one map
+
+
+def contrastive_gains(table: pd.DataFrame, # Localisation rows of one model
+                      measure: str = "mass", # 'mass' or 'peak'
+                      k: int = 1, # the class explained: 1 (t1, which the part-share score suits) or 2
+                      n_resamples: int = 2000, seed: int = 0,
+                     ) -> pd.DataFrame: # one row per distinct map: methods, method, compared_with, difference, low, high, n, share_above
+    """Claim 2 against ground truth: per image, the contrastive map's score (from p_t) minus the score of the map drawn
+    without the paper (from y_t), with a bootstrap interval; one row per method, identical maps merged."""
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    d = table[table["k"] == k]
+    by_method = {m: g.set_index("image") for m, g in d.groupby("method", sort=False)}
+    settings: list[tuple[list[str], str, pd.Series]] = []  # (methods, compared with, per-image differences)
+    for method, g in by_method.items():
+        if method in NOT_CONTRASTIVE:
+            continue
+        base = CONTRASTED_WITH.get(method, method)
+        if base not in by_method:
+            raise ValueError(f"the table has {method} rows but no {base} rows to compare them with: pass the rows "
+                             "of every method of methods_for(model)")
+        diff = g[f"{measure}_weighted"] - by_method[base][f"{measure}_original"].reindex(g.index)
+        same = next((s for s in settings if s[2].index.equals(diff.index) and diff.notna().any() and np.allclose(
+            s[2], diff, rtol=0, atol=SAME_MAP, equal_nan=True)), None)  # unmeasured maps are not one map
+        if same:
+            same[0].append(method)
+        else:
+            settings.append(([method], base, diff))
+    rows = []
+    for methods, base, diff in settings:
+        mean, low, high, n = bootstrap_interval(diff.dropna().to_numpy(), "mean", n_resamples=n_resamples, seed=seed)
+        rows.append({"methods": " = ".join(methods), "method": methods[0], "compared_with": base, "difference": mean,
+                     "low": low, "high": high, "n": n, "share_above": float((diff.dropna() > 0).mean())})
+    return pd.DataFrame(rows, columns=["methods", "method", "compared_with", "difference", "low", "high", "n",
+                                       "share_above"])
 
