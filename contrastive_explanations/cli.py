@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=WRITER,
         description="Explain why a classifier picks a class over the others: for each image, one figure with the "
-                    "original (logit) and contrastive (softmax: weighted, mean, max) maps of the chosen classes, "
+                    "maps of the chosen classes from four objectives: the logit (original), the softmax (weighted), and "
+                    "the logit minus the mean or the largest of the other logits (mean, max), "
                     "and a JSON file with the top classes.",
         epilog=f"Outputs: OUT-DIR/NAME{SUFFIX}.png (the figure), NAME{SUFFIX}.json (the top classes) and, with "
                f"--save-maps, NAME{SUFFIX}.npz, where NAME is the image's file name without its extension (-2, -3, "

@@ -19,10 +19,11 @@ from .cli import explain_image, top_classes  # one image, as the command line do
 from .viz import comparison_figure, figure_png, static_grid
 
 # %% auto #0
-__all__ = ['CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'class_choices', 'explain_all', 'static_explorer', 'parse_classes',
-           'LiveExplorer']
+__all__ = ['EXPLORER_METHODS', 'METHOD_NOTES', 'CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'method_title', 'class_choices',
+           'explain_all', 'static_explorer', 'parse_classes', 'LiveExplorer']
 
 # %% ../nbs/22_explorer.ipynb #fe38d9e4
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,10 +31,21 @@ from torch import Tensor, nn
 
 from .methods import METHODS  # the one registry, keyed by Method.name
 from .methods.explain import Explanation, Method
+from .methods.vit import AttentionRollout
 
-CNN_METHODS = ("gradient", "linear_approximation", "gradcam", "xgradcam", "fullgrad")  # names in METHODS
-VIT_METHODS = ("gradient", "vit_gradcam", "attention_rollout")
+EXPLORER_METHODS: dict[str, Callable[[nn.Module], Method]] = {  # the registry, and the signed rollout beside it
+    **METHODS, "attention_rollout_signed": functools.partial(AttentionRollout, variant="signed")}
+METHOD_NOTES: dict[str, str] = {  # what a method's maps from p_t are, where its name does not say it
+    "attention_rollout": "standard rollout (ReLU kept): its maps from p_t are not the contrastive rollout",
+    "attention_rollout_signed": "signed rollout (every ReLU removed): its weighted map is the contrastive rollout"}
+CNN_METHODS = ("gradient", "linear_approximation", "gradcam", "xgradcam", "fullgrad")  # names in EXPLORER_METHODS
+VIT_METHODS = ("gradient", "vit_gradcam", "attention_rollout", "attention_rollout_signed")
 COMPARED_TARGETS = ("original", "weighted", "mean", "max")
+
+
+def method_title(name: str) -> str:
+    "A figure's name for a method of EXPLORER_METHODS, with what its maps from p_t are where the name does not say it."
+    return f"{name}\n{METHOD_NOTES[name]}" if name in METHOD_NOTES else name
 
 
 def class_choices(k: int) -> dict[str, tuple[int, ...]]:
@@ -49,15 +61,15 @@ def class_choices(k: int) -> dict[str, tuple[int, ...]]:
 
 # %% ../nbs/22_explorer.ipynb #c9b223dc
 def explain_all(model: nn.Module, images: Tensor, # (B, 3, H, W) in [0, 1]
-                methods: Sequence[str], # keys of METHODS
+                methods: Sequence[str], # keys of EXPLORER_METHODS
                 k: int = 3, targets: Sequence[str] = COMPARED_TARGETS) -> dict[str, Explanation]:
     "Each method's explanation of the top-k classes of every image under every target: one call per method."
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in EXPLORER_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}: choose among {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}: choose among {', '.join(EXPLORER_METHODS)}")
     with torch.no_grad():
         top = model(images).topk(k, dim=1).indices
-    return {m: METHODS[m](model)(images, top, list(targets)) for m in methods}
+    return {m: EXPLORER_METHODS[m](model)(images, top, list(targets)) for m in methods}
 
 
 def static_explorer(images: Tensor, # (B, 3, H, W) in [0, 1]
@@ -76,7 +88,8 @@ def static_explorer(images: Tensor, # (B, 3, H, W) in [0, 1]
     def render(Image, Method, Classes):
         b, e = index[Image], explanations[Method]
         one = Explanation(e.maps[b:b + 1], e.logits[b:b + 1], e.classes[b:b + 1], e.targets)
-        return figure_png(comparison_figure(images[b], one, choices[Classes], class_names), dpi=dpi)
+        title = METHOD_NOTES.get(Method, "")  # where a method's maps from p_t are not what its name suggests
+        return figure_png(comparison_figure(images[b], one, choices[Classes], class_names, title), dpi=dpi)
 
     return static_grid({"Image": list(image_labels), "Method": list(explanations), "Classes": list(choices)}, render)
 
@@ -124,7 +137,7 @@ class LiveExplorer:
         self.upload = widgets.FileUpload(accept="image/*", multiple=False, description="Upload")
         self.path = widgets.Text(placeholder="or a path: photos/cat.jpg", description="Image")
         self.model = widgets.Dropdown(options=list(self.factories), description="Model")
-        self.method = widgets.Dropdown(options=list(METHODS), value="gradcam", description="Method")
+        self.method = widgets.Dropdown(options=list(EXPLORER_METHODS), value="gradcam", description="Method")
         self.targets = widgets.SelectMultiple(options=list(COMPARED_TARGETS) + ["weighted_log"],
                                               value=list(COMPARED_TARGETS), description="Targets")
         self.classes = widgets.Text(value="top", description="Classes", placeholder="top, or 281, 285")
@@ -155,7 +168,7 @@ class LiveExplorer:
     def fit_methods(self) -> list[str]:
         "Offer only the methods that can explain the chosen model (no ViT methods for a CNN)."
         model, fitting = self.get_model(self.model.value), []
-        for name, method in METHODS.items():
+        for name, method in EXPLORER_METHODS.items():
             try:
                 method(model)
                 fitting.append(name)
@@ -193,14 +206,15 @@ class LiveExplorer:
             if not self.targets.value:
                 raise ValueError("no target selected: pick at least one in the Targets list")
             classes = parse_classes(self.classes.value, len(model.categories))
-            x, e = explain_image(model, image, self.method.value, self.targets.value, classes, self.k)
+            method = EXPLORER_METHODS[self.method.value](model)
+            x, e = explain_image(model, image, method, self.targets.value, classes, self.k)
         except (ValueError, TypeError, FileNotFoundError) as err:
             self.status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
             return None
         if self.figure is not None:
             plt.close(self.figure)
         self.figure = comparison_figure(x, e, range(e.classes.shape[1]), model.categories,
-                                        f"{self.model.value}, {self.method.value}")
+                                        f"{self.model.value}, {method_title(self.method.value)}")
         self.result = top_classes(e, model.categories)
         self.status.value = "top classes: " + ", ".join(f"{r['name']} ({r['probability']:.2f})" for r in self.result)
         self.output.clear_output(wait=True)

@@ -223,3 +223,28 @@ def test_overlay_draws_one_map_with_a_colour_bar_or_into_a_panel():
     with pytest.raises(TypeError, match=r"\(image, map\) for a new figure, or \(ax, image, map\)"):
         overlay(image)
     plt.close("all")
+
+
+def test_the_explorers_say_which_rollout_is_the_contrastive_one(tmp_path):
+    "attention_rollout (ReLU kept) is not called contrastive; the signed rollout is offered, and its maps are that rollout."
+    from contrastive_explanations.explorer import METHOD_NOTES, method_title
+    from contrastive_explanations.methods.vit import AttentionRollout
+    from conftest import tiny_vit
+
+    vit = tiny_vit(0, 16, 5, dtype=torch.float32)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    e = explain_all(vit, x, ["attention_rollout_signed"], k=2)["attention_rollout_signed"]
+    top = vit(x).topk(2, dim=1).indices
+    torch.testing.assert_close(e.maps, AttentionRollout(vit, variant="signed")(x, top, list(e.targets)).maps)
+    assert "not the contrastive rollout" in METHOD_NOTES["attention_rollout"]
+    assert "contrastive rollout" in METHOD_NOTES["attention_rollout_signed"] and "not" not in METHOD_NOTES["attention_rollout_signed"]
+    assert method_title("gradcam") == "gradcam" and METHOD_NOTES["attention_rollout"] in method_title("attention_rollout")
+
+    classifier = lambda: ImageClassifier("tinyvit", tiny_vit(0, 16, 5, dtype=torch.float32), [0.5] * 3, [0.25] * 3,
+                                         [f"c{i}" for i in range(5)], pixel_preprocess(16, 16))
+    live = LiveExplorer({"tinyvit": classifier}, k=2)
+    assert {"attention_rollout", "attention_rollout_signed"} <= set(live.method.options)
+    live.path.value = str(_png_file(tmp_path / "red.png"))
+    live.method.value = "attention_rollout"
+    fig = live.explain()
+    assert fig is not None and "not the contrastive rollout" in fig._suptitle.get_text()

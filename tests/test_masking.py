@@ -16,7 +16,8 @@ from contrastive_explanations.data.datasets import DatasetNotFoundError, write_f
 from contrastive_explanations.methods import METHODS
 from contrastive_explanations.methods.fullgrad import FullGrad
 from contrastive_explanations.experiments.masking import (BASELINES, EXPLANATIONS, FEATURES, MASKING_METHODS,
-                                                          REVIEW_EXPLANATIONS,
+                                                          REVIEW_EXPLANATIONS, REVIEW_MOVED, review_pt_summary,
+                                                          review_pt_wording,
                                                           MASKING_SOURCES, VARIANTS, FeatureMasking, masking_source, baseline_images, blur_settings, explain_pairs,
                                               figure_maps, keep_masks, kept_range, masking_scores, normalised_zero,
                                               pixel_ranks, relative_probability, sign_counts)
@@ -262,10 +263,8 @@ def test_maps_are_computed_once_per_method():
     items = list(range(len(experiment)))
     rows = experiment.rows(items)
     B = len(items)
-    n_saturated = sum(int(row["p1_is_1"]) for row in rows if row["method"] == MASKING_METHODS[0]) // (
-        2 * len(VARIANTS) * len(BASELINES) * len(FEATURES))
-    again = [((n_saturated, 2), list(REVIEW_EXPLANATIONS[1:]))] if n_saturated else []  # only the weighted, only where p_t1 = 1
-    assert calls == {name: [((B, 2), list(EXPLANATIONS))] + again for name in MASKING_METHODS}
+    # once: our two maps and the review's weighted one, for both classes
+    assert calls == {name: [((B, 2), [*EXPLANATIONS, REVIEW_EXPLANATIONS[1]])] for name in MASKING_METHODS}
     assert len(rows) == B * len(MASKING_METHODS) * 2 * len(VARIANTS) * len(BASELINES) * len(FEATURES)
     table = pd.DataFrame(rows)
     assert set(table["variant"]) == set(VARIANTS) and set(table["features"]) == set(FEATURES)
@@ -274,8 +273,19 @@ def test_maps_are_computed_once_per_method():
     assert table["kept"].between(0, 1).all()
 
 
-def test_the_reviews_weighted_map_is_used_where_p_t1_rounds_to_one():
-    "ori_review / wtd_review: the review's softmax(logits)[t] maps where p_t1 = 1 in float32, ours elsewhere."
+def review_coefficient_error(logits: torch.Tensor, t: int) -> np.ndarray:
+    "Oracle: softmax's derivative p_t (1 - p_t) formed in the logits' dtype, against its exact value from float64 logs."
+    p = torch.softmax(logits, 1)  # the review's p_t, in its dtype
+    pt = p[:, t]
+    review = (pt * (1 - pt)).double()  # softmax's backward: p_t * (1 - p_t), both in the logits' dtype
+    y = logits.double()
+    log_pt = y[:, t] - torch.logsumexp(y, 1)
+    log_rest = torch.logsumexp(torch.cat([y[:, :t], y[:, t + 1:]], 1), 1) - torch.logsumexp(y, 1)
+    return (review / torch.exp(log_pt + log_rest) - 1).numpy()
+
+
+def test_the_reviews_maps_are_scored_in_the_band_and_wherever_they_keep_other_pixels():
+    "ori_review / wtd_review: the review's softmax(logits)[t] maps' scores in the band or where its masks differ; ours elsewhere."
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()  # float32, as the review's
@@ -285,20 +295,79 @@ def test_the_reviews_weighted_map_is_used_where_p_t1_rounds_to_one():
     images = (torch.rand(40, 3, 10, 10) * 255 * scale).round().to(torch.uint8)
     exp = FeatureMasking(model=net, images=images, layer="3", n_images=None, batch_size=40, methods=["gradcam"])
     table = pd.DataFrame(exp.rows(range(len(exp))))
-    sat, rest = table[table["p1_is_1"] == 1], table[table["p1_is_1"] == 0]
-    assert len(sat) and len(rest)  # both kinds of image
+    first = table.drop_duplicates("item").set_index("item")
+    x = exp.load([exp.items[i][0] for i in first.index])
+    pair = torch.tensor([exp.items[i][1:3] for i in first.index])
+    with torch.no_grad():
+        logits = net(x)
+    oracle = np.stack([review_coefficient_error(logits[b:b + 1], int(pair[b, k]))[0] for b in range(len(x))
+                       for k in range(2)]).reshape(-1, 2)
+    band = np.abs(oracle).max(1) > 1e-3
+    assert np.array_equal(first["review_band"].to_numpy().astype(bool), band)
+    assert band.any() and (~band).any()  # both kinds of image
+    assert (first.loc[first["p1_is_1"] == 1, "review_band"] == 1).all()  # p_t1 = 1: the coefficient is 0, -100%
+    assert (first["p1_is_1"] == 0).loc[first["review_band"] == 1].any()  # and the band is wider than p_t1 = 1
+    redo = table.groupby("item")["review_masks_differ"].transform("max").astype(bool) | table["review_band"].astype(bool)
+    rest = table[~redo]
     assert (rest["ori_review"] == rest["ori"]).all() and (rest["wtd_review"] == rest["wtd"]).all()
-    items = sorted(set(sat["item"]))
-    x = exp.load([exp.items[i][0] for i in items])
-    pair = torch.tensor([exp.items[i][1:3] for i in items])
-    maps, _ = explain_pairs(exp.methods, x, pair, REVIEW_EXPLANATIONS)
+    maps, _ = explain_pairs(exp.methods, x, pair, REVIEW_EXPLANATIONS)  # the review's maps, computed on their own
     fills = torch.stack([baseline_images(x, None, exp.blur), baseline_images(x, exp.zero, exp.blur)], 1)
     r, _ = masking_scores(net, x, pair, maps["gradcam"], fills)
-    one = sat[(sat["item"] == items[0]) & (sat["target"] == "t1")]
-    for _, row in one.iterrows():
+    position = {item: b for b, item in enumerate(first.index)}
+    for _, row in table[redo].iterrows():
+        b, k = position[row["item"]], int(row["target"][1]) - 1
         v, f, j = VARIANTS.index(row["variant"]), FEATURES.index(row["features"]), BASELINES.index(row["baseline"])
-        assert row["wtd_review"] == pytest.approx(float(r[0, 0, v, f, 1, j]), rel=1e-6)
-    assert (sat["wtd_review"] != sat["wtd"]).any()  # the rivals-only map keeps other pixels
+        assert row["ori_review"] == pytest.approx(float(r[b, k, v, f, 0, j]), rel=1e-5, abs=1e-6)
+        assert row["wtd_review"] == pytest.approx(float(r[b, k, v, f, 1, j]), rel=1e-5, abs=1e-6)
+    assert (table[redo]["wtd_review"] != table[redo]["wtd"]).any()  # the rivals-only maps keep other pixels
+
+
+def gap_network(gap: float, image: torch.Tensor) -> nn.Module:
+    "A float32 CNN whose logits on `image` are (gap, 0, -30): a logit gap `gap` between t1 = 0 and t2 = 1."
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        net[-1].bias += torch.tensor([gap, 0.0, -30.0]) - net(image[None].float() / 255)[0]
+    return net
+
+
+@pytest.mark.parametrize("gap", [15.5, 3.0])
+def test_the_wording_calls_the_reviews_maps_ours_only_outside_the_band(gap):
+    "A logit gap of 15.5: p_t1 < 1 in float32, yet the review's coefficient is far off: its maps are not called ours."
+    image = (torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).round().to(torch.uint8)
+    net = gap_network(gap, image)
+    exp = FeatureMasking(model=net, images=image[None], layer="2", n_images=1, methods=["gradcam"])
+    with torch.no_grad():
+        logits = net(exp.load([0]))
+    assert float(logits[0, 0] - logits[0, 1]) == pytest.approx(gap, abs=1e-4) and float(logits.softmax(1)[0, 0]) < 1
+    in_band = abs(review_coefficient_error(logits, 0)[0]) > 1e-3  # the oracle's verdict
+    assert in_band == (gap > 10)  # 15.5 in the band, 3 not
+    summary = review_pt_summary(pd.DataFrame(exp.rows([0])))
+    assert summary.loc["confident", "in band"] == int(in_band) and summary.loc["confident", "p_t1 = 1"] == 0
+    text = review_pt_wording(summary)
+    if in_band:
+        assert "agree" not in text and "1 of the 1 confident images is in the band" in text
+        assert "not ours up to rounding" in text
+    else:
+        assert "agree with ours" in text and "not ours" not in text
+
+
+def test_the_wording_follows_the_numbers():
+    "Agree only with no image in the band and no mean moved; otherwise the counts and the largest change."
+    row = {"images": 40, "in band": 0, "p_t1 = 1": 0, "masks differ": 0, "means moved": 0, "of": 96, "largest change": 0.0}
+    frame = lambda **kw: pd.DataFrame([row | kw], index=pd.Index(["confident"], name="group"))
+    assert "agree with ours" in review_pt_wording(frame())
+    moved = review_pt_wording(frame(**{"means moved": 3, "largest change": 0.0123, "masks differ": 2}))
+    assert "agree" not in moved and "3 of the 96 means move" in moved and "0.012" in moved and "for 2 of them" in moved
+    banded = review_pt_wording(frame(**{"in band": 5, "p_t1 = 1": 2}))
+    assert "agree" not in banded and "5 of the 40 confident images are in the band" in banded and "2 with" in banded
+    with pytest.raises(ValueError, match="review_band"):
+        review_pt_summary(pd.DataFrame({"group": ["confident"], "item": [0]}))
+    assert review_pt_summary(pd.DataFrame([], columns=["group", "item", "p1_is_1", "review_band", "review_masks_differ",
+                                                       "variant", "method", "target", "baseline", "features", "ori",
+                                                       "wtd", "ori_review", "wtd_review"])).empty
+    assert REVIEW_MOVED > 0
 
 
 # --- the experiment: selection, errors, shards ------------------------------------------------------------------

@@ -17,8 +17,9 @@ from contrastive_explanations.methods.targets import WeightedLogTarget, Weighted
 from contrastive_explanations.data.datasets import DatasetNotFoundError
 from torch.utils.data import TensorDataset
 
-from contrastive_explanations.experiments.perturbation import (EPSILONS, N_TOTS, NETWORKS, REVIEW_SOURCE, RUN_SOURCES,
-                                                               SOURCES, Perturbation,
+from contrastive_explanations.experiments.perturbation import (EPSILONS, N_TOTS, NETWORKS, REVIEW_PT_TOLERANCE,
+                                                               REVIEW_SOURCE, RUN_SOURCES, SOURCES, Perturbation,
+                                                               review_pt_error,
                                                                check_epsilons, check_n_tots, image_subset, perturb,
                                                                perturbation_bounds, perturbation_step, sign_targets,
                                                                step_size)
@@ -265,6 +266,25 @@ def test_the_reviews_p_t_steps_along_the_rivals_only_where_p_t_rounds_to_one():
     assert not torch.equal(rivals_only[inside], log_pt[inside])
 
 
+@pytest.mark.parametrize("classes", [2, 7])
+def test_review_pt_error_against_float64(classes):
+    "The review's float32 coefficient p_t (1 - p_t) against float64 softmax: small at small gaps, the band, -1 at p_t = 1."
+    g = torch.Generator().manual_seed(classes)
+    gaps = torch.tensor([0.5, 3.0, 8.0, 15.5, 17.5, 40.0], dtype=torch.float64)
+    rivals = torch.randn(len(gaps), classes - 1, generator=g, dtype=torch.float64)
+    y = torch.cat([gaps[:, None] + torch.logsumexp(rivals, 1, keepdim=True), rivals], 1)  # L = the gap exactly
+    error = review_pt_error(y.float(), 0)
+    p64 = torch.softmax(y.float().double(), 1)[:, 0]  # the same float32 logits, in float64 (1 - p_t: fine at these gaps)
+    y32 = y.float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.softmax(y32, 1)[:, 0].sum(), y32)
+    assert torch.allclose(error[:4], grad[:4, 0].double() / (p64[:4] * (1 - p64[:4])) - 1, rtol=1e-6, atol=1e-7)
+    assert (error[:2].abs() < 1e-5).all() and error[3].abs() > REVIEW_PT_TOLERANCE  # rounding; the band at 15.5
+    assert (error[4:] == -1).all()  # p_t = 1 in float32: the coefficient is 0
+    assert review_pt_error(y, 0)[:5].abs().max() < 1e-6  # float64 logits: the same gaps are rounding
+    with pytest.raises(ValueError, match="at least two classes"):
+        review_pt_error(torch.zeros(3, 1), 0)
+
+
 def test_rows_record_every_setting_per_image(tiny):
     exp = Perturbation("tiny", n_images=4, batch_size=3)
     rows = pd.DataFrame(exp.rows([0, 1, 2, 3]))
@@ -279,6 +299,8 @@ def test_rows_record_every_setting_per_image(tiny):
     assert first["t"].tolist() == labels[exp.index[:4]].tolist()
     assert first["image"].tolist() == [f"img {i}" for i in exp.index[:4]]  # the source's item names
     assert np.allclose(first["clean_pt"], p[torch.arange(4), labels[exp.index[:4]]].numpy())
+    assert np.allclose(first["review_pt_error"], 0, atol=1e-9)  # float64 and no confident image: no band
+    assert rows.groupby("item")["review_pt_error"].nunique().eq(1).all()  # one value per image: its clean logits'
     unlabelled = pd.DataFrame(Perturbation("tiny_unlabelled").rows([0, 1, 2]))
     assert (unlabelled["clean_correct"] == 1).all()  # t = the clean prediction
 

@@ -553,3 +553,54 @@ def test_blocks_that_run_twice_or_share_attention_are_refused():
     vit.encoder.layers = nn.Sequential(vit.encoder.layers[0], vit.encoder.layers[1], vit.encoder.layers[1])
     with pytest.raises(ValueError, match="share one attention module"):
         AttentionRollout(vit)(x, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c') defects=True keeps both vit-explain defects: the review's code as it is, against a line-by-line transcription
+
+def vit_explain_code(attentions, hooked, relu=True):
+    "vit-explain's grad_rollout, one image, discard ratio 0, the ReLU line optional (the review comments it out)."
+    result = torch.eye(attentions[0].size(-1), dtype=torch.float64)
+    for attention, grad in zip(attentions, hooked):
+        fused = (attention * grad).mean(axis=1)
+        if relu:
+            fused[fused < 0] = 0
+        a = (fused + torch.eye(fused.size(-1), dtype=torch.float64)) / 2
+        a = a / a.sum(dim=-1)
+        result = torch.matmul(a, result)
+    return result[0, 0, 1:]
+
+
+@pytest.mark.parametrize("variant", ["standard", "signed"])
+def test_defects_true_is_vit_explains_code_fed_its_hooks_gradients(variant):
+    "defects=True equals vit-explain's code fed dO/dS from autograd, last block first (its hooks' order); False does not."
+    vit, x, t = tiny_vit(3, 16, 4, num_layers=3), images(3, 2, 16), torch.tensor([1, 3])
+    scores = []
+    y, attentions = manual_forward(vit, x, scores)
+    objective = get_target("weighted")(y, t)
+    kept = AttentionRollout(vit, variant=variant, gradient="scores", defects=True)(x, t, "weighted").maps[:, 0, 0]
+    fixed = AttentionRollout(vit, variant=variant, gradient="scores")(x, t, "weighted").maps[:, 0, 0]
+    L = len(attentions)
+    for b in range(2):
+        flat_S = [scores[l][b][k] for l in range(L) for k in range(2)]
+        g = torch.autograd.grad(objective[b], flat_S, retain_graph=True)
+        per_block = [torch.stack(g[2 * l:2 * l + 2])[None] for l in range(L)]  # (1, heads, N, N), forward order
+        A = [torch.stack([a.detach() for a in attentions[l][b]])[None] for l in range(L)]
+        want = vit_explain_code(A, per_block[::-1], relu=variant == "standard")
+        torch.testing.assert_close(kept[b].flatten(), want)
+        assert not torch.allclose(fixed[b].flatten(), want, rtol=1e-2, atol=0)  # the defects change the map
+    method = AttentionRollout(vit, defects=True)
+    assert "defects=True" in repr(method) and "defects" not in repr(AttentionRollout(vit))
+
+
+def test_defects_must_be_a_bool_and_the_contrastive_rollout_is_named_right():
+    import contrastive_explanations.methods.vit as vit_module
+    from contrastive_explanations.methods.vit import check_rollout_options
+
+    vit = tiny_vit(3, 16, 4)
+    with pytest.raises(ValueError, match=r"defects='yes' must be True .* or False"):
+        AttentionRollout(vit, defects="yes")
+    with pytest.raises(ValueError, match=r"the contrastive rollout is variant='signed' with targets='weighted'"):
+        check_rollout_options("mean", "contrastive", 0.0)
+    summary = vit_module.__doc__
+    assert "signed rollout" in summary and "standard rollout of $p_t$, ReLU kept, is not contrastive" in summary

@@ -17,7 +17,8 @@ from contrastive_explanations.experiments.toolkit import Source, cosine, mask_sh
 from contrastive_explanations.data.datasets import DatasetNotFoundError, write_fixture
 from contrastive_explanations.results import load_profile, run
 from contrastive_explanations.methods.vit import AttentionRollout, ViTGradCAM
-from contrastive_explanations.experiments.vit_maps import MAP_KINDS, ViTMaps, map_block, stand_in_blocks
+from contrastive_explanations.experiments.vit_maps import (MAP_KINDS, METHOD_KINDS, RELU_KINDS, ViTMaps, map_block,
+                                                           stand_in_blocks)
 
 from conftest import tiny_vit
 
@@ -158,7 +159,8 @@ def test_rows_agree_with_a_direct_computation():
     rows = pd.DataFrame(exp.rows(list(range(len(exp)))))
     assert len(rows) == 9 * 2 * len(MAP_KINDS) and set(rows["map"]) == set(MAP_KINDS)
     assert dict(zip(rows["map"], rows["method"])) == {"gradcam_a": "vit_gradcam", "gradcam_b": "vit_gradcam",
-                                                      **{k: "attention_rollout" for k in MAP_KINDS[2:]}}  # Method.name
+                                                      **{k: "attention_rollout" for k in METHOD_KINDS[2:]},
+                                                      **{k: "vit_gradcam" for k in RELU_KINDS}}  # Method.name
     assert exp.params["source"] == "tiny" and exp.params["n_images"] is None
     vit, x = exp.sources[0].model, exp.sources[0].dataset.tensors[0]
     classes = vit(x).topk(2).indices
@@ -168,27 +170,37 @@ def test_rows_agree_with_a_direct_computation():
                "rollout_signed": AttentionRollout(vit, variant="signed", discard_ratio=0.5, gradient="scores"),
                "rollout_standard_dA": AttentionRollout(vit, discard_ratio=0.5),
                "rollout_signed_dA": AttentionRollout(vit, variant="signed", discard_ratio=0.5),
-               "rollout_standard_d90": AttentionRollout(vit, discard_ratio=0.9, gradient="scores")}
-    assert set(methods) == set(MAP_KINDS)
+               "rollout_standard_d90": AttentionRollout(vit, discard_ratio=0.9, gradient="scores"),
+               "rollout_standard_defects": AttentionRollout(vit, discard_ratio=0.5, gradient="scores", defects=True),
+               "rollout_signed_defects": AttentionRollout(vit, variant="signed", discard_ratio=0.5, gradient="scores",
+                                                          defects=True)}
+    assert set(methods) == set(METHOD_KINDS) and set(MAP_KINDS) == set(METHOD_KINDS) | set(RELU_KINDS)
     maps = {}
-    for kind, method in methods.items():
-        e = method(x, classes, ["original", "weighted"])
-        maps[kind] = e.maps
-        up = F.interpolate(e.maps.flatten(1, 2), size=(16, 16), mode="bilinear", align_corners=False).view(9, 2, 2, 16, 16)
+    for kind in MAP_KINDS:
+        if kind in methods:
+            maps[kind] = methods[kind](x, classes, ["original", "weighted"]).maps
+        else:  # GradCAM with a ReLU: the positive part on the patch grid, by hand
+            maps[kind] = torch.where(maps[RELU_KINDS[kind]] > 0, maps[RELU_KINDS[kind]], 0.0)
+        e_maps = maps[kind]
+        up = F.interpolate(e_maps.flatten(1, 2), size=(16, 16), mode="bilinear", align_corners=False).view(9, 2, 2, 16, 16)
         share = mask_share(up, masks[:, :, None])
         got = rows[rows["map"] == kind].sort_values(["item", "rank"])
         pd.testing.assert_series_equal(got.share_weighted.reset_index(drop=True),
                                        pd.Series(share[:, :, 1].flatten().numpy(), name="share_weighted"),
                                        check_exact=False, rtol=1e-9)
-        t12 = cosine(e.maps[:, 0, 0], e.maps[:, 1, 0])
+        t12 = cosine(e_maps[:, 0, 0], e_maps[:, 1, 0])
         assert got.cosine_t1_t2_original.tolist()[::2] == pytest.approx(t12.tolist(), nan_ok=True)
         assert (got.chance.to_numpy() == masks.double().mean((-2, -1)).flatten().numpy()).all()
-    for kind, of in (("rollout_signed_dA", "rollout_signed"), ("rollout_standard_d90", "rollout_standard")):
+    for kind, of in (("rollout_signed_dA", "rollout_signed"), ("rollout_standard_d90", "rollout_standard"),
+                     ("rollout_signed_defects", "rollout_signed"), ("rollout_standard_defects", "rollout_standard")):
         got = rows[rows["map"] == kind].sort_values(["item", "rank"])  # each variant against the review's map
         assert (got.reference == of).all()
         want = cosine(maps[kind][:, :, 1], maps[of][:, :, 1]).flatten().tolist()
         assert got.cosine_reference_weighted.tolist() == pytest.approx(want, nan_ok=True)
     assert rows[rows["map"] == "rollout_signed"].cosine_reference_weighted.isna().all()  # the review's: no reference
+    kept = rows[rows["map"] == "rollout_signed_defects"].cosine_reference_weighted
+    assert (kept < 0.99).any()  # vit-explain's defects move maps: the kinds do not merely copy the fixed ones
+    assert rows[rows["map"].isin(list(RELU_KINDS))].positive_original.dropna().eq(1).all()  # a ReLU leaves no negative
     a = exp.figure_arrays(3)
     assert a["maps"].shape == (3, 2, len(MAP_KINDS), 2, 2, 2) and a["masks"].shape == (3, 2, 16, 16) and list(a["blocks"]) == [0, 1]
 
@@ -226,3 +238,17 @@ def test_the_contrastive_rollout_is_the_reviews_without_relu_from_p_t():
     # the review's notebook discards nothing (vit-explain's own default is 0.9)
     assert methods["rollout_signed"].discard_ratio == methods["rollout_standard"].discard_ratio == 0.0
     assert inspect.signature(ViTMaps).parameters["discard_ratio"].default == 0.0
+
+
+def test_the_defects_kept_are_the_reviews_settings_with_vit_explains_two_defects():
+    "The *_defects kinds differ from the review's kinds (as inferred) only in keeping vit-explain's two defects."
+    from contrastive_explanations.experiments.vit_maps import DEFECT_ROLLOUTS, REFERENCE_KIND, vit_methods
+
+    methods = vit_methods(tiny_vit(0, 32, 5, num_layers=3), (0, 1))
+    for (kind, target), (of, of_target) in zip(DEFECT_ROLLOUTS, (("rollout_signed", "weighted"),
+                                                                 ("rollout_standard", "original"))):
+        assert REFERENCE_KIND[kind] == of and target == of_target
+        kept, fixed = methods[kind], methods[of]
+        assert (kept.defects, fixed.defects) == (True, False)
+        assert (kept.variant, kept.gradient, kept.discard_ratio) == (fixed.variant, fixed.gradient, fixed.discard_ratio)
+    assert not any(m.defects for k, m in methods.items() if k.startswith("rollout") and k not in dict(DEFECT_ROLLOUTS))

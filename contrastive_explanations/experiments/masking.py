@@ -12,12 +12,14 @@ import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms.functional import gaussian_blur
 
 from ..data.birds import BirdsDataset
+from .perturbation import REVIEW_PT_TOLERANCE, review_pt_error
 from .toolkit import (Source, birds_source, check_count, dataset_fingerprint,
                                                           finetuned_source, load_batch, model_fingerprint,
                                                           resolve_device, Need, checkpoint_need, dataset_need)
@@ -28,9 +30,10 @@ from ..results import Experiment
 
 # %% auto #0
 __all__ = ['FEATURES', 'VARIANTS', 'BASELINES', 'REVIEW_BLUR', 'MASKING_METHODS', 'EXPLANATIONS', 'REVIEW_EXPLANATIONS', 'GROUPS',
-           'MASKING_SOURCES', 'relative_probability', 'pixel_ranks', 'sign_counts', 'kept_range', 'keep_masks',
-           'blur_settings', 'normalised_zero', 'baseline_images', 'explain_pairs', 'masking_scores', 'full_precision',
-           'masking_source', 'FeatureMasking', 'stacked_fullgrad', 'figure_maps']
+           'MASKING_SOURCES', 'REVIEW_MOVED', 'relative_probability', 'pixel_ranks', 'sign_counts', 'kept_range',
+           'keep_masks', 'blur_settings', 'normalised_zero', 'baseline_images', 'explain_pairs', 'all_keeps',
+           'masking_scores', 'full_precision', 'masking_source', 'FeatureMasking', 'review_pt_summary',
+           'review_pt_wording', 'stacked_fullgrad', 'figure_maps']
 
 # %% ../../nbs/15_masking.ipynb #4e909f49
 def relative_probability(logits: Tensor, # (..., C) logits
@@ -180,6 +183,15 @@ def explain_pairs(methods: dict[str, Method], # name -> method
     return maps, logits
 
 
+def all_keeps(maps: Tensor, # (B, 2, 2, H, W): class t1, t2 x explanation original, weighted
+             ) -> Tensor: # (B, 2, V, F, 2, H, W) bool: class x variant x features x explanation, True where kept
+    "The masks of Eq. eq-keep-ours and eq-keep-review for both classes, variants and feature modes."
+    B = len(maps)
+    keep = torch.stack([torch.stack(keep_masks(maps[:, k, 0], maps[:, k, 1], f, v), 1)
+                        for k in range(2) for v in VARIANTS for f in FEATURES], 1)  # (B, 2VF, 2, H, W)
+    return keep.view(B, 2, len(VARIANTS), len(FEATURES), 2, *maps.shape[-2:])
+
+
 def masking_scores(model: nn.Module,
                    x: Tensor, # (B, 3, H, W) images in [0, 1]
                    pair: Tensor, # (B, 2) the classes t1, t2
@@ -192,9 +204,7 @@ def masking_scores(model: nn.Module,
     if fills.shape[:2] != (B, V) or fills.shape[-3:] != x.shape[-3:]:
         raise ValueError(f"fills must be (B, {V}, baselines, 3, H, W) for x of shape {tuple(x.shape)}, got "
                          f"{tuple(fills.shape)}: stack baseline_images(x, zero) for each of {VARIANTS}")
-    keep = torch.stack([torch.stack(keep_masks(maps[:, k, 0], maps[:, k, 1], f, v), 1)
-                        for k in range(2) for v in VARIANTS for f in FEATURES], 1)  # (B, 2VF, 2, H, W)
-    keep = keep.view(B, 2, V, F, 2, *x.shape[-2:])
+    keep = all_keeps(maps)
     images = torch.where(keep[:, :, :, :, :, None, None], x[:, None, None, None, None, None],
                          fills[:, None, :, None, None])  # (B, 2, V, F, 2, nb, 3, H, W)
     flat = images.flatten(0, 5)
@@ -311,6 +321,7 @@ class FeatureMasking(Experiment):
         return {"source": self.source.name, "model": self.model_name, "seed": self.seed, "n_images": self.n_images,
                 "threshold": self.threshold, "layer": self.layer, "blur": list(self.blur), "methods": list(self.methods),
                 "explanations": list(EXPLANATIONS), "review_explanations": list(REVIEW_EXPLANATIONS),
+                "review_pt_tolerance": REVIEW_PT_TOLERANCE,
                 "baselines": list(BASELINES), "variants": list(VARIANTS)}
 
     def fingerprints(self) -> dict:
@@ -356,34 +367,100 @@ class FeatureMasking(Experiment):
         items = [self.items[i] for i in indices]
         x = self.load([it[0] for it in items])
         pair = torch.tensor([[it[1], it[2]] for it in items], device=self.device)
-        maps, logits = explain_pairs(self.methods, x, pair)  # each method once, for all classes and explanations
+        # each method once, for both classes: the original, the weighted (log p_t) and the review's softmax(logits)[t]
+        maps, logits = explain_pairs(self.methods, x, pair, (*EXPLANATIONS, REVIEW_EXPLANATIONS[1]))
+        ours = {name: m[:, :, :2] for name, m in maps.items()}
+        theirs = {name: m[:, :, 0::2] for name, m in maps.items()}  # the original maps and the review's weighted ones
         clean = relative_probability(logits, pair).tolist()
         saturated = (logits.float().softmax(1).gather(1, pair[:, :1]) == 1).flatten().tolist()
+        error = torch.stack([review_pt_error(logits, pair[:, k]) for k in range(2)], 1)  # (B, 2) each class's
+        band = (error.abs() > REVIEW_PT_TOLERANCE).any(1).tolist()
+        differ = {name: (all_keeps(ours[name]) != all_keeps(theirs[name])).flatten(4).any(-1).tolist()
+                  for name in maps}  # (B, 2, V, F): the review's maps keep other pixels
         fills = torch.stack([baseline_images(x, None, self.blur), baseline_images(x, self.zero, self.blur)], 1)
         N, out = x[0, 0].numel(), []
         scores = {name: [t.tolist() for t in masking_scores(self.net, x, pair, m, fills, self.forward_batch)]
-                  for name, m in maps.items()}
-        # the review's p_t differs from ours only where it rounds to 1 (for t1): there its weighted map is the rivals'
-        # contrast alone, so those images are masked again with the review's maps; elsewhere the two agree
-        sat = [b for b in range(len(items)) if saturated[b]]
+                  for name, m in ours.items()}
+        # the review's maps are scored again in the band of its p_t and wherever they keep other pixels than ours;
+        # elsewhere they give the very same perturbed images, hence the same scores
+        redo = [b for b in range(len(items)) if band[b] or any(np.any(differ[name][b]) for name in maps)]
         review = {}
-        if sat:  # the original maps are ours: only the review's weighted ones are computed again
-            review_maps, _ = explain_pairs(self.methods, x[sat], pair[sat], REVIEW_EXPLANATIONS[1:])
-            review = {name: masking_scores(self.net, x[sat], pair[sat], torch.cat([maps[name][sat][:, :, :1], m], 2),
-                                           fills[sat], self.forward_batch)[0].tolist()
-                      for name, m in review_maps.items()}
+        if redo:
+            review = {name: masking_scores(self.net, x[redo], pair[redo], m[redo], fills[redo], self.forward_batch)[0].tolist()
+                      for name, m in theirs.items()}
+        error = error.tolist()
         for b, (item, (index, t1, t2, p1, p2, group)) in enumerate(zip(indices, items)):
             head = {"item": int(item), "index": int(index), "group": group, "t1": t1, "t2": t2, "p1": p1, "p2": p2,
-                    "p1_is_1": int(saturated[b])}
+                    "p1_is_1": int(saturated[b]), "review_band": int(band[b])}
             for name, (r, kept) in scores.items():
-                rr = review[name][sat.index(b)] if saturated[b] else r[b]  # the review's maps' scores
+                rr = review[name][redo.index(b)] if b in redo else r[b]  # the review's maps' scores
                 for k, v, f, j in itertools.product(range(2), range(len(VARIANTS)), range(len(FEATURES)),
                                                     range(len(BASELINES))):
                     out.append({**head, "method": name, "target": f"t{k + 1}", "variant": VARIANTS[v],
                                 "baseline": BASELINES[j], "features": FEATURES[f], "clean": clean[b][k],
                                 "ori": r[b][k][v][f][0][j], "wtd": r[b][k][v][f][1][j], "kept": kept[b][k][v][f] / N,
+                                "review_pt_error": error[b][k], "review_masks_differ": int(differ[name][b][k][v][f]),
                                 "ori_review": rr[k][v][f][0][j], "wtd_review": rr[k][v][f][1][j]})
         return out
+
+
+# %% ../../nbs/15_masking.ipynb #5a4bc581
+REVIEW_MOVED = 1e-3  # a mean of Tables 1 and 2 that changes by more than this with the review's maps has moved
+_REVIEW_COLUMNS = ("group", "item", "p1_is_1", "review_band", "review_masks_differ", "variant", "method", "target",
+                   "baseline", "features", "ori", "wtd", "ori_review", "wtd_review")
+_SUMMARY = ("images", "in band", "p_t1 = 1", "masks differ", "means moved", "of", "largest change")
+
+
+def review_pt_summary(results: pd.DataFrame, # FeatureMasking's rows, or its results file
+                      moved: float = REVIEW_MOVED, # a mean that changes by more than this counts as moved
+                     ) -> pd.DataFrame: # per group: images, in band, p_t1 = 1, masks differ, means moved, of, largest change
+    "Per group: the images in the band of the review's p_t, and how far the tables' means move with the review's maps."
+    missing = [c for c in _REVIEW_COLUMNS if c not in results.columns]
+    if missing:
+        raise ValueError(f"results lack the columns {missing}: pass the rows of FeatureMasking or its results file")
+    keys = ["variant", "method", "target", "baseline", "features"]
+    summary = []
+    for group in GROUPS:
+        sub = results[results["group"] == group]
+        if not len(sub):
+            continue
+        first = sub.drop_duplicates("item")
+        means = sub.groupby(keys)[["ori", "wtd", "ori_review", "wtd_review"]].mean()
+        change = pd.concat([means["ori_review"] - means["ori"], means["wtd_review"] - means["wtd"]]).abs()
+        summary.append({"group": group, "images": len(first), "in band": int(first["review_band"].sum()),
+                        "p_t1 = 1": int(first["p1_is_1"].sum()),
+                        "masks differ": int(sub.groupby("item")["review_masks_differ"].max().sum()),
+                        "means moved": int((change > moved).sum()), "of": len(change),
+                        "largest change": float(change.max())})
+    return pd.DataFrame(summary, columns=["group", *_SUMMARY]).set_index("group")
+
+
+def review_pt_wording(summary: pd.DataFrame, # review_pt_summary's table
+                      moved: float = REVIEW_MOVED, # the threshold the summary counted moved means with
+                      tolerance: float = REVIEW_PT_TOLERANCE, # the band: the review's coefficient off by more than this
+                     ) -> str: # one clause per group, for the prose
+    "Whether the review's maps are ours, per group, from the numbers: they agree only with no image in the band and no mean moved."
+    if not len(summary):
+        return "There are no images."
+    clauses = []
+    for group, row in summary.iterrows():
+        n, band, saturated, differ, n_moved, of = (int(row[c]) for c in _SUMMARY[:-1])
+        kept = (f"the review's maps keep other pixels than ours for {differ} of them" if differ else
+                "the review's maps keep the same pixels as ours for all of them")
+        largest = f"{row['largest change']:.2g}"
+        moves = (f"no mean moves by more than {moved:g} (the largest change is {largest})" if n_moved == 0 else
+                 f"{n_moved} of the {of} means move by more than {moved:g}, the largest by {largest}")
+        if band == 0 and n_moved == 0:
+            none = f"the one {group} image is not" if n == 1 else f"none of the {n} {group} images is"
+            clauses.append(f"{none} in the band (the review's coefficient off by more than {tolerance:.1%}), {kept}, and "
+                           f"{moves}: in the tables the review's maps agree with ours to within {moved:g} here")
+        else:
+            verdict = ("the review's maps are not ours up to rounding here, and the tables move" if n_moved else
+                       "the review's maps are not ours up to rounding here, though the tables do not move")
+            clauses.append(f"{band} of the {n} {group} images {'is' if band == 1 else 'are'} in the band (the review's "
+                           f"coefficient off by more than {tolerance:.1%}; {saturated} with $p_{{t_1}}$ = 1 in float32), "
+                           f"{kept}, and {moves}: {verdict}")
+    return "; ".join(clauses)[0].upper() + "; ".join(clauses)[1:] + "."
 
 # %% ../../nbs/15_masking.ipynb #e9f5d757
 def stacked_fullgrad(model: nn.Module, x: Tensor, pair: Tensor) -> Tensor: # (B, 2, 2, H, W)

@@ -24,16 +24,16 @@ from ..methods.targets import REVIEW_TARGETS, TARGETS, Target, as_classes, get_t
 from ..results import Experiment
 
 # %% auto #0
-__all__ = ['SOURCES', 'REVIEW_SOURCE', 'RUN_SOURCES', 'EPSILONS', 'N_TOTS', 'SIGN_OBJECTIVES', 'NETWORKS', 'check_eps',
-           'check_n_tot', 'check_epsilons', 'check_n_tots', 'perturbation_bounds', 'step_size', 'perturbation_step',
-           'sign_targets', 'perturb', 'image_subset', 'Perturbation']
+__all__ = ['SOURCES', 'REVIEW_SOURCE', 'RUN_SOURCES', 'EPSILONS', 'N_TOTS', 'SIGN_OBJECTIVES', 'REVIEW_PT_TOLERANCE', 'NETWORKS',
+           'check_eps', 'check_n_tot', 'check_epsilons', 'check_n_tots', 'perturbation_bounds', 'step_size',
+           'perturbation_step', 'sign_targets', 'review_pt_error', 'perturb', 'image_subset', 'Perturbation']
 
 # %% ../../nbs/14_perturbation.ipynb #502c9ac3
 SOURCES = ("original", "mean", "max", "weighted")  # the review's four explanations, in its order
 REVIEW_SOURCE = "weighted_softmax"  # the review's code for the weighted one: softmax(logits)[t] in float32
 RUN_SOURCES = (*SOURCES, REVIEW_SOURCE)  # what the experiment perturbs by default: the four, and the review's p_t
-EPSILONS = (1e-3, 3e-3)  # the budgets of the review's Figure 1
-N_TOTS = (1, 2, 10)  # the step counts of the review's Figure 1
+EPSILONS = (1e-3, 3e-3)  # the review's appendix figure (1e-3) and its main Figure 1 (3e-3)
+N_TOTS = (1, 2, 10)  # the step counts of both figures
 
 
 def _is_real(x) -> bool:
@@ -124,6 +124,27 @@ def sign_targets(sources: str | Target | Sequence[str | Target], # names in TARG
     if len(set(names)) < len(names):
         raise ValueError(f"sources has repeated entries {tuple(names)}: list each source once")
     return tuple(names), tuple(targets)
+
+# %% ../../nbs/14_perturbation.ipynb #5f1a921a
+REVIEW_PT_TOLERANCE = 1e-3  # a relative error of the review's dp_t/dy_t above this is more than rounding: the band
+
+
+def review_pt_error(logits: Tensor, # (B, C) logits, in the precision the review's code differentiates them in
+                    t: Tensor | int, # (B,) the class of each row, or one class for all
+                   ) -> Tensor: # (B,) float64: review / exact - 1; -1 where the review's coefficient is 0
+    "Relative error of dp_t/dy_t = p_t (1 - p_t) as autograd gets it from softmax(logits)[t], against the exact value."
+    if not (isinstance(logits, Tensor) and logits.is_floating_point() and logits.ndim == 2 and logits.shape[1] >= 2):
+        raise ValueError(f"logits must be a floating tensor (B, C) with at least two classes, got "
+                         f"{getattr(logits, 'dtype', type(logits).__name__)} {tuple(getattr(logits, 'shape', ()))}: "
+                         "pass the model's outputs")
+    with torch.inference_mode(False), torch.enable_grad():  # the review's own computation, in the logits' precision
+        t = as_classes(t, logits)[:, None].clone()  # clones: normal tensors even where the logits were made in inference mode
+        y = logits.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(y.softmax(1).gather(1, t).sum(), y)
+    review = grad.gather(1, t)[:, 0].double()
+    log_p = logits.detach().double().log_softmax(1)
+    log_exact = log_p.gather(1, t)[:, 0] + log_p.scatter(1, t, -math.inf).logsumexp(1)  # log p_t + log(1 - p_t)
+    return torch.expm1(review.log() - log_exact)  # log(0) = -inf gives -1 exactly
 
 # %% ../../nbs/14_perturbation.ipynb #4050c3ac
 def perturb(model: nn.Module, # a classifier on pixels in [0, 1] (normalisation inside)
@@ -266,6 +287,7 @@ class Perturbation(Experiment):
             clean = self.net(x)
         t = as_classes(labels.to(self.device) if self.source.labelled else clean.argmax(1), clean)
         clean_scores = _scores(clean, t)
+        coefficient_error = review_pt_error(clean, t).tolist()  # the band of the review's p_t
         out = [[] for _ in items]
         for n_tot in self.n_tots:
             xp = perturb(self.net, x, t, self._targets, self.epsilons, n_tot)
@@ -277,5 +299,6 @@ class Perturbation(Experiment):
                 out[b].append({"n_tot": n_tot, "source": self.sources[s], "eps": self.epsilons[e], **score,
                                "linf": linf[r]})
         return [{"item": int(i), "image": self.source.name_of(int(i)), "t": int(t[b]),
-                 **{f"clean_{k}": v for k, v in clean_scores[b].items()}, **row}
+                 **{f"clean_{k}": v for k, v in clean_scores[b].items()},
+                 "review_pt_error": coefficient_error[b], **row}
                 for b, i in enumerate(items) for row in out[b]]
