@@ -6,7 +6,7 @@ The embedded profile's network (the small CNN of the training chapter, random we
 images, its layer '3', the three activation methods (LA, GC, XC). A table cell is a method x class (t1, t2) x rule
 (ours, review) x features (pos, neg) x baseline (blur, zeros, mean), 72 cells, each comparing the original and the
 weighted map; the baseline images are made once per image in both variants.
-- ours: what `FeatureMasking.rows` does: `explain_pairs` (each method called once for both classes and both
+- ours: what `Masking.rows` does: `explain_pairs` (each method called once for both classes and both
   explanations), then `masking_scores` (every masked image of a method in batched forward passes).
 - per cell: for every cell, both maps of its class recomputed (two method calls), its masks, and a forward of its
   2 B masked images; the same r values come out (checked).

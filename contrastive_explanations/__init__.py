@@ -5,7 +5,8 @@
     e = GradCAM(net)(images, classes, ["original", "weighted"])   # signed maps, one backward pass
 
 Written by hand (the chapters in nbs/ export the modules it names): methods/ holds the methods and targets,
-data/ the models and datasets, experiments/ the book's experiments; results, viz, explorer and cli sit at the top.
+data/ the models, datasets and sources, experiments/ the book's experiments; files and metrics lie below everything,
+the results store above the data, and run (profiles, preflight, the command line), cli and explorer sit at the top.
 Importing the package imports nothing else: each public name loads its module (and torch) when first used (PEP 562),
 so that `contrastive-explain --help` and `__version__` need no torch."""
 from __future__ import annotations
@@ -19,7 +20,7 @@ _METHODS = ["METHODS", "TARGETS", "Method", "Explanation", "Target", "get_target
             "GradCAM", "XGradCAM", "FullGrad", "ViTGradCAM", "AttentionRollout", "OriginalTarget", "MeanTarget",
             "MaxTarget", "WeightedTarget", "WeightedLogTarget"]
 _HOMES = {**{name: ".methods" for name in _METHODS}, "MODELS": ".data.models", "build_model": ".data.models"}
-_SUBMODULES = {"methods", "data", "experiments", "results", "viz", "explorer", "cli", "claims"}
+_SUBMODULES = {"methods", "data", "experiments", "files", "metrics", "results", "run", "viz", "explorer", "cli", "claims"}
 
 __all__ = [*_METHODS, "MODELS", "build_model", "__version__"]
 

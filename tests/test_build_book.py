@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import nbformat
@@ -10,17 +11,18 @@ import pytest
 import yaml
 from nbformat.v4 import new_code_cell, new_notebook
 
-from tools import book_assets, build_book
+from tools import book_assets, book_pages, build_book
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def notebook(path: Path, *sources: str, parameters: str | None = None) -> None:
+def notebook(path: Path, *sources: str, parameters: str | None = None, tags: tuple[str, ...] = ("remove-cell",),
+             metadata: dict | None = None) -> None:
     cells = []
     if parameters is not None:
-        cells.append(new_code_cell(parameters, metadata={"tags": ["parameters", "remove-cell"]}))
+        cells.append(new_code_cell(parameters, metadata={"tags": ["parameters", *tags]}))
     cells += [new_code_cell(s) for s in sources]
-    nb = new_notebook(cells=cells)
+    nb = new_notebook(cells=cells, metadata=metadata or {})
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
 
@@ -134,7 +136,7 @@ def test_every_registered_experiment_names_the_chapter_that_exports_it():
     from contrastive_explanations.results import EXPERIMENTS, find_experiment
 
     chapters = {name: build_book.experiment_chapter(ROOT, find_experiment(name)) for name in EXPERIMENTS}
-    assert chapters["perturbation"] == "nbs/14_perturbation.ipynb" and chapters["vit_maps"] == "nbs/18_vit_maps.ipynb"
+    assert chapters["perturbation"] == "nbs/07_perturbation.ipynb" and chapters["vit_maps"] == "nbs/11_vit_maps.ipynb"
     assert all(c.startswith("nbs/") and (ROOT / c).is_file() for c in chapters.values()), chapters
 
 
@@ -176,59 +178,160 @@ def test_assets_named_in_the_config_are_the_ones_fetched():
     assert sphinx["html_static_path"] == ["book_assets"]
 
 
-# ---- the build key: every file a chapter may read
+# ---- what a chapter reads: it re-runs when one of those changes, and says which
 
-def key_tree(root: Path) -> Path:
-    "A project with one file of each kind that `KEY_FILES` names, and a notebook."
-    for rel, text in {"contrastive_explanations/__init__.py": "", "contrastive_explanations/methods/cam.py": "A = 1\n",
-                      "reference/review_table1.csv": "method,ori\nGradCAM,0.5\n",
-                      "benchmarks/results/methods.json": "{}\n", "constraints.txt": "torch==2.5.1\n"}.items():
+def write(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
-    (root / "nbs").mkdir(exist_ok=True)
-    notebook(root / "nbs" / "01_x.ipynb", "x = 1")
-    return root
 
 
-@pytest.mark.parametrize("changed", ["reference/review_table1.csv", "contrastive_explanations/methods/cam.py",
-                                     "benchmarks/results/methods.json", "constraints.txt"])
-def test_a_change_in_any_file_a_chapter_reads_changes_its_key(tmp_path, changed):
-    root = key_tree(tmp_path)
-    key = lambda: build_book.build_key(root, root / "nbs" / "01_x.ipynb", {"profile": "embedded"})
-    before = key()
-    assert key() == before, "the key is deterministic"
-    path = root / changed
-    path.write_text(path.read_text().replace("0.5", "0.6").replace("1", "2").replace("{}", '{"a": 1}'))
-    assert key() != before, f"editing {changed} left the key unchanged"
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} is not in {path}"
+    path.write_text(text.replace(old, new))
 
 
-def test_a_new_module_in_a_subpackage_changes_the_key(tmp_path):
-    root = key_tree(tmp_path)
-    key = lambda: build_book.build_key(root, root / "nbs" / "01_x.ipynb", {})
-    before = key()
-    (root / "contrastive_explanations" / "experiments").mkdir()
-    (root / "contrastive_explanations" / "experiments" / "toolkit.py").write_text("")
-    assert key() != before
+PACKAGE = {  # a small package of the book's name: a imports b; c is imported by nobody
+    "contrastive_explanations/__init__.py": "",
+    "contrastive_explanations/a.py": '"""A."""\nfrom .b import VALUE\n',
+    "contrastive_explanations/b.py": '"""The value."""\nVALUE = 1\n',
+    "contrastive_explanations/c.py": '"""Unused."""\nOTHER = 2\n',
+}
+OWN_PACKAGE = "import sys\nsys.path.insert(0, '..')  # the book's own package, not the installed one\n"
 
 
-def test_the_real_key_covers_package_reference_benchmarks_and_pins():
-    files = {f.relative_to(ROOT).as_posix() for f in build_book.key_files(ROOT)}
-    for expected in ("contrastive_explanations/methods/targets.py", "contrastive_explanations/experiments/toolkit.py",
-                     "contrastive_explanations/data/models.py", "contrastive_explanations/viz.py",
-                     "reference/review_table1.csv", "benchmarks/results/methods.json", "constraints.txt"):
-        assert expected in files, expected
-    assert not any("__pycache__" in f for f in files)
+def test_a_module_edit_re_runs_only_the_chapters_that_import_it_and_names_the_module(book, capsys):
+    write(book, PACKAGE)
+    notebook(book / "nbs" / "01_ok.ipynb",
+             OWN_PACKAGE + "from contrastive_explanations.a import VALUE\nassert VALUE == 1")
+    assert run(book, capsys=capsys)[0] == 0
+    edit(book / "contrastive_explanations" / "c.py", "Unused.", "Not imported by any chapter.")
+    status, out, _ = run(book, capsys=capsys)
+    assert status == 0 and out.count("unchanged, kept") == 2, out
+    edit(book / "contrastive_explanations" / "b.py", "The value.", "The value, documented.")  # a docstring only
+    status, out, _ = run(book, capsys=capsys)
+    assert status == 0 and out.count("unchanged, kept") == 1, out
+    assert "runs: contrastive_explanations/b.py changed (imported via contrastive_explanations.a)" in out, out
+    nb = nbformat.read(book / "executed" / "01_ok.ipynb", as_version=4)
+    assert nb.metadata["book"]["inputs"]["via"]["contrastive_explanations/b.py"] == (
+        "contrastive_explanations.a → contrastive_explanations.b")
 
 
-def test_editing_a_reference_table_re_executes_the_chapters(book, capsys):
+def test_imports_are_followed_as_python_runs_them(tmp_path):
+    write(tmp_path, {
+        "contrastive_explanations/__init__.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                                "    from .methods import GradCAM\n    from .viz import show\n",
+        "contrastive_explanations/methods/__init__.py": "from .cam import GradCAM\n",
+        "contrastive_explanations/methods/cam.py": "from ..data import models\nGradCAM = 1\n",
+        "contrastive_explanations/data/__init__.py": "", "contrastive_explanations/data/models.py": "",
+        "contrastive_explanations/viz.py": "", "contrastive_explanations/cli.py": "",
+        "contrastive_explanations/results.py": "REGISTRY = {'p': 'contrastive_explanations.experiments.p:P'}\n",
+        "contrastive_explanations/experiments/__init__.py": "", "contrastive_explanations/experiments/p.py": "",
+        "pyproject.toml": "[project.scripts]\nce-explain = 'contrastive_explanations.cli:main'\n"})
+    (tmp_path / "nbs").mkdir()
+    rel = lambda found: {f.relative_to(tmp_path / "contrastive_explanations").as_posix() for f in found}
+    follow = lambda *cells: rel(build_book.ImportFollower(tmp_path).follow(nb(*cells)))
+
+    def nb(*cells):
+        notebook(tmp_path / "nbs" / "x.ipynb", *cells)
+        return tmp_path / "nbs" / "x.ipynb"
+
+    lazy = follow("from contrastive_explanations import GradCAM")  # loaded on first use, from its TYPE_CHECKING home
+    assert lazy == {"__init__.py", "methods/__init__.py", "methods/cam.py", "data/__init__.py", "data/models.py"}
+    assert follow("import contrastive_explanations") == {"__init__.py"}  # TYPE_CHECKING imports never run
+    assert follow("import contrastive_explanations as ce\nce.viz.show()") == {"__init__.py", "viz.py"}
+    assert follow("!python -m contrastive_explanations.cli x.png") == {"__init__.py", "cli.py"}
+    assert follow("import subprocess\nsubprocess.run(['ce-explain', 'x.png'])") == {"__init__.py", "cli.py"}
+    assert follow("from contrastive_explanations.results import REGISTRY") == {
+        "__init__.py", "results.py", "experiments/__init__.py", "experiments/p.py"}  # imported by name
+    assert follow("x = 1") == set()
+
+
+def test_the_real_chapters_follow_their_imports():
+    inputs = lambda chapter: build_book.chapter_inputs(ROOT, ROOT / "nbs" / f"{chapter}.ipynb", {})
+    targets = set(inputs("02_explain")["files"])
+    assert "contrastive_explanations/methods/targets.py" in targets and "constraints.txt" in targets
+    assert not {"contrastive_explanations/explorer.py", "contrastive_explanations/results.py"} & targets, targets
+    assert "contrastive_explanations/explorer.py" in inputs("index")["files"]
+    assert "reference/review_figure1.csv" in inputs("07_perturbation")["files"]
+    assert "benchmarks/results/methods.json" in inputs("13_performance")["files"]
+
+
+READS_SECTION = """\
+from contrastive_explanations.run import load_profile
+config = load_profile(profile, overrides)
+def check(config):  # a parameter of its own name: not the profile
+    return config.n >= 1
+assert config.section("{}")["n"] >= 1"""
+
+
+def test_a_changed_profile_section_re_runs_only_the_chapters_that_read_it(book, capsys):
+    (book / "settings.ini").write_text("[DEFAULT]\n")  # the notebooks' load_profile finds the project by it
+    (book / "params" / "embedded.yaml").write_text("profile: embedded\ndata_root: ''\nseed: 0\n"
+                                                   "alpha: {n: 1}\nbeta: {n: 2}\n")
+    for name, section in [("index", "alpha"), ("01_ok", "beta")]:
+        notebook(book / "nbs" / f"{name}.ipynb", READS_SECTION.format(section),
+                 parameters="profile = 'x'\noverrides = {}")
+    assert run(book, capsys=capsys)[0] == 0
+    status, out, _ = run(book, "-p", "beta.n=5", capsys=capsys)
+    assert status == 0 and out.count("unchanged, kept") == 1 and "profile section beta changed" in out, out
+    assert "[1/2] nbs/index.ipynb ...\n      unchanged, kept" in out
+    edit(book / "params" / "embedded.yaml", "alpha: {n: 1}", "alpha: {n: 3}")
+    status, out, _ = run(book, "-p", "beta.n=5", capsys=capsys)
+    assert status == 0 and out.count("unchanged, kept") == 1 and "profile section alpha changed" in out, out
+    edit(book / "params" / "embedded.yaml", "seed: 0", "seed: 1")  # a profile-wide setting: both
+    status, out, _ = run(book, "-p", "beta.n=5", capsys=capsys)
+    assert status == 0 and out.count("profile setting seed changed") == 2, out
+
+
+def test_what_a_chapter_reads_of_the_profile():
+    reads = build_book.profile_reads
+    assert reads([READS_SECTION.format("alpha")]) == {"alpha"}
+    assert reads(["c = load_profile(profile, overrides)\nc.run_settings('x'); c.shards('y'); c['seed']; c.get('d')"
+                  "\nc.results_dir(e)"]) == {"x", "y", "seed", "d"}
+    assert reads(["seed = load_profile(profile, overrides)['seed']", "load_profile(profile, overrides)"]) == {"seed"}
+    assert reads(["c = load_profile(profile, overrides)\npreflight(c)"]) is None  # passed on: it may read anything
+    assert reads(["c = load_profile(profile, overrides)\nfor k in c: print(k)"]) is None
+
+
+def test_editing_a_reference_table_re_executes_the_chapters_that_read_it(book, capsys):
+    (book / "settings.ini").write_text("[DEFAULT]\n")
     (book / "reference").mkdir()
     (book / "reference" / "review_figure1.csv").write_text("eps,d_pt\n0.003,0.1\n")
+    (book / "reference" / "review_table1.csv").write_text("method,ori\nGradCAM,0.5\n")
+    notebook(book / "nbs" / "01_ok.ipynb", "from contrastive_explanations.results import reference_table\n"
+             "assert len(reference_table('review_figure1')) == 1")
     assert run(book, capsys=capsys)[0] == 0
+    (book / "reference" / "review_table1.csv").write_text("method,ori\nGradCAM,0.6\n")  # read by no chapter
     status, out, _ = run(book, capsys=capsys)
-    assert status == 0 and out.count("unchanged, kept") == 2
+    assert status == 0 and out.count("unchanged, kept") == 2, out
     (book / "reference" / "review_figure1.csv").write_text("eps,d_pt\n0.003,0.2\n")
     status, out, _ = run(book, capsys=capsys)
-    assert status == 0 and "unchanged" not in out
+    assert status == 0 and out.count("unchanged, kept") == 1 and "runs: reference/review_figure1.csv changed" in out
+    (book / "constraints.txt").write_text("torch==2.5.1\n")  # the pins: every chapter
+    status, out, _ = run(book, capsys=capsys)
+    assert status == 0 and out.count("constraints.txt newly read") == 2, out
+
+
+def test_a_chapter_that_reads_results_says_which_chapter_made_it_run_again(book, capsys):
+    notebook(book / "nbs" / "index.ipynb", "x = 1", metadata={"book": {"reads_results": True}})
+    status, out, _ = run(book, capsys=capsys)
+    assert status == 0 and "[2/2] nbs/index.ipynb" in out and out.count("runs: no earlier copy") == 2, out
+    notebook(book / "nbs" / "01_ok.ipynb", "x = 3")
+    status, out, _ = run(book, capsys=capsys)
+    assert "runs: notebook changed" in out and "runs: reads results and 01_ok ran" in out, out
+    status, out, _ = run(book, "--force", capsys=capsys)
+    assert out.count("runs: --force") == 2, out
+
+
+def test_only_executes_the_named_chapter(book, capsys):
+    status, out, _ = run(book, "--only", "01_ok", capsys=capsys)
+    assert status == 0 and "1 of 2 chapters executed" in out, out
+    assert (book / "executed" / "01_ok.ipynb").exists() and not (book / "executed" / "index.ipynb").exists()
+    assert (book / "_build" / "html" / "index.html").exists(), "--only leaves the built book alone"
+    status, _, err = run(book, "--only", "02_nope", capsys=capsys)
+    assert status == 2 and "unknown chapter '02_nope' for --only" in err, err
 
 
 # ---- the executed copies, tidied for reading
@@ -280,6 +383,66 @@ def _values(state: dict) -> list[str]:
     return [x for v in state.values() for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]
 
 
+STDERR = """\
+import sys, warnings
+print("a result")
+print("\\r      perturbation/efficientnet_lite0 shard 1/1:   0%|          | 0/5", file=sys.stderr)
+warnings.warn("careful: a warning")"""
+
+
+def test_executed_copies_have_no_stderr_and_the_console_lists_what_was_removed(book, capsys):
+    notebook(book / "nbs" / "01_ok.ipynb", STDERR, "print('more', file=sys.stderr)")
+    status, out, err = run(book, capsys=capsys)
+    assert status == 0, out + err
+    nb = nbformat.read(book / "executed" / "01_ok.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.get("name") == "stderr"], outputs
+    assert [o["text"] for o in outputs] == ["a result\n"], "stdout stays"
+    line = "removed 2 stderr outputs from the page, the first: perturbation/efficientnet_lite0 shard 1/1:   0%|"
+    assert out.count("removed 2 stderr outputs") == 1 and line in out, out  # the kernel joins a cell's streams
+
+
+def test_every_page_says_how_it_was_built_and_hides_the_injected_parameters(book, capsys):
+    notebook(book / "nbs" / "index.ipynb", "assert overrides == {'data_root': '/my/own/data'}",
+             parameters="profile = 'x'\noverrides = {}", tags=("hide-input",))
+    status, out, _ = run(book, "-p", "data_root=/my/own/data", capsys=capsys)
+    assert status == 0, out
+    index = nbformat.read(book / "executed" / "index.ipynb", as_version=4)
+    injected = [c for c in index.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "/my/own/data" in injected[0].source
+    assert injected[0].metadata["tags"] == ["injected-parameters", "remove-cell"], "the builder's folders not shown"
+    footer = index.cells[-1]
+    assert footer.cell_type == "markdown" and "Built with the `embedded` profile" in footer.source
+    assert f"on {date.today().isoformat()}" in footer.source
+    assert "{download}`nbs/index.ipynb </nbs/index.ipynb>`" in footer.source  # from the book's root
+    assert "`python -m tools.build_book --only index --force`" in footer.source
+    chapter = nbformat.read(book / "executed" / "01_ok.ipynb", as_version=4)
+    assert "it takes no profile" in chapter.cells[-1].source and "profile" not in chapter.metadata["book"]["parameters"]
+    assert sum("Built" in c.source for c in chapter.cells) == 1
+    paper = book_pages.footer_text("14_x", "paper", "0123456789abcdef+dirty", date(2026, 12, 7), 75, "embedded")
+    assert paper.startswith("Built with the `paper` profile at commit `0123456` with uncommitted changes on "
+                            "2026-12-07 in 1 min 15 s.")
+    assert "</nbs/14_x.ipynb>" in paper and "--only 14_x --profile paper --force" in paper
+    assert "`make book PROFILE=paper`" in paper
+
+
+def test_a_build_writes_the_execution_statistics_page(book, capsys):
+    (book / "_toc.yml").write_text("format: jb-book\nroot: executed/index\nchapters:\n  - file: executed/01_ok\n"
+                                   "  - file: executed/statistics\n")  # a generated page: no notebook needed
+    assert run(book, capsys=capsys)[0] == 0
+    page = (book / "executed" / "statistics.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| {doc}")]
+    assert [r.split("|")[1].strip() for r in rows] == ["{doc}`index`", "{doc}`01_ok`"]
+    assert all("| executed |" in r for r in rows) and "| none (the same in every profile) |" in rows[1]
+    assert "| embedded |" in rows[0] and page.startswith("# Execution statistics\n")
+    assert "executed 2 and reused 0" in page
+    notebook(book / "nbs" / "01_ok.ipynb", "x = 3")
+    assert run(book, capsys=capsys)[0] == 0
+    page = (book / "executed" / "statistics.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| {doc}")]
+    assert "executed 1 and reused 1" in page and "| reused |" in rows[0] and "| executed |" in rows[1], page
+
+
 SHARDED_CHAPTER = '''
 from contrastive_explanations.results import Experiment, run
 class Count(Experiment):
@@ -313,6 +476,19 @@ def test_a_second_build_estimates_the_time_left_from_the_first(book, capsys):
     status, out, _ = run(book, "--force", capsys=capsys)
     assert status == 0 and "[1/2] nbs/index.ipynb (at most about 2 min 00 s left" in out, out
     assert build_book.duration(7384) == "2 h 03 min" and build_book.duration(5) == "5 s"
+
+
+def test_the_style_sheet_lets_wide_equations_and_code_lines_scroll_in_their_column():
+    import re
+
+    css = re.sub(r"/\*.*?\*/", "", (ROOT / "tools" / "static" / "book.css").read_text(), flags=re.S)
+    rules: dict[str, str] = {}
+    for selectors, body in re.findall(r"([^{}]+)\{([^}]*)\}", css):
+        for selector in selectors.split(","):
+            rules[" ".join(selector.split())] = rules.get(" ".join(selector.split()), "") + body
+    for selector in ("div.math", "div.cell div.cell_input pre", "div.cell div.cell_output"):
+        assert "overflow-x: auto" in rules.get(selector, ""), f"{selector} does not scroll sideways"
+    assert "max-width: 100%" in rules["div.math"] and "div.book-footer" in rules
 
 
 @pytest.mark.parametrize("has_filter", [True, False], ids=["data-filter", "python-3.11.2"])

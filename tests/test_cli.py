@@ -1,4 +1,4 @@
-"""The command line (nbs/22_cli.ipynb): it never writes over an input or a file it did not make, refuses bad input in
+"""The command line (nbs/16_cli.ipynb): it never writes over an input or a file it did not make, refuses bad input in
 one line (exit 2) before writing anything, decodes one image at a time, and answers --help without torch.
 
 The refusals run in-process through `main([...])`; a few subprocesses check what only a fresh process shows (the
@@ -358,7 +358,7 @@ def test_output_stems_never_collide():
 
 
 def test_written_here_knows_its_own_files_only(tmp_path):
-    from contrastive_explanations.results import write_arrays, write_json
+    from contrastive_explanations.files import write_arrays, write_json
     mine = {"written_by": f"{WRITER} 0.1.0"}
     write_json(tmp_path / "a.json", mine)
     write_json(tmp_path / "b.json", {"written_by": "someone"})

@@ -1,4 +1,4 @@
-"""Mean, max and weighted contrasts side by side (nbs/16_contrasts.ipynb): every contrast from one backward pass
+"""Mean, max and weighted contrasts side by side (nbs/09_contrasts.ipynb): every contrast from one backward pass
 against explicit per-class loops, the centred-logit and weighted-max propositions, the measures, the bootstrap,
 the choice of ambiguous images, bad input, the CUB source without data, the settings of both profiles, and
 sharded + resumed runs."""
@@ -19,11 +19,14 @@ from contrastive_explanations.methods import METHODS
 from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
 from contrastive_explanations.experiments.contrasts import (CONTRAST_METHODS, PAIRS, Contrasts, MeanVariantTarget,
                                                             check_methods, check_sources)
-from contrastive_explanations.experiments.toolkit import (Source, ambiguous_items, bootstrap_interval, cosine,
-                                                          interval_text, mask_share, positive_share, summarise)
+from contrastive_explanations.metrics import (bootstrap_interval, cosine, interval_text, mask_share, positive_share,
+                                              summarise)
+from contrastive_explanations.data.sources import Source
+from contrastive_explanations.experiments.base import ambiguous_items
 from contrastive_explanations.data.datasets import DatasetNotFoundError, write_fixture
 from contrastive_explanations.methods.explain import find_layer, leaf_output
-from contrastive_explanations.results import load_profile, load_results, run
+from contrastive_explanations.results import load_results, run
+from contrastive_explanations.run import load_profile
 
 SETTINGS = settings(max_examples=8, deadline=None)
 

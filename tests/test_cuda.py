@@ -101,8 +101,9 @@ def test_a_sharded_run_on_the_gpu_equals_a_one_shard_run_in_the_profiles_float32
     from torch.utils.data import TensorDataset
 
     from contrastive_explanations.experiments.perturbation import NETWORKS, Perturbation
-    from contrastive_explanations.experiments.toolkit import Source
-    from contrastive_explanations.results import load_profile, load_results, run, set_tf32
+    from contrastive_explanations.data.sources import Source
+    from contrastive_explanations.results import load_results, run, set_tf32
+    from contrastive_explanations.run import load_profile
 
     def source(device: str = "cpu", n: int = 12, **_) -> Source:
         g = torch.Generator().manual_seed(1)

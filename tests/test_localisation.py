@@ -1,4 +1,4 @@
-"""Where the evidence is (nbs/19_localisation.ipynb): the contrast part, the two measures, bootstrap intervals, the experiment."""
+"""Where the evidence is (nbs/12_localisation.ipynb): the contrast part, the two measures, bootstrap intervals, the experiment."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from contrastive_explanations.data.birds import CLASSES, PART_NAMES, generate_birds
 from contrastive_explanations.experiments.localisation import (CNN_METHODS, EXPLAINED_TARGETS, VARIANTS, VIT_METHODS,
-                                                               Localisation, area_share, contrast_parts,
-                                                               contrastive_gains, measure_summary, methods_for,
-                                                               paired_differences, peak_on_part)
-from contrastive_explanations.experiments.toolkit import bootstrap_interval, mask_share
+                                                               Localisation, contrast_parts, contrastive_gains,
+                                                               measure_summary, methods_for, paired_differences)
+from contrastive_explanations.metrics import area_share, peak_on_part
+from contrastive_explanations.metrics import bootstrap_interval, mask_share
 from contrastive_explanations.methods import METHODS, TARGETS
 from contrastive_explanations.results import run
 from contrastive_explanations.data.training import small_cnn
@@ -95,7 +95,7 @@ def test_mass_share_properties(seed, size, density):
     peak = peak_on_part(maps, masks)
     at = masks.flatten(1).gather(1, maps.flatten(1).argmax(1, keepdim=True))[:, 0].float()
     torch.testing.assert_close(peak, at)
-    assert share.dtype == torch.float64  # the toolkit's measure sums in double precision
+    assert share.dtype == torch.float64  # the metrics' measure sums in double precision
 
 
 @pytest.mark.parametrize("maps, masks, error, match", [
@@ -110,7 +110,7 @@ def test_measures_bad_input(maps, masks, error, match):
             measure(maps, masks)
 
 
-# --- bootstrap: the toolkit's interval with the mean ----------------------------------------------------------------------
+# --- bootstrap: the metrics' interval with the mean ----------------------------------------------------------------------
 
 @settings(deadline=None, max_examples=30)
 @given(st.integers(0, 2**31), st.sampled_from(["beta", "bernoulli", "normal"]))
@@ -141,7 +141,7 @@ def test_bootstrap_is_seeded_and_handles_constant_and_undefined_values():
         bootstrap_interval(values, "mode")
 
 
-def test_the_summary_is_the_toolkits_bootstrap_of_each_column(tiny):
+def test_the_summary_is_the_metrics_bootstrap_of_each_column(tiny):
     exp = tiny_localisation(tiny, max_images=6)
     table = pd.DataFrame(exp.rows(range(6)))
     summary = measure_summary(table, seed=3)
@@ -323,7 +323,7 @@ def test_methods_come_from_the_registry(tiny):
 
 
 def test_profiles_name_the_runs():
-    from contrastive_explanations.results import load_profile
+    from contrastive_explanations.run import load_profile
     embedded = load_profile("embedded").run_settings("localisation")
     assert list(embedded) == ["small_cnn", "small_vit"]
     assert [(r["model"], r["n_test"], r["max_images"]) for r in embedded.values()] == [

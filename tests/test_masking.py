@@ -1,4 +1,4 @@
-"""Tests of the feature-masking experiment (nbs/15_masking.ipynb): the relative probability, which pixels each rule
+"""Tests of the feature-masking experiment (nbs/08_masking.ipynb): the relative probability, which pixels each rule
 keeps (ours and the review's, off-by-one included), the baselines, one explanation call per method, the CUB
 source's errors, bad arguments, and a sharded, resumed run equal to a single one."""
 import itertools
@@ -18,7 +18,7 @@ from contrastive_explanations.methods.fullgrad import FullGrad
 from contrastive_explanations.experiments.masking import (BASELINES, EXPLANATIONS, FEATURES, MASKING_METHODS,
                                                           REVIEW_EXPLANATIONS, REVIEW_MOVED, review_pt_summary,
                                                           review_pt_wording,
-                                                          MASKING_SOURCES, VARIANTS, FeatureMasking, masking_source, baseline_images, blur_settings, explain_pairs,
+                                                          MASKING_SOURCES, VARIANTS, Masking, masking_source, baseline_images, blur_settings, explain_pairs,
                                               figure_maps, keep_masks, kept_range, masking_scores, normalised_zero,
                                               pixel_ranks, relative_probability, sign_counts)
 from contrastive_explanations.results import run
@@ -43,9 +43,9 @@ def tiny_images(n: int = 24, size: int = 12, seed: int = 0) -> torch.Tensor:
     return (base + 25 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 255).round().to(torch.uint8)
 
 
-def tiny_experiment(**kwargs) -> FeatureMasking:
+def tiny_experiment(**kwargs) -> Masking:
     args = dict(model=tiny_net(), images=tiny_images(), layer="3", n_images=3, batch_size=4, threshold=0.1)
-    return FeatureMasking(**(args | kwargs))
+    return Masking(**(args | kwargs))
 
 
 # --- Eq. eq-relative -------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_the_reviews_maps_are_scored_in_the_band_and_wherever_they_keep_other_pi
         net[-1].weight.mul_(3000)
     scale = torch.linspace(0.02, 1, 40).view(40, 1, 1, 1)  # the brighter images saturate, the darker do not
     images = (torch.rand(40, 3, 10, 10) * 255 * scale).round().to(torch.uint8)
-    exp = FeatureMasking(model=net, images=images, layer="3", n_images=None, batch_size=40, methods=["gradcam"])
+    exp = Masking(model=net, images=images, layer="3", n_images=None, batch_size=40, methods=["gradcam"])
     table = pd.DataFrame(exp.rows(range(len(exp))))
     first = table.drop_duplicates("item").set_index("item")
     x = exp.load([exp.items[i][0] for i in first.index])
@@ -337,7 +337,7 @@ def test_the_wording_calls_the_reviews_maps_ours_only_outside_the_band(gap):
     "A logit gap of 15.5: p_t1 < 1 in float32, yet the review's coefficient is far off: its maps are not called ours."
     image = (torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).round().to(torch.uint8)
     net = gap_network(gap, image)
-    exp = FeatureMasking(model=net, images=image[None], layer="2", n_images=1, methods=["gradcam"])
+    exp = Masking(model=net, images=image[None], layer="2", n_images=1, methods=["gradcam"])
     with torch.no_grad():
         logits = net(exp.load([0]))
     assert float(logits[0, 0] - logits[0, 1]) == pytest.approx(gap, abs=1e-4) and float(logits.softmax(1)[0, 0]) < 1
@@ -406,12 +406,12 @@ def test_cuda_without_gpu():
 def test_cub_without_data(tmp_path):
     out = tmp_path / "results"
     with pytest.raises(DatasetNotFoundError, match="data_root"):
-        run(FeatureMasking(source="cub", data_root=""), out)
+        run(Masking(source="cub", data_root=""), out)
     with pytest.raises(DatasetNotFoundError, match="CUB"):
-        run(FeatureMasking(source="cub", data_root=str(tmp_path / "empty")), out)
+        run(Masking(source="cub", data_root=str(tmp_path / "empty")), out)
     (tmp_path / "bare").mkdir()
     with pytest.raises(DatasetNotFoundError, match="CUB_200_2011"):
-        run(FeatureMasking(source="cub", data_root=str(tmp_path / "bare")), out)
+        run(Masking(source="cub", data_root=str(tmp_path / "bare")), out)
     assert not out.exists()  # nothing written
 
 
@@ -419,24 +419,24 @@ def test_cub_without_checkpoint(tmp_path):
     root = write_fixture("cub200", tmp_path / "data")
     out = tmp_path / "results"
     with pytest.raises(FileNotFoundError, match="checkpoints/vgg16_bn_cub.pt"):
-        run(FeatureMasking(source="cub", data_root=str(root)), out)
+        run(Masking(source="cub", data_root=str(root)), out)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        run(FeatureMasking(source="cub", data_root=str(root), checkpoint=str(tmp_path / "missing.pt")), out)
+        run(Masking(source="cub", data_root=str(root), checkpoint=str(tmp_path / "missing.pt")), out)
     assert not out.exists()
 
 
 def test_the_profiles_settings_are_the_constructors():
-    "Both profiles' runs take only FeatureMasking's arguments, with a known source; no profile argument."
+    "Both profiles' runs take only Masking's arguments, with a known source; no profile argument."
     import inspect
 
-    from contrastive_explanations.results import load_profile
+    from contrastive_explanations.run import load_profile
 
-    assert "profile" not in inspect.signature(FeatureMasking).parameters
+    assert "profile" not in inspect.signature(Masking).parameters
     sources = {}
     for name, overrides in (("embedded", {}), ("paper", {"data_root": "/data"})):
         config = load_profile(name, overrides)
-        (settings,) = config.run_settings("feature_masking").values()
-        assert settings["source"] in MASKING_SOURCES and isinstance(config.section("feature_masking")["photos"], bool)
+        (settings,) = config.run_settings("masking").values()
+        assert settings["source"] in MASKING_SOURCES and isinstance(config.section("masking")["photos"], bool)
         sources[name] = settings["source"], settings["n_images"]
     assert sources == {"embedded": ("birds", 40), "paper": ("cub", None)}
     with pytest.raises(ValueError, match="source must be one of"):

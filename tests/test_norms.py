@@ -1,4 +1,4 @@
-"""Gradient norm against logit (nbs/17_norm_logit.ipynb): target ranks, batched norms, the fit, the experiment."""
+"""Gradient norm against logit (nbs/10_norm_logit.ipynb): target ranks, batched norms, the fit, the experiment."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,8 @@ from torch import nn
 from contrastive_explanations.data.datasets import DatasetNotFoundError
 from contrastive_explanations.experiments.norm_logit import (NormLogit, gradient_norms, input_normalisation, polyfit_r2, ranked_classes,
                                             target_ranks)
-from contrastive_explanations.results import main, run
+from contrastive_explanations.results import run
+from contrastive_explanations.run import main
 
 
 def tiny_net(bias: bool = True, classes: int = 5) -> nn.Module:
@@ -262,7 +263,7 @@ def test_name_carries_the_results_folder():
 
 
 def test_profiles_name_the_runs_and_their_folders():
-    from contrastive_explanations.results import load_profile
+    from contrastive_explanations.run import load_profile
     embedded = load_profile("embedded")
     settings = embedded.run_settings("norm_logit")
     assert list(settings) == ["main", "birds"] and "profile" not in settings["main"]

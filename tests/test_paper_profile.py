@@ -26,7 +26,7 @@ from conftest import tree_state
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "fixture"
 BOOK = build_book.BookPaths.of(ROOT, PROFILE)
-EXPERIMENTS = {"perturbation": 9, "feature_masking": 1, "contrasts": 1, "vit_maps": 1, "norm_logit": 2, "localisation": 2}
+EXPERIMENTS = {"perturbation": 9, "masking": 1, "contrasts": 1, "vit_maps": 1, "norm_logit": 2, "localisation": 2}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def paper_run(tmp_path_factory):
     old = {k: os.environ.get(k) for k in [*env, CONSOLE_PROGRESS]}
     os.environ.update(env)
     try:  # the README's commands: one run from the command line, then the book, which reuses it
-        cli = subprocess.run([sys.executable, "-m", "contrastive_explanations.results", "perturbation", "--profile",
+        cli = subprocess.run([sys.executable, "-m", "contrastive_explanations.run", "perturbation", "--profile",
                               PROFILE, "--param", f"data_root={data}", "--param", f"output_root={out}", "--run",
                               "resnet18"], cwd=ROOT, capture_output=True, text=True, timeout=600)
         status = build_book.main(["--profile", PROFILE, "-p", f"data_root={data}", "-p", f"output_root={out}"], ROOT)
@@ -93,7 +93,7 @@ GLUE = re.compile(r"\{glue(?::\w+)?\}`([^`]+)`")
 def test_a_glue_key_the_profile_does_not_compute_fails_the_build(paper_run, tmp_path, capfd, broken):
     assert paper_run["status"] == 0
     src = _book_source(tmp_path)
-    chapter = src / build_book.EXECUTED / PROFILE / "14_perturbation.ipynb"
+    chapter = src / build_book.EXECUTED / PROFILE / "07_perturbation.ipynb"
     nb = nbformat.read(chapter, as_version=4)
     cell = next(c for c in nb.cells if c.cell_type == "markdown" and GLUE.search(c.source))
     key = GLUE.search(cell.source).group(1)
@@ -109,15 +109,15 @@ def test_a_glue_key_the_profile_does_not_compute_fails_the_build(paper_run, tmp_
         assert f"{key}_not_computed" in captured.out + captured.err
     else:
         build_book.jupyter_book(src, paths.staging, offline, paths.toc)
-        assert (paths.staging / "_build" / "html" / build_book.EXECUTED / PROFILE / "14_perturbation.html").is_file()
+        assert (paths.staging / "_build" / "html" / build_book.EXECUTED / PROFILE / "07_perturbation.html").is_file()
 
 
 def test_the_estimate_times_a_run_on_its_first_batch_and_projects_its_chapter(paper_run):
     lines = paper_run["estimate"].splitlines()
     assert lines[0].startswith("estimated running time of profile 'fixture' on this machine"), lines
-    run = next(line for line in lines if line.startswith("  nbs/16_contrasts.ipynb main: set-up "))
+    run = next(line for line in lines if line.startswith("  nbs/09_contrasts.ipynb main: set-up "))
     assert re.search(r"items at [0-9.e+-]+ s each \(timed on [0-9]+\): about [0-9]", run), run
-    assert lines[-2].startswith("  nbs/16_contrasts.ipynb: about ") and lines[-1].startswith("  in all: about ")
+    assert lines[-2].startswith("  nbs/09_contrasts.ipynb: about ") and lines[-1].startswith("  in all: about ")
 
 
 def test_every_experiment_chapter_runs_the_paper_code_path(paper_run):

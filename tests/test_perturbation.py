@@ -1,4 +1,4 @@
-"""Input-space perturbation (nbs/14_perturbation.ipynb): the corrected iteration's bounds and step, the batched
+"""Input-space perturbation (nbs/07_perturbation.ipynb): the corrected iteration's bounds and step, the batched
 sources, the first-order ordering, the experiment's errors, and sharded + resumed runs, on tiny networks."""
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ from contrastive_explanations.methods.targets import WeightedLogTarget, Weighted
 from contrastive_explanations.data.datasets import DatasetNotFoundError
 from torch.utils.data import TensorDataset
 
-from contrastive_explanations.experiments.perturbation import (EPSILONS, N_TOTS, NETWORKS, REVIEW_PT_TOLERANCE,
+from contrastive_explanations.methods.targets import REVIEW_PT_TOLERANCE, review_pt_error
+from contrastive_explanations.experiments.perturbation import (EPSILONS, N_TOTS, NETWORKS,
                                                                REVIEW_SOURCE, RUN_SOURCES, SOURCES, Perturbation,
-                                                               review_pt_error,
                                                                check_epsilons, check_n_tots, image_subset, perturb,
                                                                perturbation_bounds, perturbation_step, sign_targets,
                                                                step_size)
-from contrastive_explanations.experiments.toolkit import Source, load_batch, resolve_device
-from contrastive_explanations.results import load_results, main, run
+from contrastive_explanations.data.sources import Source, load_batch
+from contrastive_explanations.experiments.base import resolve_device
+from contrastive_explanations.results import load_results, run
+from contrastive_explanations.run import main
 
 
 def tiny_net(seed: int = 0, classes: int = 5) -> nn.Module:
@@ -329,7 +331,7 @@ def test_sharded_and_resumed_equals_one_run(tiny, tmp_path):
 
 def test_the_profiles_settings_are_the_constructors(tiny):
     "Every run of both profiles names a network of NETWORKS and only arguments Perturbation takes."
-    from contrastive_explanations.results import load_profile
+    from contrastive_explanations.run import load_profile
 
     for name, overrides in (("embedded", {}), ("paper", {"data_root": "/data"})):
         settings = load_profile(name, overrides).run_settings("perturbation")

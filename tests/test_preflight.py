@@ -1,4 +1,4 @@
-"""The preflight (nbs/12_toolkit.ipynb): before a profile computes anything, every dataset folder, weight file and
+"""The preflight (nbs/25_base.ipynb): before a profile computes anything, every dataset folder, weight file and
 checkpoint it opens is looked for, and what is missing is named in one message; the book build and the command line
 stop on it with exit status 2."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torchvision
 
 from contrastive_explanations.data.datasets import write_fixture
 from contrastive_explanations.data.models import TORCHVISION_IMAGENET, weights_file
-from contrastive_explanations.experiments import toolkit
-from contrastive_explanations.experiments.toolkit import preflight, preflight_report
-from contrastive_explanations.results import load_profile
+from contrastive_explanations.data import sources
+from contrastive_explanations.run import preflight, preflight_report
+from contrastive_explanations.run import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE_ARCHS = ("vgg16_bn", "vit_b_16")
@@ -26,8 +26,8 @@ def torch_home(tmp_path, monkeypatch) -> Path:
     "An empty TORCH_HOME, so that no weight file of this machine's cache is found."
     home = tmp_path / "torch_home"
     monkeypatch.setenv("TORCH_HOME", str(home))
-    monkeypatch.setattr(toolkit, "download_server_reachable", lambda *a, **k: False)
-    toolkit._dataset_problem.cache_clear()
+    monkeypatch.setattr(sources, "download_server_reachable", lambda *a, **k: False)
+    sources._dataset_problem.cache_clear()
     return home
 
 
@@ -71,11 +71,11 @@ def test_with_everything_in_place_nothing_is_missing(tmp_path, torch_home):
 
 
 def test_downloadable_weights_count_as_found_only_when_the_server_answers(tmp_path, torch_home, monkeypatch):
-    assert not toolkit.weights_need("resnet18", download=True).found
-    assert "cannot be reached" in toolkit.weights_need("resnet18", download=True).fix
-    assert "download=true" in toolkit.weights_need("resnet18", download=False).fix
-    monkeypatch.setattr(toolkit, "download_server_reachable", lambda *a, **k: True)
-    assert toolkit.weights_need("resnet18", download=True).found and not toolkit.weights_need("resnet18", False).found
+    assert not sources.weights_need("resnet18", download=True).found
+    assert "cannot be reached" in sources.weights_need("resnet18", download=True).fix
+    assert "download=true" in sources.weights_need("resnet18", download=False).fix
+    monkeypatch.setattr(sources, "download_server_reachable", lambda *a, **k: True)
+    assert sources.weights_need("resnet18", download=True).found and not sources.weights_need("resnet18", False).found
 
 
 def test_the_embedded_profile_opens_nothing_it_lacks():
@@ -97,7 +97,7 @@ def test_make_book_with_an_empty_data_root_stops_at_once_with_one_message(tmp_pa
 
 def test_the_command_line_names_what_its_run_lacks(tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "CONTRASTIVE_EXPLANATIONS_RESULTS": str(tmp_path / "r")}
-    r = subprocess.run([sys.executable, "-m", "contrastive_explanations.results", "feature_masking", "--profile",
+    r = subprocess.run([sys.executable, "-m", "contrastive_explanations.run", "masking", "--profile",
                         "paper", "--param", f"data_root={tmp_path}", "--param", f"output_root={tmp_path / 'out'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr

@@ -12,7 +12,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from contrastive_explanations import files as F
 from contrastive_explanations import results as R
+from contrastive_explanations import run as RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,17 +56,17 @@ def test_bad_shards(index, count, word):
 
 
 def test_write_atomic_leaves_nothing_on_failure(tmp_path):
-    R.write_json(tmp_path / "ok.json", {"x": np.float64(1.5), "t": torch.tensor([1, 2])})
+    F.write_json(tmp_path / "ok.json", {"x": np.float64(1.5), "t": torch.tensor([1, 2])})
     assert json.loads((tmp_path / "ok.json").read_text()) == {"x": 1.5, "t": [1, 2]}
     with pytest.raises(TypeError, match="convert it"):
-        R.write_json(tmp_path / "bad.json", {"m": object()})
+        F.write_json(tmp_path / "bad.json", {"m": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json"]
 
 
 def test_arrays_round_trip(tmp_path):
     maps = torch.randn(2, 3, 4)
-    path = R.write_arrays(tmp_path / "maps.npz", {"seed": 3}, maps=maps, labels=np.array([1, 2]))
-    arrays, prov = R.read_arrays(path)
+    path = F.write_arrays(tmp_path / "maps.npz", {"seed": 3}, maps=maps, labels=np.array([1, 2]))
+    arrays, prov = F.read_arrays(path)
     np.testing.assert_array_equal(arrays["maps"], maps.numpy())
     assert prov == {"seed": 3} and arrays["labels"].tolist() == [1, 2]
 
@@ -166,18 +168,18 @@ def test_code_version_covers_the_code_an_experiment_runs_only(tmp_path):
     assert own.read_text().count("Reworded") == 1 and "# a comment" in own.read_text()
     assert R.code_version(PERTURBATION, package) == before  # results stay valid
     assert R.code_version(None, package) != R.code_version(None, R.installed_package())  # the whole package moved
-    toolkit = package / "experiments" / "toolkit.py"  # code it imports
-    toolkit.write_text(toolkit.read_text() + "\nEXTRA = 1\n")
+    base = package / "experiments" / "base.py"  # code it imports
+    base.write_text(base.read_text() + "\nEXTRA = 1\n")
     assert R.code_version(PERTURBATION, package) != before
     targets = package / "methods" / "targets.py"  # and code that code imports
-    after_toolkit = R.code_version(PERTURBATION, package)
+    after_base = R.code_version(PERTURBATION, package)
     targets.write_text(targets.read_text() + "\nEXTRA = 2\n")
-    assert R.code_version(PERTURBATION, package) != after_toolkit
+    assert R.code_version(PERTURBATION, package) != after_base
 
 
 def test_code_files_follow_relative_absolute_and_submodule_imports():
     names = {p.relative_to(R.installed_package()).as_posix() for p in R.code_files(PERTURBATION)}
-    assert {"experiments/perturbation.py", "experiments/toolkit.py", "methods/targets.py", "methods/explain.py",
+    assert {"experiments/perturbation.py", "experiments/base.py", "methods/targets.py", "methods/explain.py",
             "results.py", "data/models.py", "data/datasets.py"} <= names  # data.datasets: `from ...data import datasets`
     assert not names & {"explorer.py", "viz.py", "experiments/masking.py", "methods/cam.py"}
 
@@ -191,7 +193,7 @@ def test_experiment_provenance_uses_its_module_code_version():
 def test_written_files_get_the_umask_not_0600(tmp_path, umask):
     old = os.umask(umask)
     try:
-        path = R.write_json(tmp_path / "a.json", {"x": 1})
+        path = F.write_json(tmp_path / "a.json", {"x": 1})
         shard = R.run(Squares(), tmp_path / "run", progress=False)
     finally:
         os.umask(old)
@@ -256,7 +258,7 @@ def _cli(tmp_path, *args, torchrun=False, env=None):
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1", **(env or {})}
     head = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
             else [sys.executable])
-    return subprocess.run([*head, "-m", "contrastive_explanations.results", *args], cwd=ROOT, env=env,
+    return subprocess.run([*head, "-m", "contrastive_explanations.run", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -305,7 +307,7 @@ EMBEDDED = """
 def test_profiles_of_the_project_load_and_fit_their_classes():
     "Every run of every section names only arguments its experiment class takes (checked without building it)."
     for name in sorted(p.stem for p in (ROOT / "params").glob("*.yaml")):
-        config = R.load_profile(name, {"data_root": "/data"} if name != "embedded" else {}, root=ROOT)
+        config = RUN.load_profile(name, {"data_root": "/data"} if name != "embedded" else {}, root=ROOT)
         for section in R.EXPERIMENTS:
             if section in config:
                 settings = config.run_settings(section)
@@ -329,12 +331,12 @@ def test_inherits_overrides_and_nulls(tmp_path):
         data_root: null
         perturbation: {runs: {vgg16: {model: vgg16, n_images: null}}}
     """)
-    big = R.load_profile("big", {"data_root": "/data", "perturbation.shards": "8"}, root=root)
+    big = RUN.load_profile("big", {"data_root": "/data", "perturbation.shards": "8"}, root=root)
     assert big.name == "big" and big["data_root"] == "/data" and big["training"] == {"cnn_epochs": 4}
     assert big.shards("perturbation") == 8
     assert big.run_settings("perturbation") == {  # runs replaced whole, profile-wide keys the class takes added
         "vgg16": {"model": "vgg16", "n_images": None, "data_root": "/data", "device": "cpu", "seed": 0}}
-    small = R.load_profile("embedded", {"perturbation.runs.small_cnn.n_images": "5"}, root=root)
+    small = RUN.load_profile("embedded", {"perturbation.runs.small_cnn.n_images": "5"}, root=root)
     assert small.run_settings("perturbation")["small_cnn"]["n_images"] == 5
 
 
@@ -351,30 +353,30 @@ def test_inherits_overrides_and_nulls(tmp_path):
 ])
 def test_bad_profiles_are_named(tmp_path, files, name, overrides, words):
     root = _project(tmp_path, embedded=EMBEDDED, **files)
-    with pytest.raises(R.ProfileError) as e:
-        R.load_profile(name, overrides, root=root)
+    with pytest.raises(RUN.ProfileError) as e:
+        RUN.load_profile(name, overrides, root=root)
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
 def test_run_settings_refuse_what_the_class_does_not_take(tmp_path):
     root = _project(tmp_path, embedded=EMBEDDED.replace("n_images: 3", "n_images: 3, colour: red"))
-    config = R.load_profile("embedded", root=root)
-    with pytest.raises(R.ProfileError, match="sets colour, which Perturbation does not take"):
+    config = RUN.load_profile("embedded", root=root)
+    with pytest.raises(RUN.ProfileError, match="sets colour, which Perturbation does not take"):
         config.run_settings("perturbation")
-    with pytest.raises(R.ProfileError, match="must be a positive integer"):
-        R.load_profile("embedded", {"perturbation.shards": "0"}, root=root).shards("perturbation")
+    with pytest.raises(RUN.ProfileError, match="must be a positive integer"):
+        RUN.load_profile("embedded", {"perturbation.shards": "0"}, root=root).shards("perturbation")
 
 
 def test_command_line_computes_what_the_chapter_reads(tmp_path, monkeypatch):
     "The command line with a profile writes the shards that the chapter's run(...) then reuses: nothing recomputed."
     overrides = {"perturbation.runs.efficientnet_lite0.n_images": "1", "perturbation.shards": "2"}
     env = {**os.environ, "CONTRASTIVE_EXPLANATIONS_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "2"}
-    cli = subprocess.run([sys.executable, "-m", "contrastive_explanations.results", "perturbation", "--run",
+    cli = subprocess.run([sys.executable, "-m", "contrastive_explanations.run", "perturbation", "--run",
                           "efficientnet_lite0", *(a for k, v in overrides.items() for a in ("--param", f"{k}={v}"))],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert cli.returncode == 0, cli.stderr[-2000:]
     monkeypatch.setenv("CONTRASTIVE_EXPLANATIONS_RESULTS", str(tmp_path))
-    config = R.load_profile("embedded", overrides, root=ROOT)  # what the chapter does with the same settings
+    config = RUN.load_profile("embedded", overrides, root=ROOT)  # what the chapter does with the same settings
     experiment = config.experiments("perturbation")["efficientnet_lite0"]
     out = config.results_dir(experiment)
     shards = sorted(out.glob("shard-*.json"))
@@ -394,7 +396,7 @@ def test_cli_bad_settings_exit_2(tmp_path):
                        (["perturbation", "--param", "nokey"], "--param takes KEY=VALUE"),
                        (["perturbation", "--run", "nope"], "no run 'nope' in perturbation"),
                        (["perturbation", "--out", str(tmp_path / "x")], "--out takes one run")):
-        r = subprocess.run([sys.executable, "-m", "contrastive_explanations.results", *args], cwd=ROOT, env=env,
+        r = subprocess.run([sys.executable, "-m", "contrastive_explanations.run", *args], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert not any(tmp_path.iterdir()), "nothing is written on bad input"

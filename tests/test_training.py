@@ -1,4 +1,4 @@
-"""Training and caching of the small models (nbs/10_training.ipynb), on tiny data so that it runs in seconds."""
+"""Training and caching of the small models (nbs/20_training.ipynb), on tiny data so that it runs in seconds."""
 from __future__ import annotations
 
 import json
@@ -195,7 +195,7 @@ def test_profiles_set_the_training_chapter():
     "The chapter's epochs are the cache's defaults in the embedded profile; `finetune` names fine-tuned networks."
     from contrastive_explanations.data.models import MODELS, TORCHVISION_IMAGENET
     from contrastive_explanations.data.training import EMBEDDED_EPOCHS
-    from contrastive_explanations.results import load_profile
+    from contrastive_explanations.run import load_profile
     embedded = load_profile("embedded").section("training")
     assert {"small_cnn": embedded["cnn_epochs"], "small_vit": embedded["vit_epochs"]} == EMBEDDED_EPOCHS
     assert embedded["finetune"] == []

@@ -1,4 +1,4 @@
-"""Contrastive maps of a Vision Transformer (nbs/18_vit_maps.ipynb): the block mapping, the chance level of the
+"""Contrastive maps of a Vision Transformer (nbs/11_vit_maps.ipynb): the block mapping, the chance level of the
 part score, bad input, the Food-101 source without data, the profiles' settings, rows against direct computation,
 sharded + resumed runs."""
 from __future__ import annotations
@@ -13,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import TensorDataset
 
-from contrastive_explanations.experiments.toolkit import Source, cosine, mask_share
+from contrastive_explanations.metrics import cosine, mask_share
+from contrastive_explanations.data.sources import Source
 from contrastive_explanations.data.datasets import DatasetNotFoundError, write_fixture
-from contrastive_explanations.results import load_profile, run
+from contrastive_explanations.results import run
+from contrastive_explanations.run import load_profile
 from contrastive_explanations.methods.vit import AttentionRollout, ViTGradCAM
 from contrastive_explanations.experiments.vit_maps import (MAP_KINDS, METHOD_KINDS, RELU_KINDS, ViTMaps, map_block,
                                                            stand_in_blocks)

@@ -1,4 +1,4 @@
-"""viz.overlay (nbs/13_viz): the images it takes, a colour bar that a plain savefig keeps, and a viz module that
+"""viz.overlay (nbs/27_viz): the images it takes, a colour bar that a plain savefig keeps, and a viz module that
 imports without the widgets extra."""
 from __future__ import annotations
 

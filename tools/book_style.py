@@ -1,4 +1,5 @@
-"""Sphinx extension for the book: its own style sheet, `tools/static/book.css`, on every page, and the photo
+"""Sphinx extension for the book: its own style sheet, `tools/static/book.css`, on every page (wide code, outputs
+and display equations scroll inside the column; the pages' footer line is set small), and the photo
 explainer's script, `tools/static/photo-explainer.js`, which acts only on a page with a `.photo-explainer` box.
 
 The sheet is served from this folder's `static/` (added to `html_static_path` here, so it is there also when the

@@ -1,23 +1,44 @@
 """The main job: execute every chapter of the book with papermill on a parameter profile, then build the book.
 
-    python -m tools.build_book [--profile embedded|paper] [--param data_root=/data] [--force]
+    python -m tools.build_book [--profile embedded|paper] [--param data_root=/data] [--force] [--only NAME]
 
 1. Reads `params/<profile>.yaml`; each notebook receives only the parameters its `parameters` cell declares.
 2. Executes `nbs/NAME.ipynb` for every `executed/NAME` entry of `_toc.yml` into `executed/NAME.ipynb` (git-ignored;
-   for a profile other than `embedded`, into `executed/PROFILE/NAME.ipynb`, see `BookPaths`). A copy whose
-   notebook, parameters and the files it may read (`KEY_FILES`: package, reference numbers, benchmark results, pins)
-   are unchanged since its last run is kept (`--force` redoes it); a chapter that takes no profile is the same in
-   every profile, so another profile's up-to-date copy of it is copied instead of executed.
-   Chapters whose notebook metadata says `book: {reads_results: true}` run last, and again whenever another ran.
-   Each executed copy is tidied for reading (`tidy_executed`): no nbdev `#|` directive lines, no progress bars.
-3. Builds the Jupyter Book with warnings as errors into a staging folder, and only on success moves it to
+   for a profile other than `embedded`, into `executed/PROFILE/NAME.ipynb`, see `BookPaths`). A copy is kept when
+   nothing it depends on changed (`chapter_inputs`, recorded in the copy's metadata):
+   - its notebook and the parameters it receives;
+   - the package modules it runs: those its code cells import (`import contrastive_explanations.x`, `from ... import`,
+     a lazily loaded name such as `from contrastive_explanations import GradCAM`, a module named in a shell line or a
+     console script), followed through the package's own imports, each module's packages (`__init__.py`) included.
+     A module named in a string ('contrastive_explanations.experiments.x:Class', as `results.EXPERIMENTS` does) is
+     taken as imported: code may import it by name. Imports under `if TYPE_CHECKING:` never run and do not count;
+   - the files it reads: `constraints.txt` (every chapter), `reference/NAME.csv` for a `reference_table("NAME")` in
+     its code or in a module it runs (every table when the name is not spelled out), `benchmarks/results/*.json` for
+     code that names the folder `benchmarks`;
+   - the profile's parts it reads: the profile-wide settings experiments receive (`PROFILE_WIDE`), and the sections
+     and settings its code names on `load_profile(...)`'s answer (`config.run_settings("localisation")`,
+     `config["seed"]`, `.section`, `.shards`, `.experiments`, `.get`). A chapter that uses the profile any other way
+     (passes it to a function, loops over it) depends on the whole profile. `overrides` counts only through them.
+   Otherwise it runs, and the console says why ("notebook changed", "contrastive_explanations/viz.py changed
+   (imported via contrastive_explanations.explorer)", "reference/review_table1.csv changed", "profile section
+   localisation changed", "no earlier copy", "--force"). A chapter that takes no profile is the same in every
+   profile, so another profile's up-to-date copy of it is copied instead of executed.
+   Chapters whose notebook metadata says `book: {reads_results: true}` run last, and again whenever another ran
+   ("reads results and 07_perturbation ran"). `--only NAME` executes that chapter alone and builds no book.
+   Each executed copy is tidied for reading (`book_pages.tidy_executed`): no nbdev `#|` directive lines, no progress
+   bars, no stderr outputs (the console lists them), no injected parameters cell; its last line says which profile
+   built it, at which commit and when, links its source notebook and gives the command that reruns it.
+3. Writes the execution-statistics page `executed/statistics.md` (each chapter's profile, executed or reused, time,
+   commit), builds the Jupyter Book with warnings as errors into a staging folder, and only on success moves it to
    `_build/html` (`_build/PROFILE/html` for another profile, so that building one never replaces the other's book),
    so a failed run never leaves a book that looks good. Timings go to `_build/timings-<profile>.json`.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -26,7 +47,10 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import nbformat
@@ -36,6 +60,7 @@ import yaml
 from contrastive_explanations.results import CONSOLE_PROGRESS
 
 from .book_assets import ensure_assets
+from .book_pages import STATISTICS, add_footer, footer_text, git_commit, statistics_page, tidy_executed
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTED = "executed"  # toc entries `executed/NAME` are papermill copies of `nbs/NAME.ipynb`
@@ -55,8 +80,8 @@ class UsageError(BuildError):
 
 def load_profile(root: Path, name: str, overrides: dict[str, str]):
     "The profile's settings, through the package's one loader; a bad name or key is a UsageError (exit status 2)."
-    from contrastive_explanations.results import ProfileError
-    from contrastive_explanations.results import load_profile as load
+    from contrastive_explanations.run import ProfileError
+    from contrastive_explanations.run import load_profile as load
 
     try:
         return load(name, overrides, root)
@@ -66,7 +91,7 @@ def load_profile(root: Path, name: str, overrides: dict[str, str]):
 
 def check_needs(profile) -> None:
     "Stop with one message (a UsageError) if any dataset folder, weight file or checkpoint the profile opens is missing."
-    from contrastive_explanations.experiments.toolkit import preflight, preflight_report
+    from contrastive_explanations.run import preflight, preflight_report
 
     report = preflight_report(preflight(profile), profile.name)
     if report:
@@ -83,10 +108,10 @@ def experiment_chapter(root: Path, cls: type) -> str:
 
 
 def estimate(root: Path, profile, experiments: list[str] | None = None) -> str:
-    """Time every run of the profile on its first items (`toolkit.calibrate`) and project each chapter's running
+    """Time every run of the profile on its first items (`run.calibrate`) and project each chapter's running
     time on this machine: one report, a line per run and per chapter."""
-    from contrastive_explanations.experiments.toolkit import calibrate
     from contrastive_explanations.results import find_experiment
+    from contrastive_explanations.run import calibrate
 
     print(f"==> calibrating: every run of profile {profile.name!r} on its first batch", flush=True)
     chapters: dict[str, float] = {}
@@ -104,7 +129,8 @@ def estimate(root: Path, profile, experiments: list[str] | None = None) -> str:
 
 
 def toc_chapters(root: Path) -> list[str]:
-    "Names of the notebooks the book lists, in reading order (`executed/NAME` entries of `_toc.yml`)."
+    """Names of the notebooks the book lists, in reading order (`executed/NAME` entries of `_toc.yml`, but for the
+    statistics page `executed/statistics`, which the build writes)."""
     toc = yaml.safe_load((root / "_toc.yml").read_text())
     names: list[str] = []
 
@@ -122,6 +148,7 @@ def toc_chapters(root: Path) -> list[str]:
 
     walk(toc)
     chapters = [n.split("/", 1)[1] for n in names if n.startswith(EXECUTED + "/")]
+    chapters = [c for c in chapters if c != STATISTICS]  # a page the build writes, not a notebook
     missing = [c for c in chapters if not (root / "nbs" / f"{c}.ipynb").exists()]
     if missing:
         raise BuildError(f"_toc.yml lists {', '.join(missing)} but nbs/ has no such notebook: add it or fix _toc.yml")
@@ -182,109 +209,382 @@ def reads_results(root: Path, chapter: str) -> bool:
     return bool(meta.get("book", {}).get("reads_results"))
 
 
-#: The files besides its notebook that a chapter may read, as glob patterns under the project root: the package (every
-#: module of every subpackage), the review's published numbers, the benchmarks' results, the pins. A change to any of
-#: them re-executes every chapter: a chapter reads them through the package, so which ones it reads is not visible.
-KEY_FILES = ("contrastive_explanations/**/*.py", "reference/*.csv", "benchmarks/results/*.json", "constraints.txt")
+# ---- what a chapter reads: the inputs of its executed copy
+
+PACKAGE = "contrastive_explanations"  # the book's package, whose imports are followed
+ALWAYS_READ = ("constraints.txt",)  # the pins: every chapter runs on them
+BENCHMARKS = "benchmarks/results/*.json"  # read by a chapter whose code names the benchmarks folder
+REFERENCE = "reference/{}.csv"  # a chapter's `reference_table("NAME")`; every table for a name not spelled out
+PROFILE_METHODS = {"section", "run_settings", "shards", "experiments"}  # their first argument names a profile section
+# Settings every chapter that loads the profile depends on: those experiments receive (the package's COMMON_KEYS)
+# and tf32, which load_profile applies to the process.
+PROFILE_WIDE = ("device", "data_root", "output_root", "seed", "download", "tf32")
+PROFILE_NAME_ONLY = {"name", "results_dir"}  # Profile attributes that read nothing but the profile's name
+MAGIC = re.compile(r"^[ \t]*[%!].*$", re.MULTILINE)  # IPython magics and shell lines, blanked before parsing
+MODULE_NAME = re.compile(rf"\b{PACKAGE}(?:\.\w+)+")  # a dotted module name in a notebook, e.g. in `!python -m ...`
 
 
-def key_files(root: Path) -> list[Path]:
-    "The files matching `KEY_FILES` under `root`, sorted, each once."
-    return sorted({f for pattern in KEY_FILES for f in root.glob(pattern) if f.is_file()})
+def raw_cells(nb: Path) -> list[str]:
+    "The sources of the notebook's code cells, as written."
+    cells = json.loads(nb.read_text()).get("cells", [])
+    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            for c in cells if c.get("cell_type") == "code"]
 
 
-def build_key(root: Path, nb: Path, params: dict) -> str:
-    "A hash of everything an executed copy depends on: notebook, parameters, and the files of `KEY_FILES`."
-    h = hashlib.sha256(nb.read_bytes())
-    h.update(json.dumps(params, sort_keys=True).encode())
-    for f in key_files(root):  # the path too, so that renaming or adding a file changes the key
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
+def raw_code(nb: Path) -> str:
+    "The notebook's code, its cells joined."
+    return "\n".join(raw_cells(nb))
 
 
-DIRECTIVE = re.compile(r"^[ \t]*#\|.*(?:\n|$)", re.MULTILINE)  # an nbdev directive line: #| export, #| hide, ...
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
-PROGRESS_MODELS = {"FloatProgressModel", "IntProgressModel"}
+def code_cells(nb: Path) -> list[str]:
+    "The notebook's code cells, as Python can parse them (magics and shell lines blanked)."
+    return [MAGIC.sub("", source) for source in raw_cells(nb)]
 
 
-def progress_bar_models(state: dict) -> set[str]:
-    """The widget models of progress bars (tqdm's, in a kernel: an HBox of HTML labels around a progress bar), with
-    the layouts and styles only they use. Menus, stacks and images (the static explorers) are never among them."""
-    def refs(model: dict) -> set[str]:
-        found = set()
-        for value in model.get("state", {}).values():
-            for v in value if isinstance(value, list) else [value]:
-                if isinstance(v, str) and v.startswith("IPY_MODEL_") and v[10:] in state:
-                    found.add(v[10:])
+def parse(source: str) -> ast.Module | None:
+    "The syntax tree of a cell or module, or None where Python cannot read it (its uses are then guessed widely)."
+    try:
+        return ast.parse(source)
+    except SyntaxError:
+        return None
+
+
+def module_file(root: Path, dotted: str) -> Path | None:
+    "The file of the package's module `dotted` under `root` (a.b: a/b.py or a/b/__init__.py), or None."
+    parts = dotted.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = root.joinpath(*parts)
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def _type_checking(node: ast.AST) -> bool:
+    "An `if TYPE_CHECKING:` block (its imports never run)."
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+@dataclass
+class ModuleRefs:
+    "What one module or notebook imports of the package, and where its lazily loaded names live."
+    imports: set[str]  # dotted names of modules (and attributes: resolved against files later)
+    from_imports: list[tuple[str, str]]  # (module, name) of `from module import name`
+    lazy: dict[str, str]  # name -> module, from its `if TYPE_CHECKING:` imports (loaded on first use, PEP 562)
+
+
+def module_refs(tree: ast.Module, here: list[str]) -> ModuleRefs:
+    """The package's modules that code imports: `import`, `from ... import` (relative ones resolved from the package
+    `here`), package aliases' attributes (`ce.viz`), and module names in strings ('contrastive_explanations.x:Class',
+    as in a registry that imports by name). Imports under `if TYPE_CHECKING:` never run: they only say where a
+    lazily loaded name comes from."""
+    refs = ModuleRefs(set(), [], {})
+    aliases = {PACKAGE: PACKAGE}
+
+    def absolute(node: ast.ImportFrom) -> str:
+        base = here[:len(here) - node.level + 1] if node.level else []
+        return ".".join([*base, *([node.module] if node.module else [])])
+
+    def visit(node: ast.AST, lazy: bool) -> None:
+        if _type_checking(node):
+            for child in node.body:
+                visit(child, True)
+            for child in node.orelse:
+                visit(child, lazy)
+            return
+        if isinstance(node, ast.Import) and not lazy:
+            for a in node.names:
+                refs.imports.add(a.name)
+                if a.asname and a.name.split(".")[0] == PACKAGE:
+                    aliases[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            module = absolute(node)
+            for a in node.names:
+                if lazy:
+                    refs.lazy[a.asname or a.name] = module
+                else:
+                    refs.from_imports.append((module, a.name))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            name = node.value.partition(":")[0]
+            if re.fullmatch(rf"{PACKAGE}(\.\w+)+", name):
+                refs.imports.add(name)
+        elif isinstance(node, ast.Attribute):
+            chain, inner = [node.attr], node.value
+            while isinstance(inner, ast.Attribute):
+                chain, inner = [inner.attr, *chain], inner.value
+            if isinstance(inner, ast.Name) and inner.id in aliases:
+                refs.imports.add(".".join([aliases[inner.id], *chain]))
+                return
+        for child in ast.iter_child_nodes(node):
+            visit(child, lazy)
+
+    visit(tree, False)
+    return refs
+
+
+@functools.lru_cache(maxsize=512)
+def source_refs(source: str, here: tuple[str, ...]) -> ModuleRefs:
+    "`module_refs` of a module's source (kept: every chapter's build follows the same modules)."
+    tree = parse(source)  # a module Python cannot read fails its chapters anyway
+    return module_refs(tree, list(here)) if tree else ModuleRefs(set(), [], {})
+
+
+def with_parents(dotted: str) -> list[str]:
+    "a.b.c -> a, a.b, a.b.c: importing a module runs its packages' __init__ first."
+    parts = dotted.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def console_scripts(root: Path) -> dict[str, str]:
+    "The project's commands (pyproject.toml's [project.scripts]) -> the module each runs."
+    try:
+        scripts = tomllib.loads((root / "pyproject.toml").read_text()).get("project", {}).get("scripts", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    return {name: spec.partition(":")[0] for name, spec in scripts.items()}
+
+
+class ImportFollower:
+    "The package's modules that a notebook runs, each with the chain of imports that reaches it."
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._refs: dict[Path, ModuleRefs] = {}
+
+    def refs_of(self, path: Path) -> ModuleRefs:
+        "What the module at `path` imports (read once)."
+        if path not in self._refs:
+            rel = path.relative_to(self.root)
+            self._refs[path] = source_refs(path.read_text(encoding="utf-8"), rel.with_suffix("").parts[:-1])
+        return self._refs[path]
+
+    def resolve(self, refs: ModuleRefs) -> list[str]:
+        "The modules (dotted, with files) that `refs` names, with their packages, in a stable order."
+        names = []
+        for name in sorted(refs.imports):  # an attribute chain a.b.f: the modules among its prefixes
+            names += [n for n in with_parents(name) if module_file(self.root, n)]
+        for module, name in refs.from_imports:
+            names += [n for n in with_parents(module) if module_file(self.root, n)]
+            if module_file(self.root, f"{module}.{name}"):
+                names += [f"{module}.{name}"]
+            elif (file := module_file(self.root, module)) and name in (lazy := self.refs_of(file).lazy):
+                names += [n for n in with_parents(lazy[name]) if module_file(self.root, n)]
+        return list(dict.fromkeys(names))
+
+    def follow(self, nb: Path) -> dict[Path, list[str]]:
+        "Each module file the notebook runs -> the chain of modules from the notebook's import to it (shortest)."
+        refs = ModuleRefs(set(), [], {})
+        for source in code_cells(nb):
+            if tree := parse(source):
+                cell = module_refs(tree, [])
+                refs.imports |= cell.imports
+                refs.from_imports += cell.from_imports
+        text = raw_code(nb)  # with its shell lines (!python -m contrastive_explanations.cli) and unreadable cells
+        refs.imports |= set(MODULE_NAME.findall(text))
+        refs.imports |= {module for command, module in console_scripts(self.root).items()
+                         if re.search(rf"(?<![\w-]){re.escape(command)}(?![\w-])", text)}
+        found: dict[Path, list[str]] = {}
+        todo = [(name, [name]) for name in self.resolve(refs)]
+        while todo:  # breadth first: each file keeps its shortest chain
+            step = []
+            for name, chain in todo:
+                file = module_file(self.root, name)
+                if file in found:
+                    continue
+                found[file] = chain
+                step += [(n, [*chain, n]) for n in self.resolve(self.refs_of(file)) if module_file(self.root, n)
+                         not in found]
+            todo = step
         return found
 
-    bars = set()
-    for model_id, model in state.items():
-        children = [c[10:] for c in model.get("state", {}).get("children", [])
-                    if isinstance(c, str) and c[10:] in state]
-        names = [state[c]["model_name"] for c in children]
-        if (model.get("model_name") == "HBoxModel" and PROGRESS_MODELS & set(names)
-                and all(n in PROGRESS_MODELS | {"HTMLModel"} for n in names)):
-            bars |= {model_id, *children}
-    bars |= {r for b in bars for r in refs(state[b])}  # their layouts and styles
-    kept = {r for model_id, model in state.items() if model_id not in bars for r in refs(model)}
-    return bars - kept
+
+def files_read(root: Path, sources: list[str]) -> set[Path]:
+    """The project files besides modules that code reads: the pins (always), `reference_table("NAME")`'s
+    reference/NAME.csv (every table when the name is not spelled out), and the benchmarks' results for code that
+    names the folder `benchmarks`."""
+    patterns = set(ALWAYS_READ).union(*(source_reads(s) for s in sources))
+    return {f for pattern in patterns for f in root.glob(pattern) if f.is_file()}
 
 
-def tidy_executed(path: Path) -> bool:
-    """Tidy an executed copy for reading, in place: drop nbdev's `#|` directive lines from the code cells (a cell
-    left empty, without outputs, is removed from the page) and every progress bar (tqdm's widgets, which show
-    nothing in a static page) from the outputs and the saved widget state. Returns whether it changed anything;
-    a tidy copy is left as it is, so its time stamp keeps meaning "last executed"."""
-    nb = nbformat.read(path, as_version=4)
-    changed = False
-    widgets = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {})
-    bars = progress_bar_models(widgets.get("state", {}))
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        source = DIRECTIVE.sub("", cell.source)
-        if source != cell.source:
-            cell.source, changed = source.lstrip("\n"), True
-            if not cell.source.strip() and not cell.outputs and "remove-cell" not in cell.metadata.get("tags", []):
-                cell.metadata["tags"] = [*cell.metadata.get("tags", []), "remove-cell"]
-        outputs = [o for o in cell.outputs if o.get("data", {}).get(WIDGET_VIEW, {}).get("model_id") not in bars]
-        if len(outputs) != len(cell.outputs):
-            cell.outputs, changed = outputs, True
-    if bars:
-        for model_id in bars:
-            del widgets["state"][model_id]
-        if not widgets["state"]:
-            del nb.metadata["widgets"]
-        changed = True
-    if changed:
-        tmp = path.with_suffix(".partial.ipynb")  # excluded from the book, like execute's
-        nbformat.write(nb, tmp)
-        tmp.replace(path)
-    return changed
+@functools.lru_cache(maxsize=512)
+def source_reads(source: str) -> frozenset[str]:
+    "The patterns, under the project, of the files one cell or module reads (see `files_read`)."
+    tree = parse(source)
+    if tree is None:  # code Python cannot read: whatever it may name
+        return frozenset([REFERENCE.format("*")] * ("reference_table" in source)
+                         + [BENCHMARKS] * ("benchmarks" in source))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "reference_table":
+            arg = node.args[0] if node.args else None
+            literal = isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+            found.add(REFERENCE.format(arg.value.removesuffix(".csv") if literal else "*"))
+        elif isinstance(node, ast.Constant) and str(node.value).split("/")[0] == "benchmarks":
+            found.add(BENCHMARKS)
+    return frozenset(found)
 
 
-def execute(root: Path, chapter: str, profile, overrides: dict[str, str], force: bool,
-            executed: Path | None = None) -> tuple[float, str]:
-    """Run one chapter with papermill into the folder `executed` (default `executed/`); return its running time and
-    what was done: "ran", "kept" (its copy is up to date) or the path of another profile's copy it took. Raises
-    BuildError naming the failing cell."""
+def profile_reads(sources: list[str]) -> set[str] | None:
+    """The profile's sections and keys that the code reads from `load_profile(...)`'s answer: a literal name given
+    to `section`, `run_settings`, `shards` or `experiments`, or to `[...]` and `.get(...)`. None when it uses the
+    profile in any other way (passes it on, loops over it), which means it may read all of it. A name bound to a
+    profile that a function takes as a parameter or assigns is another variable there (its own `config`)."""
+    reads: set[str] = set()
+    for source in sources:
+        tree = parse(source)
+        if tree is None:
+            return None
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        bound = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign) and _loads_profile(node.value)
+                 for t in node.targets if isinstance(t, ast.Name)}
+        uses = [n for n in ast.walk(tree)
+                if _loads_profile(n) and not isinstance(parents.get(n), (ast.Assign, ast.Expr))]
+        uses += [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in bound and isinstance(n.ctx, ast.Load)
+                 and not _shadowed(n, parents)]
+        for use in uses:
+            key = _read_key(use, parents)
+            if key is None:
+                return None
+            reads |= key
+    return reads
+
+
+def _loads_profile(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "load_profile"
+
+
+def _shadowed(name: ast.Name, parents: dict) -> bool:
+    "Whether `name` sits in a function that takes or assigns a variable of that name (not the profile, then)."
+    node = parents.get(name)
+    while node is not None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg] if a}
+            stored = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            if name.id in params | stored:
+                return True
+        node = parents.get(node)
+    return False
+
+
+def _read_key(use: ast.AST, parents: dict) -> set[str] | None:
+    "The sections or keys one use of the profile reads ({} for its name only), or None for any other use."
+    parent = parents.get(use)
+    literal = lambda n: n.value if isinstance(n, ast.Constant) and isinstance(n.value, str) else None
+    if isinstance(parent, ast.Subscript) and parent.value is use and literal(parent.slice):
+        return {literal(parent.slice)}
+    if isinstance(parent, ast.Attribute) and parent.value is use:
+        if parent.attr in PROFILE_NAME_ONLY:
+            return set()
+        call = parents.get(parent)
+        if (parent.attr in PROFILE_METHODS | {"get"} and isinstance(call, ast.Call) and call.func is parent
+                and call.args and literal(call.args[0])):
+            return {literal(call.args[0])}
+    return None
+
+
+def profile_digests(profile, reads: set[str] | None) -> dict[str, dict[str, str]]:
+    """A digest per profile key the chapter depends on: the profile-wide settings every experiment receives and
+    `load_profile` applies (`PROFILE_WIDE`), and the sections and settings it reads (all of them for None)."""
+    value = lambda k: hashlib.sha256(json.dumps(profile[k], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    wanted = lambda k: reads is None or k in reads
+    return {"sections": {k: value(k) for k in sorted(profile) if isinstance(profile[k], dict) and wanted(k)},
+            "settings": {k: value(k) for k in sorted(profile) if not isinstance(profile[k], dict)
+                         and (k in PROFILE_WIDE or wanted(k))}}
+
+
+def digest(path: Path) -> str:
+    "A short sha256 of the file's bytes."
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def chapter_inputs(root: Path, # the project
+                   nb: Path, # the chapter's notebook
+                   params: dict, # the parameters it receives (`overrides` among them counts through the profile)
+                   profile=None, # the profile, for a chapter that takes one (None: it takes none)
+                  ) -> dict:
+    """Everything an executed copy depends on, as digests: the notebook, its parameters, the package modules it runs
+    (followed through the package's imports; `via` says how each is reached), the files it reads (`files_read`), and
+    the profile's sections it reads (`profile_reads`; every section when that cannot be told)."""
+    modules = ImportFollower(root).follow(nb)
+    sources = code_cells(nb) + [m.read_text(encoding="utf-8") for m in modules]
+    files = sorted(set(modules) | files_read(root, sources))
+    rel = lambda f: f.relative_to(root).as_posix()
+    given = {k: v for k, v in params.items() if not (k == "overrides" and profile is not None)}
+    return {"notebook": digest(nb), "parameters": given,
+            "files": {rel(f): digest(f) for f in files},
+            "via": {rel(f): " → ".join(chain) for f, chain in modules.items()},
+            "profile": profile_digests(profile, profile_reads(code_cells(nb)))
+            if profile is not None and "load_profile" in raw_code(nb) else {}}
+
+
+def build_key(inputs: dict) -> str:
+    "The hash of a chapter's inputs (`chapter_inputs`), without the import chains."
+    return hashlib.sha256(json.dumps({k: v for k, v in inputs.items() if k != "via"}, sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def why_rerun(before: dict | None, now: dict) -> list[str]:
+    "What changed between an executed copy's recorded inputs and the current ones, one phrase per change."
+    if not before:
+        return ["its copy records no inputs (made by an older builder)"]
+    reasons = []
+    if before.get("notebook") != now["notebook"]:
+        reasons.append("notebook changed")
+    if before.get("parameters") != now["parameters"]:
+        reasons.append("parameters changed")
+    old, new = before.get("files", {}), now["files"]
+    for f in new:
+        chain = now["via"].get(f, "").split(" → ")
+        via = f" (imported via {' → '.join(chain[:-1])})" if len(chain) > 1 else (
+            " (imported directly)" if f in now["via"] else "")
+        if f not in old:
+            reasons.append(f"{f} newly read{via}")
+        elif old[f] != new[f]:
+            reasons.append(f"{f} changed{via}")
+    reasons += [f"{f} no longer read" for f in old if f not in new]
+    for kind in ("setting", "section"):
+        old, new = before.get("profile", {}).get(kind + "s", {}), now["profile"].get(kind + "s", {})
+        reasons += [f"profile {kind} {key} changed" for key in sorted(set(old) | set(new))
+                    if old.get(key) != new.get(key)]
+    return reasons or ["its inputs changed"]
+
+
+def previous_inputs(out: Path) -> dict | None:
+    "The `book` metadata of an executed copy (its key, inputs, time), or None when there is none to read."
+    try:
+        return nbformat.read(out, as_version=4).metadata.get("book", {})
+    except (OSError, ValueError):
+        return None
+
+
+def execute(root: Path, chapter: str, profile, overrides: dict[str, str],
+            force: str = "", # why it runs whatever its inputs ("--force", "reads results and ... ran"); "": if changed
+            executed: Path | None = None, # the folder of the executed copies (default executed/)
+            say: Callable[[str], None] = print, # where the reason it runs goes
+           ) -> tuple[float, str]:
+    """Run one chapter with papermill into the folder `executed`, unless its copy there was made from the same inputs
+    (`chapter_inputs`); return its running time and what was done: "ran", "kept" (its copy is up to date) or the path
+    of another profile's copy it took. Says why it runs. Raises BuildError naming the failing cell."""
     executed = executed or root / EXECUTED
     src, out = root / "nbs" / f"{chapter}.ipynb", executed / f"{chapter}.ipynb"
     declared = pm.inspect_notebook(str(src))
     offered = {"profile": profile.name, "overrides": overrides}  # each chapter loads its settings with load_profile
     params = {k: v for k, v in offered.items() if k in declared}
-    key = build_key(root, src, {**params, "settings": dict(profile) if "profile" in declared else {}})
-    if not force and out.exists():
-        previous = nbformat.read(out, as_version=4).metadata.get("book", {})
-        if previous.get("build_key") == key:
-            return previous.get("seconds", 0.0), "kept"
+    takes_profile = "profile" in declared
+    inputs = chapter_inputs(root, src, params, profile if takes_profile else None)
+    key = build_key(inputs)
+    previous = previous_inputs(out) if out.exists() else None
+    if not force and previous is not None and previous.get("build_key") == key:
+        return previous.get("seconds", 0.0), "kept"
     if not force and (shared := shared_copy(root, chapter, key, out)):
         tmp = out.with_suffix(".partial.ipynb")
         shutil.copyfile(shared, tmp)
         tmp.replace(out)
         return nbformat.read(out, as_version=4).metadata["book"].get("seconds", 0.0), str(shared.relative_to(root))
+    reasons = (["no earlier copy"] if previous is None else [force] if force
+               else why_rerun(previous.get("inputs"), inputs))
+    say(f"      runs: {'; '.join(reasons[:4])}{f' (and {len(reasons) - 4} more)' if len(reasons) > 4 else ''}")
     partial, failed = out.with_suffix(".partial.ipynb"), out.with_suffix(".failed.ipynb")
     out.unlink(missing_ok=True)
     failed.unlink(missing_ok=True)
@@ -303,24 +603,16 @@ def execute(root: Path, chapter: str, profile, overrides: dict[str, str], force:
             raise BuildError(f"{src.relative_to(root)} failed at cell {e.cell_index} (`{first_line}`): "
                              f"{e.ename}: {e.evalue}{kept}") from None
         raise BuildError(f"{src.relative_to(root)} failed: {type(e).__name__}: {e}{kept}") from e
-    nb = nbformat.read(partial, as_version=4)
-    visible = _parameter_cell_tags(nb)
-    for cell in nb.cells:  # papermill's injected cell gets the source parameters cell's display tags
-        if "injected-parameters" in cell.metadata.get("tags", []):
-            cell.metadata["tags"] = ["injected-parameters", *visible]
     seconds = round(time.perf_counter() - start, 2)
-    nb.metadata["book"] = {"build_key": key, "parameters": params, "seconds": seconds}
+    nb = nbformat.read(partial, as_version=4)
+    commit, day = git_commit(root), date.today()
+    used = profile.name if takes_profile else None
+    add_footer(nb, footer_text(chapter, used, commit, day, seconds, DEFAULT_PROFILE))
+    nb.metadata["book"] = {"build_key": key, "inputs": inputs, "parameters": params, "seconds": seconds,
+                           "profile": used, "commit": commit, "date": day.isoformat()}
     nbformat.write(nb, partial)
     partial.rename(out)
     return seconds, "ran"
-
-
-def _parameter_cell_tags(nb) -> list[str]:
-    for cell in nb.cells:
-        tags = cell.metadata.get("tags", [])
-        if "parameters" in tags:
-            return [t for t in tags if t != "parameters"]
-    return []
 
 
 def duration(seconds: float) -> str:
@@ -382,6 +674,48 @@ def jupyter_book(root: Path, staging: Path, offline: bool, toc: Path | None = No
                          f"Partial output: {(staging / '_build' / 'html').relative_to(root)}")
 
 
+def chosen(chapters: list[str], only: list[str]) -> list[str]:
+    "The chapters `--only` names (every one when none), in reading order; a UsageError for a name the book lacks."
+    names = [n.strip().removeprefix("nbs/").removesuffix(".ipynb") for o in only for n in o.split(",") if n.strip()]
+    unknown = [n for n in names if n not in chapters]
+    if unknown:
+        raise UsageError(f"unknown chapter {unknown[0]!r} for --only: choose among the notebooks _toc.yml lists, "
+                         f"e.g. {', '.join(chapters[:3])}")
+    return [c for c in chapters if c in names] if names else chapters
+
+
+def ran_text(chapters: list[str]) -> str:
+    "'07_perturbation ran', '07_perturbation, 08_masking and 3 more ran'."
+    shown = ", ".join(chapters[:2]) + (f" and {len(chapters) - 2} more" if len(chapters) > 2 else "")
+    return f"{shown} ran"
+
+
+def execute_chapters(root: Path, chapters: list[str], profile, overrides: dict[str, str], force: bool,
+                     executed: Path, earlier: dict[str, float], rerun_readers: bool = True) -> dict[str, dict]:
+    """Execute the chapters (those that read results last, again whenever another ran when `rerun_readers`), tidy
+    each copy, and say for each why it runs or that it is reused; chapter -> its record for the statistics page."""
+    readers = [c for c in chapters if reads_results(root, c)]
+    order = [c for c in chapters if c not in readers] + readers
+    ran: list[str] = []
+    records = {}
+    for i, chapter in enumerate(order, 1):
+        print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb{time_left(earlier, order[i - 1:])} ...", flush=True)
+        why = "--force" if force else (f"reads results and {ran_text(ran)}" if chapter in readers and ran
+                                       and rerun_readers else "")
+        seconds, done = execute(root, chapter, profile, overrides, why, executed,
+                                say=lambda line: print(line, flush=True))
+        tidy_executed(executed / f"{chapter}.ipynb", say=lambda line: print(line, flush=True))
+        if done == "ran":
+            ran.append(chapter)
+        book = nbformat.read(executed / f"{chapter}.ipynb", as_version=4).metadata.get("book", {})
+        records[chapter] = {"seconds": seconds, "executed": done == "ran", "profile": book.get("profile"),
+                            "commit": book.get("commit", "unknown"), "date": book.get("date", "")}
+        print(f"      {seconds:.1f} s" if done == "ran" else f"      unchanged, kept (it ran in {seconds:.1f} s)"
+              if done == "kept" else f"      the same in every profile: copied from {done} (it ran in {seconds:.1f} s)",
+              flush=True)
+    return {c: records[c] for c in chapters}
+
+
 def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=os.environ.get("PROFILE") or DEFAULT_PROFILE,
@@ -389,6 +723,9 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     parser.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter of the profile, e.g. -p data_root=/data")
     parser.add_argument("--force", action="store_true", help="re-execute every chapter, even those unchanged")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="execute only the chapter nbs/NAME.ipynb (repeatable, or NAME,NAME), when its inputs "
+                             "changed or with --force; the book is not rebuilt (`make book` does, reusing the copy)")
     parser.add_argument("--no-html", action="store_true", help="execute the chapters only, do not build the book")
     parser.add_argument("--estimate", action="store_true",
                         help="after the preflight, time each experiment's first batch, print each chapter's projected "
@@ -400,31 +737,29 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         overrides = dict(p.split("=", 1) if "=" in p else (p, "") for p in args.param)
         profile = load_profile(root, args.profile, overrides)
         chapters = toc_chapters(root)
+        selected = chosen(chapters, args.only)
         check_needs(profile)  # every missing dataset, weight file and checkpoint, before an hour is spent
         if args.estimate:
             print(estimate(root, profile), flush=True)
             return 0
-        if html.exists():  # from now on the old book no longer matches the sources
+        if html.exists() and not args.only:  # from now on the old book no longer matches the sources
             shutil.rmtree(html)
         paths.executed.mkdir(parents=True, exist_ok=True)
-        timings, began = {}, time.perf_counter()
+        began = time.perf_counter()
         earlier = previous_timings(root, args.profile)
         os.environ[CONSOLE_PROGRESS] = "1"  # the chapters' kernels draw their progress bars here, not in the pages
-        print(f"==> executing {len(chapters)} chapters with papermill, profile {args.profile!r}", flush=True)
-        readers = [c for c in chapters if reads_results(root, c)]
-        any_ran = False
-        order = [c for c in chapters if c not in readers] + readers
-        for i, chapter in enumerate(order, 1):
-            print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb{time_left(earlier, order[i - 1:])} ...", flush=True)
-            seconds, done = execute(root, chapter, profile, overrides, args.force or (chapter in readers and any_ran),
-                                   paths.executed)
-            tidy_executed(paths.executed / f"{chapter}.ipynb")
-            ran = done == "ran"
-            any_ran |= ran
-            timings[chapter] = {"seconds": seconds, "reused": not ran}
-            print(f"      {seconds:.1f} s" if ran else f"      unchanged, kept (it ran in {seconds:.1f} s)" if done == "kept"
-                  else f"      the same in every profile: copied from {done} (it ran in {seconds:.1f} s)", flush=True)
+        print(f"==> executing {len(selected)} chapters with papermill, profile {args.profile!r}", flush=True)
+        records = execute_chapters(root, selected, profile, overrides, args.force, paths.executed, earlier,
+                                   rerun_readers=not args.only)
         executed = time.perf_counter() - began
+        if args.only:
+            print(f"==> {len(selected)} of {len(chapters)} chapters executed in {duration(executed)}; the book was not "
+                  f"rebuilt: `make book{'' if args.profile == DEFAULT_PROFILE else ' PROFILE=' + args.profile}` "
+                  "builds it, reusing these copies", flush=True)
+            return 0
+        (paths.executed / f"{STATISTICS}.md").write_text(
+            statistics_page(records, args.profile, git_commit(root), date.today()))
+        timings = {c: {"seconds": r["seconds"], "reused": not r["executed"]} for c, r in records.items()}
         if args.no_html:
             print(f"==> chapters executed in {duration(executed)}", flush=True)
             return 0

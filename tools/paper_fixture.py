@@ -24,7 +24,7 @@ import torchvision
 
 from contrastive_explanations.data.datasets import write_fixture
 from contrastive_explanations.data.models import TORCHVISION_IMAGENET
-from contrastive_explanations.experiments.toolkit import FINETUNE_BASES
+from contrastive_explanations.data.sources import FINETUNE_BASES
 
 DATASETS = {"imagenet": dict(n_classes=3, per_class=1), "cub200": dict(n_classes=3, per_class=4),
             "food101": dict(n_classes=3, per_class=4)}

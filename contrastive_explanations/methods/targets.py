@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['TARGETS', 'REVIEW_TARGETS', 'other_class_weights', 'Target', 'LinearTarget', 'OriginalTarget', 'MeanTarget',
-           'MaxTarget', 'WeightedTarget', 'WeightedLogTarget', 'rival_margin', 'get_target', 'explicit_contrast',
-           'check_later', 'deferred_checks', 'as_classes', 'SoftmaxIndexTarget']
+__all__ = ['TARGETS', 'REVIEW_TARGETS', 'REVIEW_PT_TOLERANCE', 'other_class_weights', 'Target', 'LinearTarget', 'OriginalTarget',
+           'MeanTarget', 'MaxTarget', 'WeightedTarget', 'WeightedLogTarget', 'rival_margin', 'get_target',
+           'explicit_contrast', 'check_later', 'deferred_checks', 'as_classes', 'SoftmaxIndexTarget', 'review_pt_error']
 
 # %% ../../nbs/01_targets.ipynb #f6dd22af
 def other_class_weights(logits: Tensor, # (B, C)
@@ -264,3 +265,24 @@ class SoftmaxIndexTarget(WeightedTarget):
 
 
 REVIEW_TARGETS: dict[str, Target] = {SoftmaxIndexTarget.name: SoftmaxIndexTarget()}  # named, not in TARGETS
+
+# %% ../../nbs/01_targets.ipynb #5f1a921a
+REVIEW_PT_TOLERANCE = 1e-3  # a relative error of the review's dp_t/dy_t above this is more than rounding: the band
+
+
+def review_pt_error(logits: Tensor, # (B, C) logits, in the precision the review's code differentiates them in
+                    t: Tensor | int, # (B,) the class of each row, or one class for all
+                   ) -> Tensor: # (B,) float64: review / exact - 1; -1 where the review's coefficient is 0
+    "Relative error of dp_t/dy_t = p_t (1 - p_t) as autograd gets it from softmax(logits)[t], against the exact value."
+    if not (isinstance(logits, Tensor) and logits.is_floating_point() and logits.ndim == 2 and logits.shape[1] >= 2):
+        raise ValueError(f"logits must be a floating tensor (B, C) with at least two classes, got "
+                         f"{getattr(logits, 'dtype', type(logits).__name__)} {tuple(getattr(logits, 'shape', ()))}: "
+                         "pass the model's outputs")
+    with torch.inference_mode(False), torch.enable_grad():  # the review's own computation, in the logits' precision
+        t = as_classes(t, logits)[:, None].clone()  # clones: normal tensors even where the logits were made in inference mode
+        y = logits.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(y.softmax(1).gather(1, t).sum(), y)
+    review = grad.gather(1, t)[:, 0].double()
+    log_p = logits.detach().double().log_softmax(1)
+    log_exact = log_p.gather(1, t)[:, 0] + log_p.scatter(1, t, -math.inf).logsumexp(1)  # log p_t + log(1 - p_t)
+    return torch.expm1(review.log() - log_exact)  # log(0) = -inf gives -1 exactly
