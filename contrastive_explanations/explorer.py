@@ -22,7 +22,7 @@ from .viz import comparison_figure, figure_png, static_grid
 __all__ = ['EXPLORER_METHODS', 'METHOD_NOTES', 'CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'method_title', 'class_choices',
            'explain_all', 'static_explorer', 'parse_classes', 'LiveExplorer']
 
-# %% ../nbs/15_explorer.ipynb #fe38d9e4
+# %% ../nbs/15_explorer.ipynb #3bbfe709
 import functools
 from collections.abc import Callable, Sequence
 
@@ -42,12 +42,12 @@ CNN_METHODS = ("gradient", "linear_approximation", "gradcam", "xgradcam", "fullg
 VIT_METHODS = ("gradient", "vit_gradcam", "attention_rollout", "attention_rollout_signed")
 COMPARED_TARGETS = ("original", "weighted", "mean", "max")
 
-
+# %% ../nbs/15_explorer.ipynb #fd7a56b0
 def method_title(name: str) -> str:
     "A figure's name for a method of EXPLORER_METHODS, with what its maps from p_t are where the name does not say it."
     return f"{name}\n{METHOD_NOTES[name]}" if name in METHOD_NOTES else name
 
-
+# %% ../nbs/15_explorer.ipynb #ebac4c4f
 def class_choices(k: int) -> dict[str, tuple[int, ...]]:
     "Menu label -> ranks among the top k: each class alone, then the first two together."
     ordinal = ["1st", "2nd", "3rd"] + [f"{i}th" for i in range(4, k + 1)]
@@ -56,10 +56,7 @@ def class_choices(k: int) -> dict[str, tuple[int, ...]]:
         choices["1st and 2nd"] = (0, 1)
     return choices
 
-
-
-
-# %% ../nbs/15_explorer.ipynb #c9b223dc
+# %% ../nbs/15_explorer.ipynb #b61491f5
 def explain_all(model: nn.Module, images: Tensor, # (B, 3, H, W) in [0, 1]
                 methods: Sequence[str], # keys of EXPLORER_METHODS
                 k: int = 3, targets: Sequence[str] = COMPARED_TARGETS) -> dict[str, Explanation]:
@@ -71,7 +68,7 @@ def explain_all(model: nn.Module, images: Tensor, # (B, 3, H, W) in [0, 1]
         top = model(images).topk(k, dim=1).indices
     return {m: EXPLORER_METHODS[m](model)(images, top, list(targets)) for m in methods}
 
-
+# %% ../nbs/15_explorer.ipynb #96e4f7ad
 def static_explorer(images: Tensor, # (B, 3, H, W) in [0, 1]
                     explanations: dict[str, Explanation], # method label -> explanation of all B images (see explain_all)
                     image_labels: Sequence[str], # one menu entry per image
@@ -93,7 +90,7 @@ def static_explorer(images: Tensor, # (B, 3, H, W) in [0, 1]
 
     return static_grid({"Image": list(image_labels), "Method": list(explanations), "Classes": list(choices)}, render)
 
-# %% ../nbs/15_explorer.ipynb #4e25cd69
+# %% ../nbs/15_explorer.ipynb #58a8eba8
 def _read_image(source: str | os.PathLike | bytes) -> Image.Image:
     "An RGB PIL image from a path or file bytes; clear errors for a missing path or a file that is not an image."
     from contrastive_explanations.data.datasets import ImageReadError, read_rgb
@@ -110,7 +107,7 @@ def _read_image(source: str | os.PathLike | bytes) -> Image.Image:
     except ImageReadError as e:
         raise ValueError(f"{path} is not an image PIL can read ({e}): give a PNG or JPEG file") from None
 
-
+# %% ../nbs/15_explorer.ipynb #2bc4fb79
 def parse_classes(text: str, num_classes: int) -> list[int] | None:
     "'' or 'top' -> None (the top-k); '281, 285' -> [281, 285], each checked against the number of classes."
     text = text.strip()
@@ -125,18 +122,34 @@ def parse_classes(text: str, num_classes: int) -> list[int] | None:
         raise ValueError(f"class indices {bad} are outside [0, {num_classes}): the model has {num_classes} classes")
     return classes
 
+# %% ../nbs/15_explorer.ipynb #8c406b9c
+def _fitting_methods(model: nn.Module) -> list[str]:
+    "The names of EXPLORER_METHODS that can be made for `model`."
+    fitting = []
+    for name, method in EXPLORER_METHODS.items():
+        try:
+            method(model)
+            fitting.append(name)
+        except (TypeError, ValueError):
+            pass
+    return fitting
 
-class LiveExplorer:
-    "Explain any image with any registered model, method and targets, live in Jupyter; save the figure."
+# %% ../nbs/15_explorer.ipynb #9a14f403
+def _save_png(fig: Figure, path: Path, dpi: int = 120) -> None:
+    "Save `fig` as PNG at `path` through a temporary file and a rename: a reader never sees half a picture."
+    from contrastive_explanations.files import write_atomic
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    write_atomic(path, buffer.getvalue())
 
-    def __init__(self, models: dict[str, Callable[[], nn.Module]] | None = None, # name -> model factory
-                 k: int = 3):
-        from contrastive_explanations.data.models import MODELS
-        self.factories = dict(models) if models is not None else {"efficientnet_lite0": MODELS["efficientnet_lite0"]}
-        self.k, self._models, self.figure, self.result = k, {}, None, None
+# %% ../nbs/15_explorer.ipynb #d204d23b
+class _Controls:
+    "The live explorer's widgets and their layout: image, model, method, targets, classes, buttons, status, figure."
+
+    def __init__(self, models: Sequence[str]):
         self.upload = widgets.FileUpload(accept="image/*", multiple=False, description="Upload")
         self.path = widgets.Text(placeholder="or a path: photos/cat.jpg", description="Image")
-        self.model = widgets.Dropdown(options=list(self.factories), description="Model")
+        self.model = widgets.Dropdown(options=list(models), description="Model")
         self.method = widgets.Dropdown(options=list(EXPLORER_METHODS), value="gradcam", description="Method")
         self.targets = widgets.SelectMultiple(options=list(COMPARED_TARGETS) + ["weighted_log"],
                                               value=list(COMPARED_TARGETS), description="Targets")
@@ -146,10 +159,6 @@ class LiveExplorer:
         self.save = widgets.Button(description="Save figure")
         self.status = widgets.HTML()
         self.output = widgets.Output()
-        self.run.on_click(lambda _: self._guarded(self.explain))
-        self.save.on_click(lambda _: self._guarded(self.save_figure))
-        self.model.observe(lambda change: self._guarded(self.fit_methods), names="value")
-        self._guarded(self.fit_methods)
         self.widget = widgets.VBox([widgets.HBox([self.upload, self.path]), widgets.HBox([self.model, self.method]),
                                     widgets.HBox([self.targets, self.classes]), widgets.HBox([self.run]),
                                     self.status, self.output, widgets.HBox([self.save_path, self.save])])
@@ -158,23 +167,62 @@ class LiveExplorer:
         from IPython.display import display
         display(self.widget)
 
+    def _source(self) -> str | bytes:
+        "The uploaded file's bytes, else the typed path."
+        if self.upload.value:
+            return bytes(self.upload.value[0]["content"])
+        if self.path.value.strip():
+            return self.path.value.strip()
+        raise ValueError("no image: upload one, or type its path in the Image box")
+
+    def _error(self, message: str) -> None:
+        "Show `message` in red in the status line."
+        self.status.value = f"<span style='color:#b00'>{html.escape(message)}</span>"
+
     def _guarded(self, action: Callable[[], object]) -> None:
         "Run a button's action; whatever goes wrong is shown in the status line, never lost in a callback."
         try:
             action()
         except Exception as err:  # noqa: BLE001 - a widget callback has no caller to raise to
-            self.status.value = f"<span style='color:#b00'>{html.escape(f'{type(err).__name__}: {err}')}</span>"
+            self._error(f"{type(err).__name__}: {err}")
+
+    def _show(self, figure: Figure, status: str) -> None:
+        "Show `figure` in the output area, in place of the last one, and `status` in the status line."
+        from IPython.display import display
+        self.status.value = status
+        self.output.clear_output(wait=True)
+        with self.output:
+            display(figure)
+
+# %% ../nbs/15_explorer.ipynb #468276d7
+def _explain_settings(model: nn.Module, source: str | bytes, method: str, # a name in EXPLORER_METHODS
+                      targets: Sequence[str], classes: str, # the Classes box: 'top' or indices
+                      k: int) -> tuple[Tensor, Explanation]:
+    "Explain the image at `source` with the live explorer's settings: (x, explanation), or a clear error."
+    image = _read_image(source)
+    if not targets:
+        raise ValueError("no target selected: pick at least one in the Targets list")
+    chosen = parse_classes(classes, len(model.categories))
+    return explain_image(model, image, EXPLORER_METHODS[method](model), targets, chosen, k)
+
+# %% ../nbs/15_explorer.ipynb #1d74f104
+class LiveExplorer(_Controls):
+    "Explain any image with any registered model, method and targets, live in Jupyter; save the figure."
+
+    def __init__(self, models: dict[str, Callable[[], nn.Module]] | None = None, # name -> model factory
+                 k: int = 3):
+        from contrastive_explanations.data.models import MODELS
+        self.factories = dict(models) if models is not None else {"efficientnet_lite0": MODELS["efficientnet_lite0"]}
+        self.k, self._models, self.figure, self.result = k, {}, None, None
+        super().__init__(list(self.factories))
+        self.run.on_click(lambda _: self._guarded(self.explain))
+        self.save.on_click(lambda _: self._guarded(self.save_figure))
+        self.model.observe(lambda change: self._guarded(self.fit_methods), names="value")
+        self._guarded(self.fit_methods)
 
     def fit_methods(self) -> list[str]:
         "Offer only the methods that can explain the chosen model (no ViT methods for a CNN)."
-        model, fitting = self.get_model(self.model.value), []
-        for name, method in EXPLORER_METHODS.items():
-            try:
-                method(model)
-                fitting.append(name)
-            except (TypeError, ValueError):
-                pass
-        current = self.method.value
+        current, fitting = self.method.value, _fitting_methods(self.get_model(self.model.value))
         self.method.options = fitting
         self.method.value = current if current in fitting else ("gradcam" if "gradcam" in fitting else fitting[0])
         return fitting
@@ -183,13 +231,6 @@ class LiveExplorer:
         if name not in self._models:
             self._models[name] = self.factories[name]().eval()
         return self._models[name]
-
-    def _source(self):
-        if self.upload.value:
-            return bytes(self.upload.value[0]["content"])
-        if self.path.value.strip():
-            return self.path.value.strip()
-        raise ValueError("no image: upload one, or type its path in the Image box")
 
     def explain(self) -> Figure | None:
         "Compute and show the figure for the current settings; errors are shown in the status line."
@@ -202,25 +243,17 @@ class LiveExplorer:
     def _explain(self) -> Figure | None:
         try:
             model = self.get_model(self.model.value)
-            image = _read_image(self._source())
-            if not self.targets.value:
-                raise ValueError("no target selected: pick at least one in the Targets list")
-            classes = parse_classes(self.classes.value, len(model.categories))
-            method = EXPLORER_METHODS[self.method.value](model)
-            x, e = explain_image(model, image, method, self.targets.value, classes, self.k)
+            x, e = _explain_settings(model, self._source(), self.method.value, self.targets.value,
+                                     self.classes.value, self.k)
         except (ValueError, TypeError, FileNotFoundError) as err:
-            self.status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            self._error(str(err))
             return None
         if self.figure is not None:
             plt.close(self.figure)
         self.figure = comparison_figure(x, e, range(e.classes.shape[1]), model.categories,
                                         f"{self.model.value}, {method_title(self.method.value)}")
         self.result = top_classes(e, model.categories)
-        self.status.value = "top classes: " + ", ".join(f"{r['name']} ({r['probability']:.2f})" for r in self.result)
-        self.output.clear_output(wait=True)
-        with self.output:
-            from IPython.display import display
-            display(self.figure)
+        self._show(self.figure, "top classes: " + ", ".join(f"{r['name']} ({r['probability']:.2f})" for r in self.result))
         return self.figure
 
     def save_figure(self) -> Path | None:
@@ -232,11 +265,3 @@ class LiveExplorer:
         _save_png(self.figure, path)
         self.status.value = f"saved {html.escape(str(path))}"
         return path
-
-
-def _save_png(fig: Figure, path: Path, dpi: int = 120) -> None:
-    "Save `fig` as PNG at `path` through a temporary file and a rename: a reader never sees half a picture."
-    from contrastive_explanations.files import write_atomic
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    write_atomic(path, buffer.getvalue())

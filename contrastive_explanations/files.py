@@ -16,14 +16,14 @@ import torch
 # %% auto #0
 __all__ = ['current_umask', 'write_atomic', 'write_json', 'write_arrays', 'read_arrays', 'project_root', 'output_dir']
 
-# %% ../nbs/21_files.ipynb #83c3428f
+# %% ../nbs/21_files.ipynb #8d7e1049
 def current_umask() -> int:
     "The process's umask (read by setting it and setting it back)."
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
-
+# %% ../nbs/21_files.ipynb #05bc6d30
 def write_atomic(path: str | os.PathLike, # the file to (over)write
                  data: str | bytes, # its whole content
                 ) -> Path:
@@ -41,7 +41,7 @@ def write_atomic(path: str | os.PathLike, # the file to (over)write
         raise
     return path
 
-# %% ../nbs/21_files.ipynb #e6084794
+# %% ../nbs/21_files.ipynb #d41bdfe2
 def _jsonable(x):
     "numpy and torch scalars and arrays as plain Python values, for json.dumps."
     if isinstance(x, torch.Tensor):
@@ -54,12 +54,12 @@ def _jsonable(x):
         return str(x)
     raise TypeError(f"cannot write a {type(x).__name__} to a results file: convert it to numbers or strings first")
 
-
+# %% ../nbs/21_files.ipynb #18146b59
 def write_json(path: str | os.PathLike, obj) -> Path:
     "`obj` as indented JSON, atomically; numpy and torch values become plain numbers."
     return write_atomic(path, json.dumps(obj, indent=1, default=_jsonable, allow_nan=True) + "\n")
 
-# %% ../nbs/21_files.ipynb #7c5c8f1e
+# %% ../nbs/21_files.ipynb #fd1481d3
 def write_arrays(path: str | os.PathLike, # an .npz file
                  provenance: dict, # stored beside the arrays, as JSON
                  **arrays) -> Path:
@@ -74,20 +74,20 @@ def write_arrays(path: str | os.PathLike, # an .npz file
 def _as_array(v) -> np.ndarray:
     return v.detach().cpu().float().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
 
-
+# %% ../nbs/21_files.ipynb #7e7caff1
 def read_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     "The arrays and the provenance written by `write_arrays`."
     with np.load(path, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files if k != "__provenance__"}
         return arrays, json.loads(str(f["__provenance__"]))
 
-# %% ../nbs/21_files.ipynb #21a24b7c
+# %% ../nbs/21_files.ipynb #44f1160e
 def project_root(start: str | os.PathLike | None = None) -> Path | None:
     "The folder holding settings.ini at or above `start` (default: the working directory), or None."
     here = Path(start or Path.cwd()).resolve()
     return next((p for p in (here, *here.parents) if (p / "settings.ini").exists()), None)
 
-
+# %% ../nbs/21_files.ipynb #84a0762e
 def output_dir(output_root: str | os.PathLike = "", # the profile's output_root; '' -> <project>/.cache
                *parts: str, # a folder inside it, e.g. 'checkpoints'
               ) -> Path:

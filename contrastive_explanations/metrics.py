@@ -18,7 +18,7 @@ from torch import Tensor
 __all__ = ['cosine', 'positive_share', 'mask_share', 'peak_on_part', 'area_share', 'bootstrap_interval', 'summarise',
            'interval_text']
 
-# %% ../nbs/24_metrics.ipynb #b3e0409c
+# %% ../nbs/24_metrics.ipynb #e6795f6d
 def _check_maps(name: str, a: Tensor) -> None:
     if not isinstance(a, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of maps (..., h, w), got {type(a).__name__}: "
@@ -27,7 +27,7 @@ def _check_maps(name: str, a: Tensor) -> None:
         raise ValueError(f"{name} must be floating maps of shape (..., h, w), got dtype {a.dtype} and shape "
                          f"{tuple(a.shape)}: pass e.g. Explanation.maps or .upsampled(size)")
 
-
+# %% ../nbs/24_metrics.ipynb #64e218fa
 def cosine(a: Tensor, # (..., h, w) maps
            b: Tensor, # (..., h, w) maps of the same shape
           ) -> Tensor: # (...), NaN where either map is all zero
@@ -40,7 +40,7 @@ def cosine(a: Tensor, # (..., h, w) maps
     norms = a.norm(dim=-1) * b.norm(dim=-1)
     return torch.where(norms > 0, (a * b).sum(-1) / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.nan)
 
-
+# %% ../nbs/24_metrics.ipynb #28727be8
 def positive_share(a: Tensor, # (..., h, w) signed maps
                   ) -> Tensor: # (...) in [0, 1], NaN for an all-zero map
     "The share of a map's absolute mass that is positive (Eq. eq-contrasts-positive-share)."
@@ -49,35 +49,41 @@ def positive_share(a: Tensor, # (..., h, w) signed maps
     total = a.abs().sum(-1)
     return torch.where(total > 0, a.clamp(min=0).sum(-1) / total.clamp_min(torch.finfo(total.dtype).tiny), torch.nan)
 
+# %% ../nbs/24_metrics.ipynb #37403d94
+def _check_mask(name: str, mask: Tensor, maps: Tensor) -> None:
+    "A bool mask of the maps' height and width, or an error that names the fix."
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (..., H, W), got {getattr(mask, 'dtype', type(mask).__name__)}"
+                        ": pass e.g. masks > 0")
+    if mask.shape[-2:] != maps.shape[-2:]:
+        raise ValueError(f"{name} has shape (..., {', '.join(map(str, mask.shape[-2:]))}) but the maps (..., "
+                         f"{', '.join(map(str, maps.shape[-2:]))}): upsample the maps to the image first, e.g. "
+                         f"Explanation.upsampled({name}.shape[-2:])")
 
+# %% ../nbs/24_metrics.ipynb #c2cd77f2
 def mask_share(a: Tensor, # (..., H, W) signed maps
                mask: Tensor, # (..., H, W) bool, broadcastable to a: the ground-truth part
               ) -> Tensor: # (...) in [0, 1], NaN for a map without positive values
     "The share of a map's positive mass that lies on `mask` (Eq. eq-contrasts-mask-share)."
     _check_maps("a", a)
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (..., H, W), got {getattr(mask, 'dtype', type(mask).__name__)}"
-                        ": pass e.g. masks > 0")
-    if mask.shape[-2:] != a.shape[-2:]:
-        raise ValueError(f"mask is {tuple(mask.shape[-2:])} pixels but the maps are {tuple(a.shape[-2:])}: upsample "
-                         "the maps to the image first, e.g. Explanation.upsampled(mask.shape[-2:])")
+    _check_mask("mask", mask, a)
     positive = a.double().clamp(min=0)
     total = positive.flatten(-2).sum(-1)
     on = (positive * mask).flatten(-2).sum(-1)
     return torch.where(total > 0, on / total.clamp_min(torch.finfo(total.dtype).tiny), torch.nan)
 
-# %% ../nbs/24_metrics.ipynb #7891ae3b
+# %% ../nbs/24_metrics.ipynb #cfd4c3e6
 def peak_on_part(maps: Tensor, # (..., H, W) signed maps
                  masks: Tensor, # (..., H, W) bool, broadcastable to maps
                 ) -> Tensor: # (...) 1.0 if the peak is on the mask, 0.0 if not, NaN for a constant map
     "Whether each map's largest value (the first in row-major order among ties) lies on the mask (Eq. eq-peak-hit)."
-    _check_maps(maps, masks)
+    _check_maps("maps", maps), _check_mask("masks", masks, maps)
     flat = maps.flatten(-2)
     peak = flat.argmax(-1, keepdim=True)
     hit = torch.broadcast_to(masks, maps.shape).flatten(-2).gather(-1, peak)[..., 0].to(maps.dtype)
     return torch.where(flat.amax(-1) > flat.amin(-1), hit, torch.nan)
 
-
+# %% ../nbs/24_metrics.ipynb #f9d8c802
 def area_share(masks: Tensor, # (..., H, W) bool
               ) -> Tensor: # (...) the chance level of Eq. eq-chance
     "The share of the image's pixels on the mask: what a constant map or a random peak scores on average."
@@ -85,7 +91,7 @@ def area_share(masks: Tensor, # (..., H, W) bool
         raise TypeError(f"masks must be a bool tensor (..., H, W), got {getattr(masks, 'dtype', type(masks).__name__)}")
     return masks.float().mean((-2, -1))
 
-# %% ../nbs/24_metrics.ipynb #c408aeb1
+# %% ../nbs/24_metrics.ipynb #7d007add
 def bootstrap_interval(values: Sequence[float] | np.ndarray, # one number per image (NaN left out)
                        statistic: str = "median", # 'median' or 'mean'
                        confidence: float = 0.95,
@@ -112,7 +118,7 @@ def bootstrap_interval(values: Sequence[float] | np.ndarray, # one number per im
                               random_state=np.random.default_rng(seed), vectorized=True, axis=-1)
     return float(f(v)), float(res.confidence_interval.low), float(res.confidence_interval.high), len(v)
 
-
+# %% ../nbs/24_metrics.ipynb #51aa7e46
 def summarise(table: pd.DataFrame, # one row per image (and class rank, method, ...)
               metrics: Sequence[str], # numeric columns to summarise
               by: Sequence[str] = (), # group columns
@@ -132,7 +138,7 @@ def summarise(table: pd.DataFrame, # one row per image (and class rank, method, 
             out.append({**dict(zip(by, key)), "metric": metric, statistic: value, "low": lo, "high": hi, "n": n})
     return pd.DataFrame(out)
 
-
+# %% ../nbs/24_metrics.ipynb #fd576421
 def interval_text(value: float, low: float, high: float, digits: int = 2) -> str:
     "'0.97 [0.95, 0.99]', for prose."
     if math.isnan(value):

@@ -31,7 +31,7 @@ __all__ = ['PACKAGES', 'CONSOLE_PROGRESS', 'EXPERIMENTS', 'RENAMED', 'git_commit
            'compute_shard', 'merge', 'keep_aside', 'run', 'results_folders', 'load_results', 'results_dir',
            'experiment_tables', 'find_experiment', 'reference_table']
 
-# %% ../nbs/22_results.ipynb #7547fc04
+# %% ../nbs/22_results.ipynb #9aad46a2
 PACKAGES = ("torch", "torchvision", "numpy", "pandas", "contrastive_explanations")
 
 
@@ -60,7 +60,7 @@ def package_versions() -> dict[str, str]:
             out[name] = "not installed"
     return out
 
-
+# %% ../nbs/22_results.ipynb #52b80dd1
 def _package_file(parts: Sequence[str], package: Path) -> Path | None:
     "The file of the package's module `parts` (dotted name split, the package's own name first), or None."
     base = package.joinpath(*parts[1:])
@@ -85,7 +85,7 @@ def imported_files(path: Path, package: Path) -> set[Path]:
         found |= {f for parts in names if parts[0] == package.name and (f := _package_file(parts, package))}
     return found
 
-
+# %% ../nbs/22_results.ipynb #bcea15e7
 def _without_docstrings(source: str) -> str:
     "The module's code as Python reads it, without comments, layout or docstrings."
     tree = ast.parse(source)
@@ -97,13 +97,13 @@ def _without_docstrings(source: str) -> str:
             node.body = body[1:] or [ast.Pass()]
     return ast.unparse(tree)
 
-
+# %% ../nbs/22_results.ipynb #c99f3e63
 def installed_package() -> Path:
     "The folder of the installed package."
     from importlib.util import find_spec
     return Path(find_spec("contrastive_explanations").origin).parent
 
-
+# %% ../nbs/22_results.ipynb #82001f6f
 def code_files(module: str | None = None, # a module's dotted name; None: the whole package
                package: str | os.PathLike | None = None, # the package folder (default: the installed one)
               ) -> set[Path]:
@@ -125,7 +125,7 @@ def code_files(module: str | None = None, # a module's dotted name; None: the wh
             todo += imported_files(path, package) - files
     return files
 
-
+# %% ../nbs/22_results.ipynb #8af4b773
 def code_version(module: str | None = None, # a module's dotted name; None: the whole package
                  package: str | os.PathLike | None = None, # the package folder (default: the installed one)
                 ) -> str:
@@ -137,7 +137,7 @@ def code_version(module: str | None = None, # a module's dotted name; None: the 
         h.update(name.encode() + b"\0" + _without_docstrings(path.read_text(encoding="utf-8")).encode() + b"\0")
     return h.hexdigest()[:16]
 
-
+# %% ../nbs/22_results.ipynb #b8b691ee
 def device_name(device: str | torch.device = "cpu") -> str:
     "What computed: the GPU's name, or the CPU's architecture and thread count."
     device = torch.device(device)
@@ -145,7 +145,7 @@ def device_name(device: str | torch.device = "cpu") -> str:
         return torch.cuda.get_device_name(device)
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
-
+# %% ../nbs/22_results.ipynb #bf7c2d7b
 def provenance(experiment: str, # the experiment's name
                params: dict, # everything that changes the numbers: profile, seed, sizes, ...
                fingerprints: dict | None = None, # model and data fingerprints
@@ -177,7 +177,7 @@ def uses_tf32(device: str | torch.device = "cpu") -> bool:
     return torch.device(device).type == "cuda" and (torch.backends.cudnn.allow_tf32
                                                     or torch.backends.cuda.matmul.allow_tf32)
 
-# %% ../nbs/22_results.ipynb #1f99c9bc
+# %% ../nbs/22_results.ipynb #f46d3fce
 class Experiment:
     "One experiment: set up from parameters, `len()` items, and `rows(indices)` -> one dict per row."
     name: str = "experiment"
@@ -209,7 +209,7 @@ class Experiment:
         "Where its results come from, with the version of the code its class's module runs."
         return provenance(self.name, self.params, self.fingerprints(), self.device, code_version(code_module(type(self))))
 
-
+# %% ../nbs/22_results.ipynb #01ffab23
 def code_module(cls: type) -> str:
     "The module whose code `cls` runs; for a class its chapter defines (in `__main__`), the module the chapter exports."
     if cls.__module__ == "__main__":  # nbdev exports this very cell to the registered module (checked in sync by CI)
@@ -218,7 +218,7 @@ def code_module(cls: type) -> str:
         return exported.get(cls.__name__, cls.__module__)
     return cls.__module__
 
-
+# %% ../nbs/22_results.ipynb #21208c9e
 def shard_range(index: int, count: int, n: int) -> range:
     "The items of shard `index` of `count` among `n`: contiguous, disjoint, covering, sizes within one."
     if not (isinstance(count, int) and count >= 1):
@@ -231,7 +231,7 @@ def shard_range(index: int, count: int, n: int) -> range:
 def shard_path(out: str | os.PathLike, index: int, count: int) -> Path:
     return Path(out) / f"shard-{index:04d}-of-{count:04d}.json"
 
-
+# %% ../nbs/22_results.ipynb #c7517e32
 class ResultsMismatchError(ValueError):
     "A results file computed by other code or with other parameters than the run at hand."
 
@@ -252,7 +252,7 @@ def _check_same(path: Path, theirs: dict, ours: dict) -> None:
                                f"cannot be merged with this run's. Run again with --force (force=True) to delete "
                                f"{path.parent} and recompute, or with on_stale='recompute' to keep it aside and recompute.")
 
-
+# %% ../nbs/22_results.ipynb #66df513f
 CONSOLE_PROGRESS = "CONTRASTIVE_EXPLANATIONS_CONSOLE"  # set by the book build for the chapters' kernels
 
 
@@ -266,7 +266,7 @@ def progress_bar(iterable: Iterable, desc: str, total: int | None = None, disabl
                            mininterval=0.5 if tty else 30, dynamic_ncols=tty)
     return tqdm(iterable, desc=desc, total=total, disable=disable, unit=unit, leave=False)
 
-
+# %% ../nbs/22_results.ipynb #307286e8
 def compute_shard(experiment: Experiment, out: str | os.PathLike, index: int, count: int,
                   prov: dict | None = None, progress: bool = True) -> Path:
     "Compute shard `index` of `count` and write it atomically (skipped when its file is already there)."
@@ -287,7 +287,7 @@ def _chunk(experiment: Experiment) -> int:
     "Items per call of `rows` (the experiment's `batch_size`, else 16)."
     return max(1, int(getattr(experiment, "batch_size", 16)))
 
-
+# %% ../nbs/22_results.ipynb #62543379
 def merge(out: str | os.PathLike, count: int, prov: dict | None = None) -> pd.DataFrame:
     "All `count` shards' rows in item order, written to out/results.csv and out/provenance.json; refuses mixtures."
     out = Path(out)
@@ -305,7 +305,7 @@ def merge(out: str | os.PathLike, count: int, prov: dict | None = None) -> pd.Da
     write_json(out / "provenance.json", {**reference, "shards": count})
     return table
 
-
+# %% ../nbs/22_results.ipynb #f1b420f3
 def keep_aside(out: Path, # a results folder
                earlier: dict, # the provenance of one of its shards
               ) -> Path:
@@ -321,7 +321,7 @@ def keep_aside(out: Path, # a results folder
     out.rename(aside)
     return aside
 
-
+# %% ../nbs/22_results.ipynb #57ab2749
 def run(experiment: Experiment,
         out: str | os.PathLike, # the experiment's results folder
         count: int = 1, # how many shards the items are split into
@@ -350,7 +350,7 @@ def run(experiment: Experiment,
         return merge(out, count, prov)
     return None
 
-
+# %% ../nbs/22_results.ipynb #7e4104d1
 def results_folders(root: str | os.PathLike) -> list[Path]:
     "Every folder under `root` that holds merged results, in path order, leaving out those kept aside (.stale/)."
     root = Path(root)
@@ -365,7 +365,7 @@ def load_results(out: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
         raise FileNotFoundError(f"no merged results in {out}: run the experiment (and merge its shards) first")
     return pd.read_csv(out / "results.csv"), json.loads((out / "provenance.json").read_text())
 
-# %% ../nbs/22_results.ipynb #bfcb3959
+# %% ../nbs/22_results.ipynb #3df00ea1
 EXPERIMENTS: dict[str, str] = {  # name -> "module:Class", one per experiment chapter
     "perturbation": "contrastive_explanations.experiments.perturbation:Perturbation",
     "masking": "contrastive_explanations.experiments.masking:Masking",
@@ -375,7 +375,7 @@ EXPERIMENTS: dict[str, str] = {  # name -> "module:Class", one per experiment ch
     "localisation": "contrastive_explanations.experiments.localisation:Localisation",
 }
 
-
+# %% ../nbs/22_results.ipynb #57d97dc3
 def results_dir(profile: str, experiment: str, root: str | os.PathLike | None = None) -> Path:
     "results/<profile>/<experiment> under the project root (or $CONTRASTIVE_EXPLANATIONS_RESULTS)."
     base = os.environ.get("CONTRASTIVE_EXPLANATIONS_RESULTS")
@@ -384,7 +384,7 @@ def results_dir(profile: str, experiment: str, root: str | os.PathLike | None = 
     root = Path(root) if root else project_root() or Path.cwd()
     return root / "results" / profile / experiment
 
-
+# %% ../nbs/22_results.ipynb #7b7fde94
 RENAMED: dict[str, str] = {"masking": "feature_masking"}  # an experiment -> its earlier name, whose folders are still read
 
 
@@ -403,7 +403,7 @@ def experiment_tables(profile: str, experiment: str) -> dict[str, pd.DataFrame]:
         raise FileNotFoundError(f"no results for {experiment!r} under {root}: build its chapter first")
     return {name: load_results(folder)[0] for name, folder in found.items()}
 
-
+# %% ../nbs/22_results.ipynb #6a4be18b
 def find_experiment(name: str) -> type[Experiment]:
     "The Experiment class registered as `name`, or named by 'module:Class'."
     spec = EXPERIMENTS.get(name, name)
@@ -419,7 +419,7 @@ def find_experiment(name: str) -> type[Experiment]:
         raise ValueError(f"{spec} is not an Experiment subclass")
     return cls
 
-
+# %% ../nbs/22_results.ipynb #20a80eec
 def reference_table(name: str, # e.g. 'review_figure1' (a file in the project's reference/ folder)
                     root: str | os.PathLike | None = None) -> pd.DataFrame:
     "The review's published numbers, from reference/NAME.csv in the project (its '#' lines are comments)."

@@ -25,8 +25,8 @@ if TYPE_CHECKING:  # the widgets extra: imported where a menu is made
     import ipywidgets as widgets
 
 # %% auto #0
-__all__ = ['STATIC_CLASS', 'figure_png', 'static_switcher', 'colour_range', 'overlay', 'comparison_figure', 'static_grid',
-           'grid_bytes']
+__all__ = ['STATIC_CLASS', 'figure_png', 'static_switcher', 'signed_limit', 'colour_range', 'overlay', 'comparison_figure',
+           'static_grid', 'grid_bytes']
 
 # %% ../nbs/27_viz.ipynb #969f2a41
 def figure_png(fig: Figure, # a matplotlib figure; it is closed afterwards
@@ -45,7 +45,7 @@ def figure_png(fig: Figure, # a matplotlib figure; it is closed afterwards
     plt.close(fig)
     return buffer.getvalue()
 
-# %% ../nbs/27_viz.ipynb #2400c903
+# %% ../nbs/27_viz.ipynb #977099f4
 STATIC_CLASS = "ce-static-explorer" # the CSS class of every kernel-free explorer, so pages and tests can find them
 
 
@@ -57,7 +57,16 @@ def _widgets():
         raise ImportError('the static menus need ipywidgets: pip install "contrastive_explanations[widgets]"') from e
     return ipywidgets
 
+# %% ../nbs/27_viz.ipynb #86b24ac8
+def _page_widget(label: str, page, widgets) -> "widgets.Widget":
+    "A page as a widget: PNG bytes become an Image, a widget stays itself; anything else is refused."
+    if isinstance(page, (bytes, bytearray)):
+        return widgets.Image(value=bytes(page), format="png", layout=widgets.Layout(max_width="100%"))
+    if not isinstance(page, widgets.Widget):
+        raise TypeError(f"page {label!r} is a {type(page).__name__}: pass PNG bytes (see figure_png) or a widget")
+    return page
 
+# %% ../nbs/27_viz.ipynb #1fc3bcfe
 def static_switcher(pages: "dict[str, bytes | widgets.Widget]", # menu label -> PNG bytes or any widget
                     description: str = "Show", # the menu's label
                    ) -> "widgets.VBox":
@@ -72,13 +81,7 @@ def static_switcher(pages: "dict[str, bytes | widgets.Widget]", # menu label -> 
     widgets = _widgets()
     if not pages:
         raise ValueError("static_switcher needs at least one page: pass {label: png_bytes_or_widget, ...}")
-    children = []
-    for label, page in pages.items():
-        if isinstance(page, (bytes, bytearray)):
-            page = widgets.Image(value=bytes(page), format="png", layout=widgets.Layout(max_width="100%"))
-        elif not isinstance(page, widgets.Widget):
-            raise TypeError(f"page {label!r} is a {type(page).__name__}: pass PNG bytes (see figure_png) or a widget")
-        children.append(page)
+    children = [_page_widget(label, page, widgets) for label, page in pages.items()]
     menu = widgets.Dropdown(options=list(pages), index=0, description=description)
     stack = widgets.Stack(children, selected_index=0)
     widgets.jslink((menu, "index"), (stack, "selected_index"))
@@ -86,11 +89,37 @@ def static_switcher(pages: "dict[str, bytes | widgets.Widget]", # menu label -> 
     box.add_class(STATIC_CLASS)
     return box
 
-# %% ../nbs/27_viz.ipynb #1e07b976
-def colour_range(m, # a signed map (array or tensor)
-                 percentile: float = 99.5, # where the symmetric scale saturates; 100: the largest |value|
+# %% ../nbs/27_viz.ipynb #39f2ce0a
+_SIGNED_PERCENTILE = 99.5 # the book's colour rule: a signed map's scale saturates at this percentile of |m|
+
+
+def signed_limit(maps, # one signed map, or several that share one scale (array or tensor, any shape)
+                 percentile: float = _SIGNED_PERCENTILE, # where the scale saturates, in (0, 100]; 100: the largest |value|
                 ) -> float:
-    """Half-range of a map's symmetric colour scale: the `percentile` of its absolute values (1.0 for a zero map).
+    """The half-range of the symmetric colour scale of signed maps: the book's one rule for drawing them.
+
+    It is the `percentile` (99.5) of the absolute values, the largest of them where that percentile is zero, and 1.0
+    for maps that are zero or empty, so that a few outlying values do not wash out the rest.
+
+    Parameters:
+        maps: one signed map, or several that share one scale; an array or tensor of any shape
+        percentile: where the symmetric scale saturates, in (0, 100]; 100: the largest |value|
+    Returns:
+        float: the half-range, positive: draw with CenteredNorm(halfrange=signed_limit(m))
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}: e.g. 99.5, or 100 for the maximum")
+    a = torch.as_tensor(np.asarray(maps.detach().cpu() if isinstance(maps, Tensor) else maps)).float().abs().flatten()
+    if a.numel() == 0:
+        return 1.0
+    value = float(np.percentile(a.numpy(), percentile))  # numpy: no size limit (torch.quantile stops at 16M values)
+    return value if value > 0 else (float(a.max()) or 1.0)
+
+# %% ../nbs/27_viz.ipynb #06bf5ba1
+def colour_range(m, # a signed map (array or tensor)
+                 percentile: float = _SIGNED_PERCENTILE, # where the symmetric scale saturates; 100: the largest |value|
+                ) -> float:
+    """`signed_limit` under the name the figures first used: the half-range of a map's symmetric colour scale.
 
     Parameters:
         m: a signed map, array or tensor, of any shape
@@ -98,51 +127,11 @@ def colour_range(m, # a signed map (array or tensor)
     Returns:
         float: the half-range, positive
     """
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}: e.g. 99.5, or 100 for the maximum")
-    a = torch.as_tensor(m).detach().float().abs().flatten().cpu().numpy()
-    if a.size == 0:
-        return 1.0
-    value = float(np.percentile(a, percentile))  # numpy: no size limit (torch.quantile stops at 16M values)
-    return value if value > 0 else (float(a.max()) or 1.0)
+    return signed_limit(m, percentile)
 
-
-def overlay(*args, # (image, m): a new figure with a colour bar; or (ax, image, m): drawn into that Axes
-            alpha: float = 0.5,
-            halfrange: float | None = None, # the colour scale's +- range (default: the map's largest |value|)
-            title: str = "", # the new figure's title
-           ) -> Figure | None: # the new figure, when no Axes was given
-    """A signed map over its image: bwr with the scale centred on zero, half transparent.
-
-    `overlay(image, m)` makes one figure with a colour bar (red: for the class, blue: against it), laid out so that
-    a plain `fig.savefig(path)` holds all of it; `overlay(ax, image, m)` draws into `ax`.
-
-    Parameters:
-        *args: (image, m) or (ax, image, m). image: a (3, H, W) tensor or array, an (H, W, 3) array, an (H, W) grey
-            image (uint8, or float in [0, 1]) or a PIL image; m: the (h, w) signed map, resized to the image
-        alpha: the map's opacity
-        halfrange: the colour scale's +- range (default: the map's largest |value|)
-        title: the new figure's title
-    Returns:
-        Figure | None: the new figure, or None when drawn into the Axes given
-    """
-    if len(args) == 2:
-        fig, ax = plt.subplots(figsize=(4.2, 3.4), layout="constrained")  # the colour bar and its label fit inside
-        shown = _overlay(ax, *args, alpha=alpha, halfrange=halfrange)
-        bar = fig.colorbar(shown, ax=ax, fraction=0.05)
-        bar.set_label("← against the class · for the class →", fontsize=8)
-        ax.set_title(title, fontsize=9)
-        return fig
-    if len(args) != 3 or not isinstance(args[0], Axes):
-        raise TypeError("overlay takes (image, map) for a new figure, or (ax, image, map) to draw into a "
-                        f"matplotlib Axes; got {len(args)} positional arguments")
-    _overlay(*args, alpha=alpha, halfrange=halfrange)
-    return None
-
-
+# %% ../nbs/27_viz.ipynb #d3add34a
 def _rgb(image) -> np.ndarray:
-    """An image as (H, W, 3) floats in [0, 1]: from a PIL image, a (3, H, W) or (H, W, 3) tensor or array (a tensor
-    whose first axis has 1 or 3 entries is channels-first, an array only if its last has not), or (H, W) grey."""
+    "(H, W, 3) floats in [0, 1] from PIL, (H, W) grey, or (3, H, W) or (H, W, 3): a tensor is channels-first if it can be."
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     a = image.detach().cpu() if isinstance(image, Tensor) else torch.as_tensor(np.array(image))  # a copy: writable
@@ -156,7 +145,7 @@ def _rgb(image) -> np.ndarray:
     a = a.float() / 255 if not (a.is_floating_point() or a.dtype == torch.bool) else a.float()
     return a.expand(*a.shape[:2], 3).clamp(0, 1).numpy()
 
-
+# %% ../nbs/27_viz.ipynb #728900de
 def _overlay(ax, image, m, alpha: float = 0.5, halfrange: float | None = None):
     "Draw the image and the map over it into `ax`; the map's AxesImage, for a colour bar."
     rgb = _rgb(image)
@@ -165,18 +154,73 @@ def _overlay(ax, image, m, alpha: float = 0.5, halfrange: float | None = None):
         raise ValueError(f"the map must be (h, w), got shape {tuple(m.shape)}: pick one, e.g. e.map('weighted')[0]")
     up = F.interpolate(m[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     ax.imshow(rgb)
-    r = halfrange if halfrange is not None else float(up.abs().max())
+    r = halfrange if halfrange is not None else signed_limit(up)
     shown = ax.imshow(up.numpy(), cmap="bwr", norm=CenteredNorm(halfrange=r or 1.0), alpha=alpha)
     ax.set_xticks([]), ax.set_yticks([])
     return shown
 
+# %% ../nbs/27_viz.ipynb #1f3a7d61
+def _overlay_figure(image, m, alpha: float = 0.5, halfrange: float | None = None, title: str = "") -> Figure:
+    "A new figure: the map over its image and a colour bar labelled for and against the class, all inside the figure."
+    fig, ax = plt.subplots(figsize=(4.2, 3.4), layout="constrained")  # the colour bar and its label fit inside
+    shown = _overlay(ax, image, m, alpha=alpha, halfrange=halfrange)
+    bar = fig.colorbar(shown, ax=ax, fraction=0.05)
+    bar.set_label("← against the class · for the class →", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+# %% ../nbs/27_viz.ipynb #e1ad9d54
+def overlay(*args, # (image, m): a new figure with a colour bar; or (ax, image, m): drawn into that Axes
+            alpha: float = 0.5,
+            halfrange: float | None = None, # the colour scale's +- range (default: signed_limit of the drawn map)
+            title: str = "", # the new figure's title
+           ) -> Figure | None: # the new figure, when no Axes was given
+    """A signed map over its image: bwr with the scale centred on zero, half transparent.
+
+    `overlay(image, m)` makes one figure with a colour bar (red: for the class, blue: against it), laid out so that
+    a plain `fig.savefig(path)` holds all of it; `overlay(ax, image, m)` draws into `ax`.
+
+    Parameters:
+        *args: (image, m) or (ax, image, m). image: a (3, H, W) tensor or array, an (H, W, 3) array, an (H, W) grey
+            image (uint8, or float in [0, 1]) or a PIL image; m: the (h, w) signed map, resized to the image
+        alpha: the map's opacity
+        halfrange: the colour scale's +- range (default: `signed_limit` of the map as drawn, resized)
+        title: the new figure's title
+    Returns:
+        Figure | None: the new figure, or None when drawn into the Axes given
+    """
+    if len(args) == 2:
+        return _overlay_figure(*args, alpha=alpha, halfrange=halfrange, title=title)
+    if len(args) != 3 or not isinstance(args[0], Axes):
+        raise TypeError("overlay takes (image, map) for a new figure, or (ax, image, map) to draw into a "
+                        f"matplotlib Axes; got {len(args)} positional arguments")
+    _overlay(*args, alpha=alpha, halfrange=halfrange)
+    return None
+
+# %% ../nbs/27_viz.ipynb #4b7af4c4
+def _comparison_row(row: Sequence[Axes], # 1 + T panels
+                    picture: np.ndarray, # (H, W, 3) in [0, 1]
+                    maps: Tensor, # (T, H, W) signed maps, one per target
+                    title: str, # the picture's title
+                    targets: Sequence[str], # the T target names
+                    percentile: float = _SIGNED_PERCENTILE, # each map's colour scale saturates here (see signed_limit)
+                   ) -> None:
+    "One row of a comparison figure: the picture, then each target's map over it, each on its own symmetric scale."
+    row[0].imshow(picture)
+    row[0].set_title(title, fontsize=8)
+    for ax, m, target in zip(row[1:], maps, targets):
+        ax.imshow(picture)
+        ax.imshow(m.numpy(), cmap="bwr", norm=CenteredNorm(halfrange=signed_limit(m, percentile)), alpha=0.5)
+        ax.set_title(target, fontsize=8)
+
+# %% ../nbs/27_viz.ipynb #2b8a741b
 def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
                       explanation: Explanation, # of this one image (batch of 1), classes (1, K), all targets
                       ranks: Sequence[int] = (0,), # which of the K explained classes to draw, one row each
                       class_names: Sequence[str] | None = None,
                       title: str = "",
                       size: float = 1.9, # inches per panel
-                      percentile: float = 99.5, # each map's colour scale saturates here (see colour_range)
+                      percentile: float = _SIGNED_PERCENTILE, # each map's colour scale saturates here (see signed_limit)
                      ) -> Figure:
     """The image, then one signed map per target for each chosen class (bwr, centred on zero, over the image).
 
@@ -187,7 +231,7 @@ def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
         class_names: a name per class index, for the row titles (default: "class c")
         title: the figure's title
         size: inches per panel
-        percentile: where each map's colour scale saturates (see `colour_range`)
+        percentile: where each map's colour scale saturates (see `signed_limit`)
     Returns:
         Figure: one row per rank, the image and then one panel per target
     """
@@ -200,13 +244,7 @@ def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
     for row, k in zip(axes, ranks):
         c = int(explanation.classes[0, k])
         name = class_names[c] if class_names is not None else f"class {c}"
-        row[0].imshow(picture)
-        row[0].set_title(f"{name[:22]}\np = {probs[c]:.2f}", fontsize=8)
-        for ax, t, target in zip(row[1:], range(T), explanation.targets):
-            m = maps[k, t].numpy()
-            ax.imshow(picture)
-            ax.imshow(m, cmap="bwr", norm=CenteredNorm(halfrange=colour_range(m, percentile)), alpha=0.5)
-            ax.set_title(target, fontsize=8)
+        _comparison_row(row, picture, maps[k], f"{name[:22]}\np = {probs[c]:.2f}", explanation.targets, percentile)
     for ax in axes.flat:
         ax.set_axis_off()
     if title:
@@ -214,7 +252,7 @@ def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
     fig.tight_layout()
     return fig
 
-# %% ../nbs/27_viz.ipynb #1381b271
+# %% ../nbs/27_viz.ipynb #3e011d8b
 def static_grid(menus: dict[str, Sequence[str]], # menu label -> its options, in order
                 render: Callable[..., bytes], # render(**{menu: option}) -> PNG bytes, called once per combination
                ) -> "widgets.VBox":
@@ -244,7 +282,14 @@ def static_grid(menus: dict[str, Sequence[str]], # menu label -> its options, in
     box.add_class(STATIC_CLASS)
     return box
 
+# %% ../nbs/27_viz.ipynb #4ae97bd5
+def _png_sizes(widget, widgets) -> int:
+    "The total size of the PNG images in `widget` and in every widget it holds."
+    if isinstance(widget, widgets.Image):
+        return len(widget.value)
+    return sum(_png_sizes(child, widgets) for child in getattr(widget, "children", ()))
 
+# %% ../nbs/27_viz.ipynb #3429b655
 def grid_bytes(grid: "widgets.VBox", # a static_grid
               ) -> int:
     """The total size of the PNGs a static_grid holds (its share of the page weight).
@@ -254,10 +299,4 @@ def grid_bytes(grid: "widgets.VBox", # a static_grid
     Returns:
         int: the PNGs' total size in bytes
     """
-    widgets = _widgets()
-
-    def walk(w):
-        if isinstance(w, widgets.Image):
-            return len(w.value)
-        return sum(walk(c) for c in getattr(w, "children", ()))
-    return walk(grid.children[1])
+    return _png_sizes(grid.children[1], _widgets())

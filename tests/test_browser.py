@@ -107,7 +107,7 @@ def _open(page, base_url: str, path: str):
 from contrastive_explanations.viz import STATIC_CLASS  # noqa: E402
 from tools.build_book import toc_chapters  # noqa: E402
 
-PAGES = ["index.html", *(f"executed/{chapter}.html" for chapter in toc_chapters(ROOT))]
+PAGES = ["index.html", *(f"executed/{chapter}.html" for chapter in toc_chapters(ROOT)), "executed/statistics.html"]
 
 
 @pytest.mark.parametrize("path", PAGES)

@@ -278,10 +278,11 @@ def test_help_says_where_outputs_go_and_what_is_replaced(capsys):
 
 
 def test_the_names_are_the_registries():
-    from contrastive_explanations.data.models import MODELS, TORCHVISION_IMAGENET
+    from contrastive_explanations.data.models import FINETUNED_NETWORKS, MODELS, TORCHVISION_IMAGENET
     from contrastive_explanations.explorer import COMPARED_TARGETS
     from contrastive_explanations.methods import METHODS, TARGETS
     assert list(cli.MODEL_NAMES) == list(MODELS) and list(cli.TORCHVISION_MODELS) == list(TORCHVISION_IMAGENET)
+    assert list(cli.FINETUNED_MODELS) == list(FINETUNED_NETWORKS)  # the names that need --checkpoint: the table's
     assert list(cli.METHOD_NAMES) == list(METHODS) and list(cli.TARGET_NAMES) == list(TARGETS)
     assert list(cli.DEFAULT_TARGETS) == list(COMPARED_TARGETS)
 

@@ -134,3 +134,26 @@ def test_a_checkpoint_brings_its_number_of_classes(tmp_path):
     assert checkpoint_classes(tmp_path / "bare.pt") is None
     with pytest.raises(ValueError, match="does not fit"):
         build_model("vit_b_16_food101", checkpoint=tmp_path / "bare.pt")
+
+
+def test_the_finetuned_models_are_built_from_their_table():
+    "Each row of FINETUNED_NETWORKS is a registered model with the row's architecture, classes, layer and resize."
+    from PIL import Image
+    from contrastive_explanations.data.models import FINETUNED_NETWORKS, FinetunedNetwork
+    assert [n for n in MODELS if n in FINETUNED_NETWORKS] == list(FINETUNED_NETWORKS) and len(FINETUNED_NETWORKS) == 2
+    assert len({n.source for n in FINETUNED_NETWORKS.values()}) == len(FINETUNED_NETWORKS)
+    for name, row in FINETUNED_NETWORKS.items():
+        assert isinstance(row, FinetunedNetwork) and row.name == name
+        model = build_model(name)
+        reference = torchvision.models.get_model(row.architecture, num_classes=row.num_classes)
+        assert [(k, v.shape) for k, v in model.net.state_dict().items()] == \
+            [(k, v.shape) for k, v in reference.state_dict().items()]
+        assert len(model.categories) == row.num_classes
+        assert model.default_layer == (None if row.default_layer is None else f"net.{row.default_layer}")
+        x = model.preprocess(Image.new("RGB", (300, 200)))
+        assert x.shape[-2:] == (224, 224)
+        if row.square_resize:  # squashed, not cropped: a left-half red image stays red on its left half
+            image = Image.new("RGB", (300, 200))
+            image.paste((255, 0, 0), (0, 0, 150, 200))
+            x = model.preprocess(image)
+            assert x.shape[-1] == row.square_resize and x[0, :, : row.square_resize // 2 - 2].min() == 1.0

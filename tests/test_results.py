@@ -350,6 +350,7 @@ def test_inherits_overrides_and_nulls(tmp_path):
     ({}, "embedded", {"perturbation.shard": "3"}, ["unknown setting 'perturbation.shard'", "shards, runs"]),
     ({}, "embedded", {"seed.x": "3"}, ["seed is not a section", "perturbation"]),
     ({}, "embedded", {"perturbation.runs.small_cnn.size": "3"}, ["unknown setting", "model, n_images"]),
+    ({}, "embedded", {"seed": 3}, ["override seed=3 must be YAML text", "'seed': '3'"]),  # a value, not its text
 ])
 def test_bad_profiles_are_named(tmp_path, files, name, overrides, words):
     root = _project(tmp_path, embedded=EMBEDDED, **files)

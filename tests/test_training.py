@@ -214,3 +214,14 @@ def test_a_small_model_s_initialisation_depends_on_its_seed_alone():
         b = initialised(name, 12, seed=0)
         assert torch.equal(state, torch.random.get_rng_state()), "the caller's random state changed"
         assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict()), name
+
+
+def test_cub_validation_transform_is_the_fine_tuned_vgg_s_test_transform():
+    "Fine-tuning picks its best epoch on the pixels that the explained VGG16-bn (vgg16_bn_cub) is later tested on."
+    from types import SimpleNamespace
+    import numpy as np
+    from PIL import Image
+    from contrastive_explanations.data.models import _squared  # what the fine-tuned VGG is built with
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8))
+    tested = _squared(SimpleNamespace(), 24).preprocess(photo)
+    assert torch.equal(cub_eval_transform(24)(photo), tested)

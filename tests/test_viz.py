@@ -1,5 +1,5 @@
-"""viz.overlay (nbs/27_viz): the images it takes, a colour bar that a plain savefig keeps, and a viz module that
-imports without the widgets extra."""
+"""viz (nbs/27_viz): the one colour rule (signed_limit) that every drawing uses, the images overlay takes, a colour bar
+that a plain savefig keeps, and a viz module that imports without the widgets extra."""
 from __future__ import annotations
 
 import io
@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from contrastive_explanations.viz import overlay, static_switcher
+from contrastive_explanations.methods.explain import Explanation
+from contrastive_explanations.viz import comparison_figure, overlay, signed_limit, static_switcher
 
 RNG = np.random.default_rng(0)
 HWC = RNG.integers(0, 256, (12, 20, 3), dtype=np.uint8)  # not square: a transposed image would show
@@ -97,3 +98,48 @@ def test_the_menus_still_work_with_ipywidgets():
     box = static_switcher({"one": png.getvalue(), "two": png.getvalue()})
     menu, stack = box.children
     assert list(menu.options) == ["one", "two"] and len(stack.children) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One colour rule: signed_limit, and every drawing in viz uses it
+
+def test_signed_limit_is_the_99_5th_percentile_of_the_absolute_values():
+    "1..1000 with alternating signs: numpy's linear percentile is 1 + 0.995 * 999, written out here by hand."
+    values = torch.arange(1, 1001, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(500)
+    m = values[torch.randperm(1000, generator=torch.Generator().manual_seed(0))].view(25, 40)
+    assert signed_limit(m) == pytest.approx(1 + 0.995 * 999)
+    assert signed_limit(m, 100) == 1000.0 and signed_limit(m.numpy()) == signed_limit(m)
+
+
+def test_signed_limit_of_several_maps_is_one_shared_scale():
+    faint, loud = torch.full((10, 10), 0.2), torch.full((10, 10), -3.0)
+    shared = signed_limit(torch.stack([faint, loud]))
+    assert signed_limit(faint) == pytest.approx(0.2) and signed_limit(loud) == 3.0 and shared == 3.0
+
+
+@pytest.mark.parametrize("m", [torch.zeros(4, 4), torch.zeros(0), np.zeros((2, 3))])
+def test_signed_limit_of_a_map_without_evidence_is_one(m):
+    assert signed_limit(m) == 1.0
+
+
+def test_signed_limit_refuses_a_percentile_outside_its_range_in_one_line():
+    with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\], got 0: e.g. 99.5") as e:
+        signed_limit(MAP, 0)
+    assert "\n" not in str(e.value)
+
+
+def test_overlay_and_comparison_figure_draw_with_the_same_rule():
+    "One outlying patch: both figures saturate at signed_limit of the map as drawn, below the outlier."
+    m = torch.full((8, 8), 0.1)
+    m[0, 0] = 50.0
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    drawn_map = torch.nn.functional.interpolate(m[None, None], size=(32, 32), mode="bilinear", align_corners=False)
+    rule = signed_limit(drawn_map)
+    fig = overlay(image, m)
+    low, high = fig.axes[1].get_ylim()
+    assert high == pytest.approx(rule) and low == pytest.approx(-rule) and rule < 50
+    e = Explanation(maps=m[None, None, None], logits=torch.tensor([[1.0, 0.0]]), classes=torch.tensor([[0]]),
+                    targets=("original",))
+    panel = comparison_figure(image, e).axes[1].images[1]
+    assert panel.norm.halfrange == pytest.approx(rule)
+    plt.close("all")

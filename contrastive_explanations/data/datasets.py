@@ -33,7 +33,7 @@ __all__ = ['IMAGENET_DEVKIT', 'IMAGENET_TREE', 'CUB_TREE', 'FOOD101_TREE', 'PHOT
            'read_rgb', 'DatasetNotFoundError', 'SkippedImagesWarning', 'ImageDataset', 'imagenet', 'cub200', 'food101',
            'PackagedPhoto', 'PackagedPhotos', 'packaged_photos', 'load_dataset', 'write_fixture']
 
-# %% ../../nbs/19_datasets.ipynb #91afc01a
+# %% ../../nbs/19_datasets.ipynb #02327e90
 class ImageReadError(OSError):
     "An image that cannot be decoded (corrupt, truncated, not an image) or has no defined conversion to RGB."
 
@@ -46,7 +46,7 @@ def _on_white(im: Image.Image) -> Image.Image:
     rgba = im.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
-
+# %% ../../nbs/19_datasets.ipynb #3d5d2e05
 def _gray16_to_rgb(im: Image.Image) -> Image.Image:
     "Scale 16-bit grey levels 0..65535 to 0..255 (v / 257, rounded), never clipping."
     a = np.asarray(im).astype(np.int64)
@@ -55,7 +55,7 @@ def _gray16_to_rgb(im: Image.Image) -> Image.Image:
                              "no conversion to 8-bit RGB is defined; convert the file yourself")
     return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
 
-
+# %% ../../nbs/19_datasets.ipynb #a342a75d
 def to_rgb(im: Image.Image) -> Image.Image:
     "Convert a decoded image to 8-bit RGB: grey replicated, transparency composited on white, 16-bit grey scaled."
     if im.mode in _ALPHA_MODES or "transparency" in im.info or (im.mode == "P" and im.palette and im.palette.mode == "RGBA"):
@@ -71,7 +71,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     except ValueError as e:
         raise ImageReadError(f"no conversion from mode {im.mode} to RGB: {e}") from e
 
-
+# %% ../../nbs/19_datasets.ipynb #1cab3c2e
 def read_rgb(path: str | os.PathLike | IO[bytes], # an image file, or a binary file object
             ) -> Image.Image: # 8-bit RGB, upright, fully decoded
     "Open an image and return it as 8-bit RGB, with its EXIF orientation applied; raise `ImageReadError` if unreadable."
@@ -86,7 +86,7 @@ def read_rgb(path: str | os.PathLike | IO[bytes], # an image file, or a binary f
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot decode {path}: {e}") from e
 
-# %% ../../nbs/19_datasets.ipynb #92a56442
+# %% ../../nbs/19_datasets.ipynb #abc76cf8
 class DatasetNotFoundError(FileNotFoundError):
     "A data root that is missing, or lacks files that the dataset's official layout has."
 
@@ -99,7 +99,7 @@ def _tree_message(what: str, root: Path, problem: str, tree: str, hint: str = ""
     return (f"{what} at {root}: {problem}.\nExpected layout (<root> is the path you pass):\n\n{tree.strip(chr(10))}\n"
             + (f"\n{hint}" if hint else ""))
 
-
+# %% ../../nbs/19_datasets.ipynb #62cf4f69
 def _existing_root(root: str | os.PathLike | None, what: str, tree: str) -> Path:
     if root is None or str(root) == "":
         raise DatasetNotFoundError(f"{what} needs a data root (root=None was given).\n"
@@ -110,13 +110,19 @@ def _existing_root(root: str | os.PathLike | None, what: str, tree: str) -> Path
         raise DatasetNotFoundError(_tree_message(what, root, problem, tree))
     return root
 
-
+# %% ../../nbs/19_datasets.ipynb #65279d05
 def _check_split(split: str, splits: tuple[str, ...], what: str) -> str:
     if split not in splits:
         raise ValueError(f"{what} has no split {split!r}: choose one of {', '.join(map(repr, splits))}")
     return split
 
 
+def _check_errors(errors: str) -> str:
+    if errors not in ("raise", "skip"):
+        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    return errors
+
+# %% ../../nbs/19_datasets.ipynb #63024032
 def _official_folder(root: str | os.PathLike, split: str, splits: tuple[str, ...], what: str, tree: str,
                      folder: str, # the folder the official archive extracts to
                      required: tuple[str, ...], # entries it must hold, folders ending in '/'
@@ -135,13 +141,56 @@ def _official_folder(root: str | os.PathLike, split: str, splits: tuple[str, ...
         raise DatasetNotFoundError(_tree_message(what, root, where, tree, hint))
     return base
 
+# %% ../../nbs/19_datasets.ipynb #2d27f162
+def _labelled(name: str, samples: list[tuple[str | os.PathLike, int]], n_classes: int) -> list[tuple[Path, int]]:
+    "The samples as `(Path, int)` pairs, every label a class index; else an error naming the stray labels."
+    samples = [(Path(p), int(y)) for p, y in samples]
+    bad = [y for _, y in samples if not 0 <= y < n_classes]
+    if bad:
+        raise ValueError(f"{name}: labels {sorted(set(bad))[:5]} are outside 0..{n_classes - 1}")
+    return samples
 
-def _check_errors(errors: str) -> str:
-    if errors not in ("raise", "skip"):
-        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
-    return errors
+# %% ../../nbs/19_datasets.ipynb #800178ed
+def _describe(name: str, split: str | None, root: Path | None) -> str:
+    "How messages name a dataset: its name, its split and its root."
+    return f"{name}" + (f" ({split})" if split else "") + (f" at {root}" if root else "")
 
-# %% ../../nbs/19_datasets.ipynb #6f26b244
+
+def _require_files(where: str, samples: list[tuple[Path, int]]) -> None:
+    "Raise `DatasetNotFoundError` if listed images do not exist, naming the first ones."
+    missing = [p for p, _ in samples if not p.is_file()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{where}: {len(missing)} of {len(samples)} listed images are missing, e.g. "
+            f"{', '.join(map(str, missing[:3]))}. Extract the official archive again, or pass errors='skip' "
+            "to leave them out (counted, with a warning)")
+
+# %% ../../nbs/19_datasets.ipynb #1b47685b
+def _readable(where: str, samples: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int]], list[tuple[Path, str]]]:
+    "Decode every image once: the readable samples, and `(file, reason)` for the others, with one warning."
+    kept, skipped = [], []
+    for path, label in samples:
+        try:
+            read_rgb(path)
+            kept.append((path, label))
+        except (ImageReadError, FileNotFoundError) as e:
+            skipped.append((path, str(e)))
+    if skipped:
+        warnings.warn(f"{where}: skipped {len(skipped)} of {len(samples)} images that could not be read, "
+                      f"e.g. {skipped[0][1]}", SkippedImagesWarning, stacklevel=3)
+    return kept, skipped
+
+# %% ../../nbs/19_datasets.ipynb #b6bcb550
+def _index_hash(name: str, split: str | None, classes: list[str], samples: list[tuple[Path, int]],
+                root: Path | None) -> str:
+    "A short hash of a dataset's index (file names relative to `root`, labels, class names), not of the pixels."
+    h = hashlib.sha256(json.dumps([name, split, classes]).encode())
+    for path, label in samples:
+        rel = path.relative_to(root) if root and path.is_relative_to(root) else path
+        h.update(f"{rel.as_posix()}\t{label}\n".encode())
+    return h.hexdigest()[:16]
+
+# %% ../../nbs/19_datasets.ipynb #54fa77f9
 class ImageDataset(Dataset):
     "Labelled image files as `(transform(image), label)` pairs, each image read by `read_rgb`."
 
@@ -153,39 +202,17 @@ class ImageDataset(Dataset):
                  root: Path | None = None, split: str | None = None):
         self.name, self.root, self.split, self.transform = name, root, split, transform
         self.errors, self.classes = _check_errors(errors), list(classes)
-        samples = [(Path(p), int(y)) for p, y in samples]
-        bad = [y for _, y in samples if not 0 <= y < len(self.classes)]
-        if bad:
-            raise ValueError(f"{name}: labels {sorted(set(bad))[:5]} are outside 0..{len(self.classes) - 1}")
+        samples = _labelled(name, samples, len(self.classes))
         self.skipped: list[tuple[Path, str]] = []  # (file, reason) for each image left out with errors='skip'
         if errors == "skip":
-            samples = self._readable(samples)
+            samples, self.skipped = _readable(self._where, samples)
         else:
-            missing = [p for p, _ in samples if not p.is_file()]
-            if missing:
-                raise DatasetNotFoundError(
-                    f"{self._where}: {len(missing)} of {len(samples)} listed images are missing, e.g. "
-                    f"{', '.join(map(str, missing[:3]))}. Extract the official archive again, or pass errors='skip' "
-                    "to leave them out (counted, with a warning)")
+            _require_files(self._where, samples)
         self.samples = samples
 
     @property
     def _where(self) -> str:
-        return f"{self.name}" + (f" ({self.split})" if self.split else "") + (f" at {self.root}" if self.root else "")
-
-    def _readable(self, samples):
-        "Decode every image once; keep the readable ones, warn once with the count of the others."
-        kept = []
-        for path, label in samples:
-            try:
-                read_rgb(path)
-                kept.append((path, label))
-            except (ImageReadError, FileNotFoundError) as e:
-                self.skipped.append((path, str(e)))
-        if self.skipped:
-            warnings.warn(f"{self._where}: skipped {len(self.skipped)} of {len(samples)} images that could not be read, "
-                          f"e.g. {self.skipped[0][1]}", SkippedImagesWarning, stacklevel=3)
-        return kept
+        return _describe(self.name, self.split, self.root)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -206,16 +233,12 @@ class ImageDataset(Dataset):
 
     def fingerprint(self) -> str:
         "A short hash of the index (file names relative to the root, labels, class names), not of the pixels."
-        h = hashlib.sha256(json.dumps([self.name, self.split, self.classes]).encode())
-        for path, label in self.samples:
-            rel = path.relative_to(self.root) if self.root and path.is_relative_to(self.root) else path
-            h.update(f"{rel.as_posix()}\t{label}\n".encode())
-        return h.hexdigest()[:16]
+        return _index_hash(self.name, self.split, self.classes, self.samples, self.root)
 
     def __repr__(self) -> str:
         return f"ImageDataset({self._where}: {len(self)} images, {len(self.classes)} classes)"
 
-# %% ../../nbs/19_datasets.ipynb #3c9f244f
+# %% ../../nbs/19_datasets.ipynb #03f7e0f0
 IMAGENET_DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
 
 IMAGENET_TREE = """
@@ -236,40 +259,15 @@ class-folder layout (no devkit):
     └── ...
 """
 
+# %% ../../nbs/19_datasets.ipynb #996b965e
 _WNID = re.compile(r"n\d{8}")
 
 
 def _class_dirs(folder: Path) -> list[str]:
+    "The names of the folders in `folder`, sorted, hidden ones left out."
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
-
-def _imagenet_meta(root: Path, index_dir: Path) -> dict[str, tuple[str, ...]]:
-    "WordNet id -> class names from torchvision's meta.bin: <root>'s own, else one parsed from the devkit into index_dir."
-    meta, devkit = root / "meta.bin", root / IMAGENET_DEVKIT
-    if not meta.is_file() and devkit.is_file():  # never written under root, which may be read-only or shared
-        meta = index_dir / f"meta-{hashlib.sha256(devkit.read_bytes()).hexdigest()[:16]}.bin"  # this devkit's parse
-    if not meta.is_file():
-        if not devkit.is_file():
-            raise DatasetNotFoundError(_tree_message("ImageNet (torchvision layout)", root,
-                                                     f"missing {IMAGENET_DEVKIT} (and no meta.bin parsed from it)",
-                                                     IMAGENET_TREE, "Put the devkit from image-net.org next to val/, or "
-                                                     "use the class-folder layout (layout='folders')."))
-        with tempfile.TemporaryDirectory() as tmp:
-            try:  # torchvision's own parser checks the archive's MD5 and writes meta.bin into tmp
-                torchvision.datasets.imagenet.parse_devkit_archive(tmp, file=str(devkit.resolve()))
-            except RuntimeError as e:
-                raise DatasetNotFoundError(f"ImageNet at {root}: {devkit.name} is not the official devkit "
-                                           f"(torchvision says: {e})") from e
-            meta.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_copy(Path(tmp) / "meta.bin", meta)
-    try:
-        wnid_to_classes, _ = torch.load(meta, weights_only=True)
-    except Exception as e:
-        raise DatasetNotFoundError(f"ImageNet at {root}: {meta} cannot be read ({e}); delete it and it is written "
-                                   f"again from {IMAGENET_DEVKIT}") from e
-    return wnid_to_classes
-
-
+# %% ../../nbs/19_datasets.ipynb #c33ac2a6
 def _atomic_copy(src: Path, dst: Path) -> None:
     "Copy src to dst so that dst is either absent or complete: write a temporary file beside it, then rename."
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
@@ -283,21 +281,41 @@ def _atomic_copy(src: Path, dst: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
-# %% ../../nbs/19_datasets.ipynb #02cc11e3
-def imagenet(root: str | os.PathLike, # the folder holding val/ (and the devkit, for the torchvision layout)
-             split: Literal["val", "train"] = "val",
-             transform: Callable | None = None, # applied to each RGB PIL image
-             layout: Literal["auto", "torchvision", "folders"] = "auto", # 'auto': torchvision if the devkit or meta.bin is there
-             errors: Literal["raise", "skip"] = "raise", # unreadable images: fail at first read, or leave out with a warning
-             index_dir: str | os.PathLike | None = None, # where the class index parsed from the devkit is kept (default: output_dir('', 'imagenet'))
-            ) -> ImageDataset:
-    "ImageNet-1k from `root` (only read), labelled with the standard 1,000-class indices (sorted WordNet ids)."
-    root = _existing_root(root, "ImageNet", IMAGENET_TREE)
-    _check_split(split, ("val", "train"), "ImageNet")
-    if layout not in ("auto", "torchvision", "folders"):
-        raise ValueError(f"layout must be 'auto', 'torchvision' or 'folders', got {layout!r}")
-    if layout == "auto":
-        layout = "torchvision" if (root / IMAGENET_DEVKIT).is_file() or (root / "meta.bin").is_file() else "folders"
+# %% ../../nbs/19_datasets.ipynb #d25a3bca
+def _parse_devkit(devkit: Path, meta: Path, root: Path) -> None:
+    "Parse the devkit with torchvision's own parser, which checks the archive's MD5, into `meta` (atomically)."
+    with tempfile.TemporaryDirectory() as tmp:
+        try:  # torchvision's parser writes meta.bin into tmp
+            torchvision.datasets.imagenet.parse_devkit_archive(tmp, file=str(devkit.resolve()))
+        except RuntimeError as e:
+            raise DatasetNotFoundError(f"ImageNet at {root}: {devkit.name} is not the official devkit "
+                                       f"(torchvision says: {e})") from e
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_copy(Path(tmp) / "meta.bin", meta)
+
+# %% ../../nbs/19_datasets.ipynb #3d5b265b
+def _imagenet_meta(root: Path, index_dir: Path) -> dict[str, tuple[str, ...]]:
+    "WordNet id -> class names from torchvision's meta.bin: <root>'s own, else one parsed from the devkit into index_dir."
+    meta, devkit = root / "meta.bin", root / IMAGENET_DEVKIT
+    if not meta.is_file() and devkit.is_file():  # never written under root, which may be read-only or shared
+        meta = index_dir / f"meta-{hashlib.sha256(devkit.read_bytes()).hexdigest()[:16]}.bin"  # this devkit's parse
+    if not meta.is_file():
+        if not devkit.is_file():
+            raise DatasetNotFoundError(_tree_message("ImageNet (torchvision layout)", root,
+                                                     f"missing {IMAGENET_DEVKIT} (and no meta.bin parsed from it)",
+                                                     IMAGENET_TREE, "Put the devkit from image-net.org next to val/, or "
+                                                     "use the class-folder layout (layout='folders')."))
+        _parse_devkit(devkit, meta, root)
+    try:
+        wnid_to_classes, _ = torch.load(meta, weights_only=True)
+    except Exception as e:
+        raise DatasetNotFoundError(f"ImageNet at {root}: {meta} cannot be read ({e}); delete it and it is written "
+                                   f"again from {IMAGENET_DEVKIT}") from e
+    return wnid_to_classes
+
+# %% ../../nbs/19_datasets.ipynb #dfbdac6e
+def _imagenet_split_folder(root: Path, split: str) -> Path:
+    "`root/split`, or an error saying how to get it (extract the archive; pass the parent of the class folders)."
     folder = root / split
     if not folder.is_dir():
         tar = root / f"ILSVRC2012_img_{split}.tar"
@@ -308,6 +326,11 @@ def imagenet(root: str | os.PathLike, # the folder holding val/ (and the devkit,
             hints.append(f"<root> itself holds class folders ({found[0]}, ...): pass its parent folder as root.")
         hint = "\n".join(hints)
         raise DatasetNotFoundError(_tree_message("ImageNet", root, f"missing the folder {split}/", IMAGENET_TREE, hint))
+    return folder
+
+# %% ../../nbs/19_datasets.ipynb #f1b0ff38
+def _imagenet_class_dirs(root: Path, folder: Path, split: str) -> list[str]:
+    "The class folders of `split`/, or an error (saying so when the images lie there unsorted)."
     dirs = _class_dirs(folder)
     if not dirs:
         loose = [p.name for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS]
@@ -316,42 +339,81 @@ def imagenet(root: str | os.PathLike, # the folder holding val/ (and the devkit,
         raise DatasetNotFoundError(_tree_message("ImageNet", root, problem, IMAGENET_TREE,
                                                  "Sort the images into class folders: torchvision.datasets.ImageNet "
                                                  "does it with the devkit." if loose else ""))
+    return dirs
+
+# %% ../../nbs/19_datasets.ipynb #c3c2395c
+def _torchvision_labels(root: Path, folder: Path, split: str, dirs: list[str], index_dir: str | os.PathLike | None):
+    "Samples, class names and WordNet ids of the torchvision layout: a label is the folder's position among all the devkit's ids."
+    from contrastive_explanations.files import output_dir  # the store: not needed to read an image
+    wnid_to_classes = _imagenet_meta(root, Path(index_dir) if index_dir else output_dir("", "imagenet"))
+    unknown = [d for d in dirs if d not in wnid_to_classes]
+    if unknown:
+        raise DatasetNotFoundError(_tree_message("ImageNet", root, f"{split}/ has folders that are not classes "
+                                                 f"of the devkit: {', '.join(unknown[:5])}", IMAGENET_TREE))
+    wnids = sorted(wnid_to_classes)  # the standard order, also when only some classes have folders
+    index = {w: i for i, w in enumerate(wnids)}
+    samples = make_dataset(str(folder), {d: index[d] for d in dirs}, extensions=IMG_EXTENSIONS, allow_empty=True)
+    classes = [wnid_to_classes[w][0] for w in wnids]
+    return samples, classes, wnids
+
+# %% ../../nbs/19_datasets.ipynb #322d7ce1
+def _index_folders(root: Path, split: str, dirs: list[str]) -> dict[str, int]:
+    "Class-index folders ('0'..'999', zero-padded or not) mapped to the index they name; distinct and in range, else an error."
+    class_to_idx = {d: int(d) for d in dirs}
+    wrong = [d for d in dirs if int(d) > 999]
+    twice = sorted({d for d in dirs if sum(int(e) == int(d) for e in dirs) > 1})
+    if wrong or twice:
+        raise DatasetNotFoundError(_tree_message("ImageNet", root, "class-index folders must be distinct "
+                                                 f"integers 0..999, found {', '.join((wrong + twice)[:5])}",
+                                                 IMAGENET_TREE))
+    return class_to_idx
+
+# %% ../../nbs/19_datasets.ipynb #c3a52fa1
+def _folder_labels(root: Path, split: str, dirs: list[str]) -> tuple[dict[str, int], list[str], list[str] | None, str]:
+    "The class-folder layout's `(class_to_idx, classes, wnids, warning)`; the warning says when labels are not ImageNet-1k indices."
+    if all(_WNID.fullmatch(d) for d in dirs):
+        class_to_idx = {d: i for i, d in enumerate(dirs)}
+        if len(dirs) == 1000:
+            return class_to_idx, imagenet_categories(), dirs, ""
+        return class_to_idx, dirs, dirs, (
+            f"ImageNet at {root}: {split}/ has {len(dirs)} WordNet-id folders, not 1,000, and no devkit: "
+            "labels are positions among these folders, not ImageNet-1k indices. Add the devkit, or "
+            "name the folders by class index (0..999).")
+    if all(d.isdecimal() for d in dirs):
+        return _index_folders(root, split, dirs), imagenet_categories(), None, ""
+    odd = [d for d in dirs if not (_WNID.fullmatch(d) or d.isdecimal())] or dirs
+    raise DatasetNotFoundError(_tree_message("ImageNet", root, "class folders must all be WordNet ids "
+                                             f"(n01440764) or all class indices (0..999), found "
+                                             f"{', '.join(odd[:5])}", IMAGENET_TREE))
+
+# %% ../../nbs/19_datasets.ipynb #e06f4dfd
+def _imagenet_layout(root: Path, layout: str) -> str:
+    "'torchvision' or 'folders': `layout` checked, and 'auto' resolved by whether the devkit or its meta.bin is there."
+    if layout not in ("auto", "torchvision", "folders"):
+        raise ValueError(f"layout must be 'auto', 'torchvision' or 'folders', got {layout!r}")
+    if layout == "auto":
+        return "torchvision" if (root / IMAGENET_DEVKIT).is_file() or (root / "meta.bin").is_file() else "folders"
+    return layout
+
+# %% ../../nbs/19_datasets.ipynb #55d956af
+def imagenet(root: str | os.PathLike, # the folder holding val/ (and the devkit, for the torchvision layout)
+             split: Literal["val", "train"] = "val",
+             transform: Callable | None = None, # applied to each RGB PIL image
+             layout: Literal["auto", "torchvision", "folders"] = "auto", # 'auto': torchvision if the devkit or meta.bin is there
+             errors: Literal["raise", "skip"] = "raise", # unreadable images: fail at first read, or leave out with a warning
+             index_dir: str | os.PathLike | None = None, # where the class index parsed from the devkit is kept (default: output_dir('', 'imagenet'))
+            ) -> ImageDataset:
+    "ImageNet-1k from `root` (only read), labelled with the standard 1,000-class indices (sorted WordNet ids)."
+    root = _existing_root(root, "ImageNet", IMAGENET_TREE)
+    _check_split(split, ("val", "train"), "ImageNet")
+    layout = _imagenet_layout(root, layout)
+    folder = _imagenet_split_folder(root, split)
+    dirs = _imagenet_class_dirs(root, folder, split)
     subset = ""
     if layout == "torchvision":
-        from contrastive_explanations.files import output_dir  # the store: not needed to read an image
-        wnid_to_classes = _imagenet_meta(root, Path(index_dir) if index_dir else output_dir("", "imagenet"))
-        unknown = [d for d in dirs if d not in wnid_to_classes]
-        if unknown:
-            raise DatasetNotFoundError(_tree_message("ImageNet", root, f"{split}/ has folders that are not classes "
-                                                     f"of the devkit: {', '.join(unknown[:5])}", IMAGENET_TREE))
-        wnids = sorted(wnid_to_classes)  # the standard order, also when only some classes have folders
-        index = {w: i for i, w in enumerate(wnids)}
-        samples = make_dataset(str(folder), {d: index[d] for d in dirs}, extensions=IMG_EXTENSIONS, allow_empty=True)
-        classes = [wnid_to_classes[w][0] for w in wnids]
+        samples, classes, wnids = _torchvision_labels(root, folder, split, dirs, index_dir)
     else:
-        if all(_WNID.fullmatch(d) for d in dirs):
-            wnids, class_to_idx = dirs, {d: i for i, d in enumerate(dirs)}
-            if len(dirs) == 1000:
-                classes = imagenet_categories()
-            else:
-                classes = dirs
-                subset = (f"ImageNet at {root}: {split}/ has {len(dirs)} WordNet-id folders, not 1,000, and no devkit: "
-                          "labels are positions among these folders, not ImageNet-1k indices. Add the devkit, or "
-                          "name the folders by class index (0..999).")
-        elif all(d.isdecimal() for d in dirs):
-            class_to_idx = {d: int(d) for d in dirs}
-            wrong = [d for d in dirs if int(d) > 999]
-            twice = sorted({d for d in dirs if sum(int(e) == int(d) for e in dirs) > 1})
-            if wrong or twice:
-                raise DatasetNotFoundError(_tree_message("ImageNet", root, "class-index folders must be distinct "
-                                                         f"integers 0..999, found {', '.join((wrong + twice)[:5])}",
-                                                         IMAGENET_TREE))
-            wnids, classes = None, imagenet_categories()
-        else:
-            odd = [d for d in dirs if not (_WNID.fullmatch(d) or d.isdecimal())] or dirs
-            raise DatasetNotFoundError(_tree_message("ImageNet", root, "class folders must all be WordNet ids "
-                                                     f"(n01440764) or all class indices (0..999), found "
-                                                     f"{', '.join(odd[:5])}", IMAGENET_TREE))
+        class_to_idx, classes, wnids, subset = _folder_labels(root, split, dirs)
         samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise DatasetNotFoundError(_tree_message("ImageNet", root, f"no images in the class folders of {split}/",
@@ -362,7 +424,7 @@ def imagenet(root: str | os.PathLike, # the folder holding val/ (and the devkit,
     ds.layout, ds.wnids = layout, wnids
     return ds
 
-# %% ../../nbs/19_datasets.ipynb #3d5e1bf8
+# %% ../../nbs/19_datasets.ipynb #2ff4b934
 CUB_TREE = """
 <root>/
 └── CUB_200_2011/
@@ -379,7 +441,7 @@ CUB_TREE = """
 
 _CUB_FILES = ("classes.txt", "image_class_labels.txt", "images.txt", "train_test_split.txt", "images/")
 
-
+# %% ../../nbs/19_datasets.ipynb #89e21621
 def _read_pairs(path: Path) -> dict[int, str]:
     "Parse CUB's 'id value' lines into {id: value}, with the file and line of any malformed one."
     pairs = {}
@@ -392,21 +454,14 @@ def _read_pairs(path: Path) -> dict[int, str]:
         pairs[int(key)] = value.strip()
     return pairs
 
-
+# %% ../../nbs/19_datasets.ipynb #466f8b2c
 def _cub_class_name(folder: str) -> str:
     "'001.Black_footed_Albatross' -> 'Black footed Albatross'."
     return re.sub(r"^\d+\.", "", folder).replace("_", " ")
 
-
-def cub200(root: str | os.PathLike, # the folder holding CUB_200_2011/ (or CUB_200_2011 itself)
-           split: Literal["train", "test"] = "test",
-           transform: Callable | None = None, # applied to each RGB PIL image
-           errors: Literal["raise", "skip"] = "raise", # unreadable or missing images: fail, or leave out with a warning
-          ) -> ImageDataset:
-    "CUB-200-2011 from its official folder, split by train_test_split.txt, labels 0..199 (image_class_labels.txt - 1)."
-    base = _official_folder(root, split, ("train", "test"), "CUB-200-2011", CUB_TREE, "CUB_200_2011", _CUB_FILES,
-                            "Extract CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/cub_200_2011/) into <root>.",
-                            itself=lambda r: (r / "images.txt").is_file())
+# %% ../../nbs/19_datasets.ipynb #feb672e6
+def _cub_tables(base: Path, root: str | os.PathLike) -> tuple[dict[int, str], dict[int, str], dict[int, str], dict[int, str]]:
+    "CUB's class folders, images, train/test flags and labels by id, checked against each other."
     class_folders = _read_pairs(base / "classes.txt")
     images, is_train, labels = (_read_pairs(base / f) for f in ("images.txt", "train_test_split.txt", "image_class_labels.txt"))
     if sorted(class_folders) != list(range(1, len(class_folders) + 1)):
@@ -420,6 +475,19 @@ def cub200(root: str | os.PathLike, # the folder holding CUB_200_2011/ (or CUB_2
     if bad:
         raise ValueError(f"CUB-200-2011 at {root}: image ids {bad[:5]} have a split other than 0/1 in "
                          "train_test_split.txt or a class id not in classes.txt")
+    return class_folders, images, is_train, labels
+
+# %% ../../nbs/19_datasets.ipynb #3297eb62
+def cub200(root: str | os.PathLike, # the folder holding CUB_200_2011/ (or CUB_200_2011 itself)
+           split: Literal["train", "test"] = "test",
+           transform: Callable | None = None, # applied to each RGB PIL image
+           errors: Literal["raise", "skip"] = "raise", # unreadable or missing images: fail, or leave out with a warning
+          ) -> ImageDataset:
+    "CUB-200-2011 from its official folder, split by train_test_split.txt, labels 0..199 (image_class_labels.txt - 1)."
+    base = _official_folder(root, split, ("train", "test"), "CUB-200-2011", CUB_TREE, "CUB_200_2011", _CUB_FILES,
+                            "Extract CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/cub_200_2011/) into <root>.",
+                            itself=lambda r: (r / "images.txt").is_file())
+    class_folders, images, is_train, labels = _cub_tables(base, root)
     want = "1" if split == "train" else "0"
     samples = [(base / "images" / images[i], int(labels[i]) - 1) for i in sorted(images) if is_train[i] == want]
     ds = ImageDataset("CUB-200-2011", samples, [_cub_class_name(class_folders[k]) for k in sorted(class_folders)],
@@ -427,7 +495,7 @@ def cub200(root: str | os.PathLike, # the folder holding CUB_200_2011/ (or CUB_2
     ds.class_folders = [class_folders[k] for k in sorted(class_folders)]
     return ds
 
-# %% ../../nbs/19_datasets.ipynb #b21398d4
+# %% ../../nbs/19_datasets.ipynb #3e73ae28
 FOOD101_TREE = """
 <root>/
 └── food-101/
@@ -442,7 +510,7 @@ FOOD101_TREE = """
         └── ...            101 class folders, 101,000 images
 """
 
-
+# %% ../../nbs/19_datasets.ipynb #c395633e
 def food101(root: str | os.PathLike, # the folder holding food-101/ (or food-101 itself)
             split: Literal["train", "test"] = "test",
             transform: Callable | None = None, # applied to each RGB PIL image
@@ -462,7 +530,24 @@ def food101(root: str | os.PathLike, # the folder holding food-101/ (or food-101
     ds.class_folders = list(tv.classes)
     return ds
 
-# %% ../../nbs/19_datasets.ipynb #9e19fbf3
+# %% ../../nbs/19_datasets.ipynb #2142afb3
+_PHOTO_FOLDERS = {"scikit-image": ("skimage", "data"), "scikit-learn": ("sklearn", "datasets/images"),
+                  "matplotlib": ("matplotlib", "mpl-data/sample_data")}
+
+
+def _package_file(package: str, file: str, name: str) -> Path:
+    "The photo `name`'s file inside the installed `package`, found without importing it."
+    module, folder = _PHOTO_FOLDERS[package]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the photo {name!r} ships inside {package}, which is not installed: "
+                                  f"pip install {package}")
+    path = Path(spec.submodule_search_locations[0], folder, file)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"the photo {name!r} should be at {path}: reinstall {package}")
+    return path
+
+# %% ../../nbs/19_datasets.ipynb #d1a30765
 @dataclass(frozen=True)
 class PackagedPhoto:
     "A photograph shipped inside an installed package, with where it comes from and the licence notice shipped with it."
@@ -476,15 +561,7 @@ class PackagedPhoto:
     @property
     def path(self) -> Path:
         "The file, found inside the installed package without importing it."
-        module, folder = _PHOTO_FOLDERS[self.package]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(f"the photo {self.name!r} ships inside {self.package}, which is not installed: "
-                                      f"pip install {self.package}")
-        path = Path(spec.submodule_search_locations[0], folder, self.file)
-        if not path.is_file():
-            raise DatasetNotFoundError(f"the photo {self.name!r} should be at {path}: reinstall {self.package}")
-        return path
+        return _package_file(self.package, self.file, self.name)
 
     def load(self) -> Image.Image:
         "The photo as 8-bit RGB."
@@ -494,10 +571,7 @@ class PackagedPhoto:
         "A caption to show wherever the photo appears: what, from which package, under which terms."
         return f"{self.title}. From {self.package} ({self.file}). {self.notice}"
 
-
-_PHOTO_FOLDERS = {"scikit-image": ("skimage", "data"), "scikit-learn": ("sklearn", "datasets/images"),
-                  "matplotlib": ("matplotlib", "mpl-data/sample_data")}
-
+# %% ../../nbs/19_datasets.ipynb #d53b5fa0
 _SEE_SKIMAGE = "Licence: see scikit-image documentation."
 _SKLEARN_FLICKR = ("Released under a creative commons license. [1] Attribution: Some rights reserved by danielbuechele [2] "
                    "Retrieved 21st August, 2011 from [3] by Robert Layton [1] https://creativecommons.org/licenses/by/2.0/ ")
@@ -540,20 +614,25 @@ PHOTOS = [
                   "see matplotlib docs", "Licence: see matplotlib documentation."),
 ]
 
-# %% ../../nbs/19_datasets.ipynb #4bd8b864
+# %% ../../nbs/19_datasets.ipynb #8b2d32da
+def _chosen_photos(names: list[str] | None) -> list[PackagedPhoto]:
+    "The photos called `names` (all of `PHOTOS` for None), in that order; an unknown name is an error with a suggestion."
+    by_name = {p.name: p for p in PHOTOS}
+    names = list(by_name) if names is None else list(names)
+    for n in names:
+        if n not in by_name:
+            close = difflib.get_close_matches(str(n), by_name, n=1)
+            raise ValueError(f"no packaged photo {n!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f": choose from {', '.join(by_name)}")
+    return [by_name[n] for n in names]
+
+# %% ../../nbs/19_datasets.ipynb #0cf72cac
 class PackagedPhotos(Dataset):
     "The packaged photographs as `(transform(image), index)` pairs: `classes[index]` is the photo's name."
 
     def __init__(self, names: list[str] | None = None, # photo names (default: all of `PHOTOS`, in order)
                  transform: Callable | None = None): # applied to each RGB PIL image
-        by_name = {p.name: p for p in PHOTOS}
-        names = list(by_name) if names is None else list(names)
-        for n in names:
-            if n not in by_name:
-                close = difflib.get_close_matches(str(n), by_name, n=1)
-                raise ValueError(f"no packaged photo {n!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                                 + f": choose from {', '.join(by_name)}")
-        self.photos, self.transform = [by_name[n] for n in names], transform
+        self.photos, self.transform = _chosen_photos(names), transform
         self.classes = [p.name for p in self.photos]
         self.name, self.split, self.root = "packaged photos", None, None
 
@@ -576,23 +655,29 @@ def packaged_photos(names: list[str] | None = None, transform: Callable | None =
     "Real photographs that ship inside scikit-image, scikit-learn and matplotlib: the embedded profile's images."
     return PackagedPhotos(names, transform)
 
-# %% ../../nbs/19_datasets.ipynb #28c0e432
+# %% ../../nbs/19_datasets.ipynb #0202b539
 DATASETS = {"imagenet": imagenet, "cub200": cub200, "food101": food101, "packaged": packaged_photos}
 _ALIASES = {"cub": "cub200", "cub2002011": "cub200", "photos": "packaged", "imagenet1k": "imagenet"}
 
 
-def load_dataset(name: str, # 'imagenet', 'cub200', 'food101' or 'packaged' (case, '-' and '_' ignored)
-                 root: str | os.PathLike | None = None, # the data root (None for the packaged photos)
-                 split: str | None = None, # None: the split the paper evaluates on (val, test, test)
-                 transform: Callable | None = None, # applied to each RGB PIL image
-                 **kwargs) -> Dataset: # `errors=`, and `layout=` for ImageNet
-    "One entry point for the book's datasets, for notebooks whose dataset is a parameter."
+def _dataset_key(name: str) -> str:
+    "The key of `DATASETS` that `name` means (case, '-', '_' and spaces ignored, aliases allowed); else an error."
     key = re.sub(r"[-_\s]", "", str(name).lower())
     key = _ALIASES.get(key, key)
     if key not in DATASETS:
         close = [_ALIASES.get(c, c) for c in difflib.get_close_matches(key, list(DATASETS) + list(_ALIASES), n=1)]
         raise ValueError(f"unknown dataset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                          + f": choose from {', '.join(map(repr, DATASETS))}")
+    return key
+
+# %% ../../nbs/19_datasets.ipynb #e64d99bd
+def load_dataset(name: str, # 'imagenet', 'cub200', 'food101' or 'packaged' (case, '-' and '_' ignored)
+                 root: str | os.PathLike | None = None, # the data root (None for the packaged photos)
+                 split: str | None = None, # None: the split the paper evaluates on (val, test, test)
+                 transform: Callable | None = None, # applied to each RGB PIL image
+                 **kwargs) -> Dataset: # `errors=`, and `layout=` for ImageNet
+    "One entry point for the book's datasets, for notebooks whose dataset is a parameter."
+    key = _dataset_key(name)
     if key == "packaged":
         extra = sorted(set(kwargs) - {"names"})
         if root is not None or split is not None or extra:
@@ -602,17 +687,7 @@ def load_dataset(name: str, # 'imagenet', 'cub200', 'food101' or 'packaged' (cas
     fn = DATASETS[key]
     return fn(root, transform=transform, **({} if split is None else {"split": split}), **kwargs)
 
-# %% ../../nbs/19_datasets.ipynb #81065793
-# Ten real ImageNet-1k classes (Imagenette's): WordNet id, standard index, devkit names.
-_IMAGENET_SAMPLE = [("n01440764", 0, ("tench", "Tinca tinca")), ("n02102040", 217, ("English springer", "English springer spaniel")),
-                    ("n02979186", 482, ("cassette player",)), ("n03000684", 491, ("chain saw", "chainsaw")),
-                    ("n03028079", 497, ("church", "church building")), ("n03394916", 566, ("French horn", "horn")),
-                    ("n03417042", 569, ("garbage truck", "dustcart")), ("n03425413", 571, ("gas pump", "gasoline pump")),
-                    ("n03445777", 574, ("golf ball",)), ("n03888257", 701, ("parachute", "chute"))]
-_CUB_SAMPLE = ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross", "Groove_billed_Ani", "Crested_Auklet"]
-_FOOD_SAMPLE = ["apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio", "beef_tartare"]
-
-
+# %% ../../nbs/19_datasets.ipynb #51132fec
 def _fixture_jpeg(path: Path, label: int, size: tuple[int, int], rng: np.random.Generator) -> None:
     "A small JPEG: a colour per class, a brighter square, and noise."
     w, h = size
@@ -621,6 +696,14 @@ def _fixture_jpeg(path: Path, label: int, size: tuple[int, int], rng: np.random.
     a[h // 4: 3 * h // 4, w // 4: 3 * w // 4] += 60
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+# %% ../../nbs/19_datasets.ipynb #b983e2a2
+# Ten real ImageNet-1k classes (Imagenette's): WordNet id, standard index, devkit names.
+_IMAGENET_SAMPLE = [("n01440764", 0, ("tench", "Tinca tinca")), ("n02102040", 217, ("English springer", "English springer spaniel")),
+                    ("n02979186", 482, ("cassette player",)), ("n03000684", 491, ("chain saw", "chainsaw")),
+                    ("n03028079", 497, ("church", "church building")), ("n03394916", 566, ("French horn", "horn")),
+                    ("n03417042", 569, ("garbage truck", "dustcart")), ("n03425413", 571, ("gas pump", "gasoline pump")),
+                    ("n03445777", 574, ("golf ball",)), ("n03888257", 701, ("parachute", "chute"))]
 
 
 def _fixture_imagenet(root, n_classes, per_class, size, rng, layout):
@@ -637,6 +720,9 @@ def _fixture_imagenet(root, n_classes, per_class, size, rng, layout):
         val_wnids = [w for w, _, _ in _IMAGENET_SAMPLE[:n_classes] for _ in range(per_class)]
         torch.save((wnid_to_classes, val_wnids), root / "meta.bin")
 
+# %% ../../nbs/19_datasets.ipynb #56dfaf13
+_CUB_SAMPLE = ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross", "Groove_billed_Ani", "Crested_Auklet"]
+
 
 def _fixture_cub(root, n_classes, per_class, size, rng, layout):
     base = root / "CUB_200_2011"
@@ -651,6 +737,9 @@ def _fixture_cub(root, n_classes, per_class, size, rng, layout):
     for name, lines in (("images.txt", images), ("train_test_split.txt", split),
                         ("image_class_labels.txt", labels), ("classes.txt", classes)):
         (base / name).write_text("\n".join(lines) + "\n")
+
+# %% ../../nbs/19_datasets.ipynb #02e2a23a
+_FOOD_SAMPLE = ["apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio", "beef_tartare"]
 
 
 def _fixture_food101(root, n_classes, per_class, size, rng, layout):
@@ -669,14 +758,9 @@ def _fixture_food101(root, n_classes, per_class, size, rng, layout):
     (base / "meta" / "classes.txt").write_text("".join(f + "\n" for f in foods))
     (base / "meta" / "labels.txt").write_text("".join(f.replace("_", " ").capitalize() + "\n" for f in foods))
 
-
-def write_fixture(name: str, # 'imagenet', 'cub200' or 'food101'
-                  root: str | os.PathLike, # a folder that does not exist yet
-                  n_classes: int = 3, per_class: int = 2, # per_class >= 2 puts images in both splits
-                  size: tuple[int, int] = (48, 36), # (width, height) of each JPEG
-                  layout: str = "torchvision", # ImageNet only: 'torchvision' (meta.bin), 'wnids' or 'indices'
-                  seed: int = 0) -> Path:
-    "Write a miniature copy of a dataset in its official layout, atomically (built beside `root`, then renamed)."
+# %% ../../nbs/19_datasets.ipynb #04ded9d0
+def _fixture_maker(name: str, n_classes: int, per_class: int) -> Callable:
+    "The function that writes `name`'s miniature copy; an error for an unknown name or sizes it cannot write."
     makers = {"imagenet": (_fixture_imagenet, 10), "cub200": (_fixture_cub, 5), "food101": (_fixture_food101, 5)}
     key = _ALIASES.get(re.sub(r"[-_\s]", "", str(name).lower()), re.sub(r"[-_\s]", "", str(name).lower()))
     if key not in makers:
@@ -684,6 +768,17 @@ def write_fixture(name: str, # 'imagenet', 'cub200' or 'food101'
     make, most = makers[key]
     if not 1 <= n_classes <= most or per_class < 1:
         raise ValueError(f"a {key} fixture has 1..{most} classes and at least 1 image per class")
+    return make
+
+# %% ../../nbs/19_datasets.ipynb #01a6e1cc
+def write_fixture(name: str, # 'imagenet', 'cub200' or 'food101'
+                  root: str | os.PathLike, # a folder that does not exist yet
+                  n_classes: int = 3, per_class: int = 2, # per_class >= 2 puts images in both splits
+                  size: tuple[int, int] = (48, 36), # (width, height) of each JPEG
+                  layout: str = "torchvision", # ImageNet only: 'torchvision' (meta.bin), 'wnids' or 'indices'
+                  seed: int = 0) -> Path:
+    "Write a miniature copy of a dataset in its official layout, atomically (built beside `root`, then renamed)."
+    make = _fixture_maker(name, n_classes, per_class)
     root = Path(root)
     if root.exists():
         raise FileExistsError(f"{root} exists: write_fixture builds a new folder")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .models import FINETUNED_NETWORKS
 from ..files import output_dir
 
 # %% auto #0
@@ -24,7 +25,7 @@ __all__ = ['FINETUNED', 'DATASET_LOADERS', 'FINETUNE_BASES', 'tensor_fingerprint
            'finetuned_source', 'imagenet_source', 'load_batch', 'Need', 'dataset_need', 'download_server_reachable',
            'weights_need', 'checkpoint_need', 'finetune_needs']
 
-# %% ../../nbs/23_sources.ipynb #30d08c3e
+# %% ../../nbs/23_sources.ipynb #41f0b5df
 def tensor_fingerprint(*tensors: Tensor) -> str:
     "A short sha256 of tensors' dtypes, shapes and bytes."
     h = hashlib.sha256()
@@ -34,7 +35,7 @@ def tensor_fingerprint(*tensors: Tensor) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
-
+# %% ../../nbs/23_sources.ipynb #2b6a76ca
 def model_fingerprint(model: nn.Module) -> str:
     "A short sha256 of a model's state dict (names and values)."
     h = hashlib.sha256()
@@ -42,7 +43,7 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(name.encode() + b"\0" + tensor_fingerprint(value).encode())
     return h.hexdigest()[:16]
 
-
+# %% ../../nbs/23_sources.ipynb #bf8f2438
 def dataset_fingerprint(dataset: Dataset) -> str:
     "The dataset's own fingerprint (birds, image folders), else a hash of the packaged photos' files or of a TensorDataset."
     from contrastive_explanations.data.birds import BirdsDataset
@@ -61,7 +62,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         return tensor_fingerprint(*dataset.tensors)
     raise TypeError(f"cannot fingerprint a {type(dataset).__name__}: give it a fingerprint() method")
 
-# %% ../../nbs/23_sources.ipynb #6ad4b250
+# %% ../../nbs/23_sources.ipynb #2d776953
 @dataclass
 class Source:
     "A model and the images it explains."
@@ -87,13 +88,13 @@ class Source:
         y = torch.tensor([int(p[1]) if self.labelled else -1 for p in pairs])
         return x, y
 
-
+# %% ../../nbs/23_sources.ipynb #68957577
 def sources_fingerprints(sources: Sequence[Source]) -> dict[str, str]:
     "The model's and the data's fingerprint of each source, keyed '<source>_model' and '<source>_data'."
     return {f"{s.name}_{what}": fp for s in sources for what, fp in
             (("model", model_fingerprint(s.model)), ("data", dataset_fingerprint(s.dataset)))}
 
-# %% ../../nbs/23_sources.ipynb #f0b37aec
+# %% ../../nbs/23_sources.ipynb #2d19ae5b
 def photos_source(device: str | torch.device = "cpu") -> Source:
     "EfficientNet-Lite0 (ImageNet) on the packaged photographs: the embedded ImageNet example."
     from contrastive_explanations.data.datasets import packaged_photos
@@ -123,7 +124,7 @@ def birds_source(model_name: str, # 'small_cnn' or 'small_vit'
                   layer="3" if model_name == "small_cnn" else None, sample=sample,
                   part_mask=lambda i, c: test.masks[i, part[c]], item_names=lambda i: f"bird {i}")
 
-
+# %% ../../nbs/23_sources.ipynb #7d6e73da
 def checkpoint_file(output_root: str, # the profile's output folder ('' -> <project>/.cache)
                     network: str, # e.g. 'vgg16_bn_cub'
                     checkpoint: str = "", # a path given in the run's settings; '' -> the default
@@ -131,7 +132,7 @@ def checkpoint_file(output_root: str, # the profile's output folder ('' -> <proj
     "Where a fine-tuned checkpoint is: `checkpoint`, or <output_root>/checkpoints/<network>.pt, where the training chapter writes it."
     return Path(checkpoint) if checkpoint else output_dir(output_root, "checkpoints", f"{network}.pt")
 
-
+# %% ../../nbs/23_sources.ipynb #71a1f438
 def checkpoint_path(output_root: str, # the profile's output folder ('' -> <project>/.cache)
                     checkpoint: str, # a path, or '' for the default
                     network: str, # the network, e.g. 'vgg16_bn_cub'
@@ -146,11 +147,9 @@ def checkpoint_path(output_root: str, # the profile's output folder ('' -> <proj
                                 "or pass checkpoint=/path/to/file.pt")
     return path
 
-
+# %% ../../nbs/23_sources.ipynb #643a2458
 FINETUNED: dict[str, tuple[str, str, str]] = {  # source -> (network in data.models, dataset loader, what it is)
-    "cub": ("vgg16_bn_cub", "cub200", "VGG16-bn fine-tuned on CUB-200"),  # the review's Figures 2-4
-    "food101": ("vit_b_16_food101", "food101", "ViT-B/16 fine-tuned on Food-101"),  # the review's Figure 5
-}
+    n.source: (n.name, n.dataset, n.description) for n in FINETUNED_NETWORKS.values()}  # read from the one table
 
 
 def finetuned_source(name: str, # a key of FINETUNED: 'cub' or 'food101'
@@ -174,7 +173,7 @@ def finetuned_source(name: str, # a key of FINETUNED: 'cub' or 'food101'
     return Source(name, network, model, data, model.categories, sample=sample,
                   item_names=lambda i: data.samples[i][0].name)
 
-# %% ../../nbs/23_sources.ipynb #bdc64777
+# %% ../../nbs/23_sources.ipynb #3fedee95
 def imagenet_source(model_name: str, # a network of models.TORCHVISION_IMAGENET
                     data_root: str, # the folder holding ImageNet's val/
                     download: bool = False, # let torchvision download the DEFAULT weights when they are not cached
@@ -191,7 +190,7 @@ def imagenet_source(model_name: str, # a network of models.TORCHVISION_IMAGENET
     return Source("imagenet", model_name, model, data, model.categories,
                   item_names=lambda i: Path(str(data.samples[i][0])).name)
 
-
+# %% ../../nbs/23_sources.ipynb #aeb47073
 def load_batch(source: Source, # the model and its images
                items: Sequence[int], # dataset indices
                workers: int = 8, # threads decoding the items (JPEG datasets); 1: in this thread
@@ -208,7 +207,7 @@ def load_batch(source: Source, # the model and its images
         x, y = source.batch(items)
     return (x.float() / 255 if x.dtype == torch.uint8 else x), y
 
-# %% ../../nbs/23_sources.ipynb #d3f692e9
+# %% ../../nbs/23_sources.ipynb #7c655921
 @dataclass(frozen=True)
 class Need:
     "A file or folder that a run opens: what it is, where it is looked for, whether it is there, and how to provide it."
@@ -221,9 +220,9 @@ class Need:
 DATASET_LOADERS = {"imagenet": "ImageNet", "cub200": "CUB-200-2011", "food101": "Food-101"}
 
 
-FINETUNE_BASES = {"vgg16_bn_cub": ("vgg16_bn", "cub200"), "vit_b_16_food101": ("vit_b_16", "food101")}
+FINETUNE_BASES = {n.name: (n.architecture, n.dataset) for n in FINETUNED_NETWORKS.values()}  # network -> (base, loader)
 
-
+# %% ../../nbs/23_sources.ipynb #c9a15e0f
 @functools.cache
 def _dataset_problem(loader: str, data_root: str) -> str:
     "'' when the dataset's loader opens `data_root`; else the first line of what it says is wrong."
@@ -244,7 +243,7 @@ def dataset_need(loader: str, # a key of DATASET_LOADERS
     return Need(f"{DATASET_LOADERS[loader]} (the {loader} loader)", Path(data_root or "<data_root not set>"),
                 not problem, f"{problem} See the datasets chapter for the layout; pass --param data_root=/path")
 
-
+# %% ../../nbs/23_sources.ipynb #270e1987
 @functools.cache
 def download_server_reachable(host: str = "download.pytorch.org", timeout: float = 3.0) -> bool:
     "Whether torchvision's weight server answers on port 443 from this machine."
@@ -273,7 +272,7 @@ def weights_need(arch: str, # a torchvision architecture, e.g. 'resnet18'
                 f"{how}: put {weights.url} at that path (or set TORCH_HOME to a folder whose hub/checkpoints/ holds "
                 f"it), or {other}")
 
-
+# %% ../../nbs/23_sources.ipynb #48fa9148
 def checkpoint_need(network: str, # 'vgg16_bn_cub' or 'vit_b_16_food101'
                     output_root: str, checkpoint: str = "") -> Need:
     "A fine-tuned checkpoint: `checkpoint`, or where the training chapter writes it."
@@ -282,7 +281,7 @@ def checkpoint_need(network: str, # 'vgg16_bn_cub' or 'vit_b_16_food101'
                 f"add {network} to training.finetune (the training chapter fine-tunes it on the GPU first), put your "
                 "own fine-tuned weights there, or pass checkpoint=/path/to/file.pt in the run's settings")
 
-
+# %% ../../nbs/23_sources.ipynb #8ecd7c87
 def finetune_needs(names: Sequence[str], # the profile's training.finetune
                    data_root: str, output_root: str, download: bool, retrain: bool = False) -> list[Need]:
     "What the training chapter opens to fine-tune `names`: nothing for a network whose checkpoint is there (unless retrain)."

@@ -42,7 +42,7 @@ def small_vit(num_classes: int, image_size: int = 64) -> VisionTransformer:
     return VisionTransformer(image_size=image_size, patch_size=8, num_layers=4, num_heads=4, hidden_dim=96,
                              mlp_dim=192, num_classes=num_classes, conv_stem_configs=stem)
 
-# %% ../../nbs/20_training.ipynb #d9cf2d23
+# %% ../../nbs/20_training.ipynb #d98a7771
 @dataclass(frozen=True)
 class TrainConfig:
     "How a model is trained; part of its cache fingerprint."
@@ -53,7 +53,7 @@ class TrainConfig:
     seed: int = 0
     flip: bool = True
 
-
+# %% ../../nbs/20_training.ipynb #a769fd96
 def predict(net: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
     "Probabilities (N, C) of a network on uint8 or float images, in eval mode, without gradients."
     net.eval()
@@ -64,7 +64,7 @@ def predict(net: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
 def _float(images: Tensor) -> Tensor:
     return images.float().div_(255) if images.dtype == torch.uint8 else images
 
-
+# %% ../../nbs/20_training.ipynb #d830052f
 def train(net: nn.Module,
           train: tuple[Tensor, Tensor], # (images uint8 (N, 3, H, W), labels (N,))
           val: tuple[Tensor, Tensor],
@@ -109,7 +109,7 @@ def train(net: nn.Module,
     history["best_val_accuracy"] = best
     return history
 
-# %% ../../nbs/20_training.ipynb #574affd9
+# %% ../../nbs/20_training.ipynb #c3a7d3c4
 def cache_dir() -> Path:
     "$CONTRASTIVE_EXPLANATIONS_CACHE, else .cache/models in the project (the folder with settings.ini above the cwd)."
     import os
@@ -120,7 +120,7 @@ def cache_dir() -> Path:
     root = next((p for p in (here, *here.parents) if (p / "settings.ini").exists()), None)
     return (root / ".cache" / "models") if root else Path.home() / ".cache" / "contrastive_explanations"
 
-
+# %% ../../nbs/20_training.ipynb #7a98a9c3
 def fingerprint(*parts) -> str:
     "A short sha256 of functions' source code and JSON-able values."
     h = hashlib.sha256()
@@ -129,7 +129,7 @@ def fingerprint(*parts) -> str:
                                                                                   default=str).encode())
     return h.hexdigest()[:16]
 
-
+# %% ../../nbs/20_training.ipynb #e15b6654
 def cached_training(name: str, make: Callable[[], nn.Module], fit: Callable[[nn.Module], dict], key: str,
                     cache: Path | None = None) -> tuple[nn.Module, dict]:
     "The network `make()` trained by `fit`, from `cache/name-key.pt` when there, else trained and saved atomically."
@@ -146,7 +146,7 @@ def cached_training(name: str, make: Callable[[], nn.Module], fit: Callable[[nn.
     tmp.replace(path)
     return net.eval(), history
 
-# %% ../../nbs/20_training.ipynb #551e70ff
+# %% ../../nbs/20_training.ipynb #cf8a0107
 EMBEDDED_EPOCHS = {"small_cnn": 4, "small_vit": 5}  # the embedded profile's training lengths (this chapter's parameters)
 SMALL_MODELS: dict[str, Callable[[int], nn.Module]] = {"small_cnn": small_cnn, "small_vit": small_vit}
 
@@ -160,12 +160,12 @@ def initialised(name: str, # a key of SMALL_MODELS
         torch.manual_seed(seed)
         return SMALL_MODELS[name](classes)
 
-
+# %% ../../nbs/20_training.ipynb #3822b8bb
 def small_model_key(name: str, config: TrainConfig, data_key: dict) -> str:
     "The cache fingerprint of a small model: its architecture's, its initialisation's and `train`'s source, the config, the data."
     return fingerprint(SMALL_MODELS[name], initialised, train, asdict(config), data_key)
 
-
+# %% ../../nbs/20_training.ipynb #2cc7f55d
 def small_model(name: str, # 'small_cnn' or 'small_vit'
                 seed: int = 0, # the birds' seed and the training seed
                 epochs: int | None = None, # None: the embedded profile's `EMBEDDED_EPOCHS[name]`
@@ -185,7 +185,7 @@ def small_model(name: str, # 'small_cnn' or 'small_vit'
                             (birds["val"].images, birds["val"].labels), config, log)
     return cached_training(name, lambda: initialised(name, classes, seed), fit, key)
 
-# %% ../../nbs/20_training.ipynb #f12af112
+# %% ../../nbs/20_training.ipynb #2a0f54e4
 @dataclass(frozen=True)
 class FinetuneConfig:
     "How a pretrained network is fine-tuned; stored in its checkpoint."
@@ -206,7 +206,7 @@ CUB_FINETUNE = FinetuneConfig(epochs=200, batch_size=128, lr=1e-3, weight_decay=
 FOOD101_FINETUNE = FinetuneConfig(epochs=10, batch_size=64, lr=1e-4, weight_decay=0.05, optimizer="adamw",
                                   schedule="cosine", warmup_epochs=1)  # our choice: the review does not record one
 
-
+# %% ../../nbs/20_training.ipynb #6233697e
 def cub_train_transform(size: int = 224):
     "The original's CUB training augmentations, ending in pixels in [0, 1] (the model normalises)."
     import torchvision.transforms as T
@@ -218,11 +218,11 @@ def cub_train_transform(size: int = 224):
         T.RandomPerspective(distortion_scale=0.2, p=0.5, interpolation=T.InterpolationMode.BICUBIC, fill=0),
         T.RandomGrayscale(p=0.2), T.RandomApply([T.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.2), T.ToTensor()])
 
-
+# %% ../../nbs/20_training.ipynb #ce429ae3
 def cub_eval_transform(size: int = 224):
     "The original's CUB test transform: resize to size x size (no crop), pixels in [0, 1]."
-    import torchvision.transforms as T
-    return T.Compose([T.Resize((size, size)), T.ToTensor()])
+    from contrastive_explanations.data.models import square_resize
+    return square_resize(size)
 
 
 def food101_train_transform(size: int = 224):
@@ -230,7 +230,7 @@ def food101_train_transform(size: int = 224):
     import torchvision.transforms as T
     return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()])
 
-
+# %% ../../nbs/20_training.ipynb #84542ded
 def stratified_split(labels: Sequence[int], # one class index per training image
                      fraction: float, # share of each class to hold out, in [0, 1)
                      seed: int = 0,
@@ -249,7 +249,7 @@ def stratified_split(labels: Sequence[int], # one class index per training image
         train_idx += idx[k:].tolist()
     return sorted(train_idx), sorted(val_idx)
 
-
+# %% ../../nbs/20_training.ipynb #19687c28
 def with_new_head(model: nn.Module, num_classes: int) -> nn.Module:
     "`model` (a torchvision network) with its last Linear layer replaced by a fresh `num_classes` one, in place."
     name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
@@ -257,7 +257,7 @@ def with_new_head(model: nn.Module, num_classes: int) -> nn.Module:
     setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
     return model
 
-
+# %% ../../nbs/20_training.ipynb #e7cc167b
 def _lr_factor(config: FinetuneConfig, step: int, steps_per_epoch: int) -> float:
     "The learning-rate multiplier at optimiser step `step`."
     if config.schedule == "constant":
@@ -267,13 +267,82 @@ def _lr_factor(config: FinetuneConfig, step: int, steps_per_epoch: int) -> float
         return (step + 1) / warm
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
+# %% ../../nbs/20_training.ipynb #055ea8e3
+def _optimizer(params: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+    "SGD with momentum, or AdamW, as `config` says."
+    return (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+            if config.optimizer == "sgd" else torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay))
 
+
+def _check_target(checkpoint: Path, last: Path, overwrite: bool) -> None:
+    "Refuse to write over a checkpoint that no interrupted run of `finetune` left (it leaves `last` beside it)."
+    if checkpoint.exists() and not last.exists() and not overwrite:
+        raise FileExistsError(f"{checkpoint} exists and no interrupted run of finetune left {last.name} beside it: "
+                              "it is somebody's checkpoint, which fine-tuning would overwrite. Use it as it is, or "
+                              "pass overwrite=True (the profile's training.retrain: true) to fine-tune again")
+
+# %% ../../nbs/20_training.ipynb #c2a74163
+def _train_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, config: FinetuneConfig, epoch: int,
+                 device: str, autocast) -> float:
+    "One epoch of training, the learning rate set at every step from the schedule; the mean loss."
+    model.train()
+    total, seen = 0.0, 0
+    for i, (x, y) in enumerate(loader):
+        for group in opt.param_groups:
+            group["lr"] = config.lr * _lr_factor(config, epoch * len(loader) + i, len(loader))
+        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, seen = total + loss.item() * len(y), seen + len(y)
+    return total / max(1, seen)
+
+# %% ../../nbs/20_training.ipynb #c0273ff3
+def _accuracy(model: nn.Module, loader, n: int, device: str, autocast) -> float:
+    "The share of the `n` images of `loader` that `model` classifies right, in eval mode."
+    model.eval()
+    correct = 0
+    with torch.no_grad(), autocast:
+        for x, y in loader:
+            correct += (model(x.to(device)).argmax(1).cpu() == torch.as_tensor(y)).sum().item()
+    return correct / max(1, n)
+
+# %% ../../nbs/20_training.ipynb #8926b1c4
 def _save(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
 
 
+def _save_epoch(checkpoint: Path, last: Path, model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator,
+                config: FinetuneConfig, history: dict, best: float, is_best: bool, categories: Sequence[str] | None) -> None:
+    "Write `last` (all that resuming needs) and, when this epoch is the best, `checkpoint` (the network alone)."
+    net_state = {k: v.detach().cpu() for k, v in getattr(model, "net", model).state_dict().items()}
+    if is_best:
+        _save(checkpoint, {"state_dict": net_state, "categories": list(categories or []),
+                           "history": json.dumps(history)})
+    _save(last, {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": history["epoch"][-1],
+                 "best": best, "history": json.dumps(history), "config": asdict(config),
+                 "generator": g.get_state()})
+
+# %% ../../nbs/20_training.ipynb #af8e854a
+def _resume(last: Path, config: FinetuneConfig, model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator,
+            device: str, log: Callable[[str], None] | None) -> tuple[dict, float, int]:
+    "Restore the model, optimiser and generator from `last`; return the history, the best accuracy and the epochs done."
+    state = torch.load(last, map_location=device, weights_only=True)
+    if state["config"] != asdict(config):
+        raise ValueError(f"{last} was written with another configuration ({state['config']}); pass "
+                         "overwrite=True to start again, or fine-tune with that configuration")
+    model.load_state_dict(state["state_dict"])
+    opt.load_state_dict(state["optimizer"])
+    g.set_state(state["generator"])
+    if log:
+        log(f"resuming from {last} after epoch {state['epoch']}")
+    return json.loads(state["history"]), state["best"], state["epoch"]
+
+# %% ../../nbs/20_training.ipynb #278fee8e
 def finetune(model: nn.Module, # an ImageClassifier (pixels in, logits out) with its new head
              train_set, # a Dataset of (pixels (3, H, W) in [0, 1], label)
              val_set, # the held-out images, with the evaluation transform
@@ -291,15 +360,10 @@ def finetune(model: nn.Module, # an ImageClassifier (pixels in, logits out) with
                          f"{config.optimizer!r} and {config.schedule!r}")
     checkpoint = Path(checkpoint)
     last = checkpoint.with_name(checkpoint.stem + ".last.pt")
-    if checkpoint.exists() and not last.exists() and not overwrite:
-        raise FileExistsError(f"{checkpoint} exists and no interrupted run of finetune left {last.name} beside it: "
-                              "it is somebody's checkpoint, which fine-tuning would overwrite. Use it as it is, or "
-                              "pass overwrite=True (the profile's training.retrain: true) to fine-tune again")
+    _check_target(checkpoint, last, overwrite)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-           if config.optimizer == "sgd" else torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay))
+    opt = _optimizer([p for p in model.parameters() if p.requires_grad], config)
     g = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(train_set, config.batch_size, shuffle=True, generator=g, num_workers=config.num_workers,
                         drop_last=len(train_set) > config.batch_size, pin_memory=device != "cpu")
@@ -307,49 +371,19 @@ def finetune(model: nn.Module, # an ImageClassifier (pixels in, logits out) with
     history = {"epoch": [], "train_loss": [], "val_accuracy": [], "seconds": [], "config": asdict(config)}
     start_epoch, best = 0, -1.0
     if last.exists() and not overwrite:
-        state = torch.load(last, map_location=device, weights_only=True)
-        if state["config"] != asdict(config):
-            raise ValueError(f"{last} was written with another configuration ({state['config']}); pass "
-                             "overwrite=True to start again, or fine-tune with that configuration")
-        model.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        history, best, start_epoch = json.loads(state["history"]), state["best"], state["epoch"]
-        g.set_state(state["generator"])
-        if log:
-            log(f"resuming from {last} after epoch {start_epoch}")
+        history, best, start_epoch = _resume(last, config, model, opt, g, device, log)
     torch.manual_seed(config.seed + start_epoch)  # dropout's draws: the same run twice gives the same network
     autocast = torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
     start = time.perf_counter() - (history["seconds"][-1] if history["seconds"] else 0.0)
     for epoch in range(start_epoch, config.epochs):
-        model.train()
-        total, seen = 0.0, 0
-        for i, (x, y) in enumerate(loader):
-            for group in opt.param_groups:
-                group["lr"] = config.lr * _lr_factor(config, epoch * len(loader) + i, len(loader))
-            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-            with autocast:
-                loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, seen = total + loss.item() * len(y), seen + len(y)
-        model.eval()
-        correct = 0
-        with torch.no_grad(), autocast:
-            for x, y in val_loader:
-                correct += (model(x.to(device)).argmax(1).cpu() == torch.as_tensor(y)).sum().item()
-        accuracy = correct / max(1, len(val_set))
-        for key, value in (("epoch", epoch + 1), ("train_loss", total / max(1, seen)), ("val_accuracy", accuracy),
+        loss = _train_epoch(model, loader, opt, config, epoch, device, autocast)
+        accuracy = _accuracy(model, val_loader, len(val_set), device, autocast)
+        for key, value in (("epoch", epoch + 1), ("train_loss", loss), ("val_accuracy", accuracy),
                            ("seconds", time.perf_counter() - start)):
             history[key].append(value)
-        net_state = {k: v.detach().cpu() for k, v in getattr(model, "net", model).state_dict().items()}
-        if accuracy > best:
-            best = accuracy
-            _save(checkpoint, {"state_dict": net_state, "categories": list(categories or []),
-                               "history": json.dumps(history)})
-        _save(last, {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                     "best": best, "history": json.dumps(history), "config": asdict(config),
-                     "generator": g.get_state()})
+        is_best = accuracy > best
+        best = accuracy if is_best else best
+        _save_epoch(checkpoint, last, model, opt, g, config, history, best, is_best, categories)
         if log:
             log(f"epoch {epoch + 1}/{config.epochs}: loss {history['train_loss'][-1]:.3f}, "
                 f"val accuracy {accuracy:.3f} (best {best:.3f}), {history['seconds'][-1]:.0f} s")

@@ -19,7 +19,7 @@ from ..results import Experiment
 # %% auto #0
 __all__ = ['resolve_device', 'check_count', 'group_runs', 'SourcesExperiment', 'ambiguous_items']
 
-# %% ../../nbs/25_base.ipynb #b9329163
+# %% ../../nbs/25_base.ipynb #9a966227
 def resolve_device(device: str | torch.device) -> torch.device:
     "The device to compute on; plain 'cuda' under torchrun means this process's GPU (LOCAL_RANK)."
     device = torch.device(device)
@@ -30,14 +30,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
 
-
+# %% ../../nbs/25_base.ipynb #74c446b4
 def check_count(name: str, value, low: int, example: str) -> int:
     "`value` as an int >= low, or a ValueError naming the argument, the value and a fix."
     if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low):
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}: pass e.g. {name}={example}")
     return int(value)
 
-
+# %% ../../nbs/25_base.ipynb #137e1c62
 def group_runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, list[int]]]:
     "Consecutive (source, item) pairs grouped by source, in order."
     runs: list[tuple[int, list[int]]] = []

@@ -21,21 +21,26 @@ from ..methods.explain import ActivationMethod, Method
 from ..methods.targets import LinearTarget, as_classes, get_target, other_class_weights
 
 # %% auto #0
-__all__ = ['CONTRASTS', 'PAIRS', 'CONTRAST_METHODS', 'CONTRAST_SOURCES', 'MeanVariantTarget', 'head_mean_ratio', 'check_methods',
+__all__ = ['CONTRAST_METHODS', 'CONTRAST_SOURCES', 'CONTRASTS', 'PAIRS', 'MeanVariantTarget', 'head_mean_ratio', 'check_methods',
            'source_method', 'check_sources', 'build_source', 'contrast_measures', 'Contrasts']
+
+# %% ../../nbs/09_contrasts.ipynb #dbfe6cd5
+def _check_factor(factor: str | float) -> str | float:
+    "A mean-contrast factor: 'printed' (c = 1), 'review' (c = 1/C) or a positive finite number."
+    if isinstance(factor, str) and factor not in ("printed", "review"):
+        raise ValueError(f"factor={factor!r} is not a known mean-contrast factor: pass 'printed' (c = 1, the "
+                         "paper's formula), 'review' (c = 1/C, the review's CUB code) or a positive number")
+    if not isinstance(factor, str) and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                        or not math.isfinite(factor) or factor <= 0):
+        raise ValueError(f"factor={factor!r} must be 'printed', 'review' or a positive finite number")
+    return factor
 
 # %% ../../nbs/09_contrasts.ipynb #0033000f
 class MeanVariantTarget(LinearTarget):
     "y_t - c sum_{s != t} y_s: the mean contrast with another factor c ('printed': 1, 'review': 1/C, or a number)."
 
     def __init__(self, factor: str | float):
-        if isinstance(factor, str) and factor not in ("printed", "review"):
-            raise ValueError(f"factor={factor!r} is not a known mean-contrast factor: pass 'printed' (c = 1, the "
-                             "paper's formula), 'review' (c = 1/C, the review's CUB code) or a positive number")
-        if not isinstance(factor, str) and (isinstance(factor, bool) or not isinstance(factor, (int, float))
-                                            or not math.isfinite(factor) or factor <= 0):
-            raise ValueError(f"factor={factor!r} must be 'printed', 'review' or a positive finite number")
-        self.factor = factor
+        self.factor = _check_factor(factor)
         self.name = f"mean_{factor}"
 
     def weights(self, logits: Tensor, t: Tensor | int) -> Tensor:
@@ -58,12 +63,6 @@ def head_mean_ratio(model: nn.Module) -> float:
     return float(W.mean(0).norm() / W.norm(dim=1).mean())
 
 # %% ../../nbs/09_contrasts.ipynb #920c1377
-CONTRASTS: tuple[str, ...] = ("original", "mean", "max", "weighted")  # Target.name of the four contrasts
-PAIRS: dict[str, tuple[str, str]] = {  # column -> the two targets it compares
-    "mean_vs_original_cosine": ("mean", "original"), "weighted_vs_max_cosine": ("weighted", "max"),
-    "weighted_vs_original_cosine": ("weighted", "original"), "max_vs_original_cosine": ("max", "original"),
-    "weighted_vs_mean_cosine": ("weighted", "mean"), "printed_mean_vs_original_cosine": ("mean_printed", "original"),
-    "review_mean_vs_mean_cosine": ("mean_review", "mean")}
 CONTRAST_METHODS: tuple[str, ...] = ("gradcam", "xgradcam", "linear_approximation", "gradient")  # in methods.METHODS
 
 
@@ -76,7 +75,7 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
                          + f": choose from {', '.join(CONTRAST_METHODS)}, e.g. methods=['gradcam']")
     return methods
 
-
+# %% ../../nbs/09_contrasts.ipynb #af5aec9c
 def source_method(name: str, source: Source) -> Method:
     "The method `name` (one of CONTRAST_METHODS) on the source's model, at the source's layer."
     return make_method(check_methods([name])[0], source.model, source.layer)
@@ -87,7 +86,7 @@ CONTRAST_SOURCES: dict[str, str] = {  # name -> the model and the images it expl
     "birds": "the small CNN on the generated birds' test split",
     "cub": "VGG16-bn fine-tuned on CUB-200 on its test split (needs data_root and the checkpoint)"}
 
-
+# %% ../../nbs/09_contrasts.ipynb #c1e4e5aa
 def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
     "The source names: at least one, distinct, each in CONTRAST_SOURCES."
     names = (sources,) if isinstance(sources, str) else tuple(sources)
@@ -99,7 +98,7 @@ def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
                          "e.g. sources=['photos', 'birds']")
     return names
 
-
+# %% ../../nbs/09_contrasts.ipynb #182ce24c
 def build_source(name: str, # one of CONTRAST_SOURCES
                  seed: int = 0, # the birds' and the small CNN's seed
                  n_images: int | None = None, # birds or CUB images to draw among the ambiguous ones (None: all)
@@ -117,6 +116,14 @@ def build_source(name: str, # one of CONTRAST_SOURCES
     return finetuned_source("cub", data_root, checkpoint, n_images, device, output_root)
 
 # %% ../../nbs/09_contrasts.ipynb #2aadf1f3
+CONTRASTS: tuple[str, ...] = ("original", "mean", "max", "weighted")  # Target.name of the four contrasts
+PAIRS: dict[str, tuple[str, str]] = {  # column -> the two targets it compares
+    "mean_vs_original_cosine": ("mean", "original"), "weighted_vs_max_cosine": ("weighted", "max"),
+    "weighted_vs_original_cosine": ("weighted", "original"), "max_vs_original_cosine": ("max", "original"),
+    "weighted_vs_mean_cosine": ("weighted", "mean"), "printed_mean_vs_original_cosine": ("mean_printed", "original"),
+    "review_mean_vs_mean_cosine": ("mean_review", "mean")}
+
+
 def contrast_measures(maps: Tensor, # (B, rank, targets, h, w): one method's maps
                       names: Sequence[str], # the targets' names, in the order of the maps
                      ) -> dict[str, Tensor]: # column -> (B, rank)
@@ -125,10 +132,37 @@ def contrast_measures(maps: Tensor, # (B, rank, targets, h, w): one method's map
     return {**{col: cosine(T[a], T[b]) for col, (a, b) in PAIRS.items()},
             **{f"positive_share_{n}": positive_share(T[n]) for n in CONTRASTS}}
 
+# %% ../../nbs/09_contrasts.ipynb #7aeea1b2
+def _contrast_rows(source: Source, # the source of the items
+                   items: Sequence[int], # its item indices
+                   e: dict, # what Contrasts.explain returns for them: labels, logits, classes and maps per method
+                   targets: Sequence, # the targets the maps were taken for, in their order
+                   rank: int, # how many top classes were explained
+                  ) -> list[dict]: # one per item, class rank and method
+    "The rows of some items: class, probability, strongest rival and its weight, the head's ratio and every measure."
+    logits, classes = e["logits"], e["classes"]
+    p = logits.softmax(1)
+    names = [t.name for t in targets]
+    ratio = head_mean_ratio(source.model)
+    rivals = [other_class_weights(logits, classes[:, r]).max(1) for r in range(rank)]
+    measures = {method: contrast_measures(maps, names) for method, maps in e["maps"].items()}
+    out = []
+    for b, i in enumerate(items):  # item by item, so that the rows do not depend on how items are batched
+        for r in range(rank):
+            c = int(classes[b, r])
+            for method, values in measures.items():
+                out.append({"source": source.name, "model": source.model_name, "item": i,
+                            "name": source.name_of(i), "label": int(e["labels"][b]), "rank": r + 1, "class": c,
+                            "class_name": str(source.categories[c]), "p": float(p[b, c]),
+                            "is_label": int(c == int(e["labels"][b])), "classes": logits.shape[1],
+                            "rival": int(rivals[r].indices[b]), "rival_weight": float(rivals[r].values[b]),
+                            "head_mean_ratio": ratio, "method": method,
+                            **{col: float(v[b, r]) for col, v in values.items()}})
+    return out
+
 # %% ../../nbs/09_contrasts.ipynb #17664a91
-class Contrasts(SourcesExperiment):
-    "Original, mean, max and weighted maps of the top classes of ambiguous images, compared by cosine and positive share."
-    name = "contrasts"
+class _ContrastsSetup(SourcesExperiment):
+    "Contrasts' settings, checked before any model is loaded; its sources, screened for ambiguous images; its methods."
 
     def __init__(self,
                  sources: Sequence[str] = ("photos", "birds"), # names in CONTRAST_SOURCES: the models and their images
@@ -178,6 +212,25 @@ class Contrasts(SourcesExperiment):
         return {"sources": [s.name for s in self.sources], "seed": self.seed, "n_images": self.n_images,
                 "methods": list(self.methods), "rank": self.rank, "threshold": self.threshold}
 
+# %% ../../nbs/09_contrasts.ipynb #ecb5bcff
+def _check_figure(source: str, known: Sequence[str], # the source asked for, and the experiment's
+                  targets: Sequence[str], names: Sequence[str], # the targets asked for, and those computed
+                  method: str, methods: Sequence[str], # the method asked for, and those run
+                 ) -> None:
+    "A figure's request: a source, targets and a method that the experiment has."
+    if source not in known:
+        raise ValueError(f"no source {source!r} in this experiment: choose one of {known}")
+    bad = [t for t in targets if t not in names]
+    if bad:
+        raise ValueError(f"unknown target {bad[0]!r} for a figure: choose from {', '.join(names)}")
+    if method not in methods:
+        raise ValueError(f"method {method!r} was not run: choose one of {', '.join(methods)}")
+
+# %% ../../nbs/09_contrasts.ipynb #89511b42
+class Contrasts(_ContrastsSetup):
+    "Original, mean, max and weighted maps of the top classes of ambiguous images, compared by cosine and positive share."
+    name = "contrasts"
+
     def explain(self, k: int, items: Sequence[int], methods: Sequence[str] | None = None) -> dict:
         "Images, labels, logits, classes (B, rank) and, per method, its maps (B, rank, targets, h, w) for source k."
         source, x, labels, logits, classes = self.top_classes(k, items)
@@ -186,26 +239,7 @@ class Contrasts(SourcesExperiment):
 
     def source_rows(self, k: int, items: Sequence[int]) -> list[dict]:
         "The rows of some items of source k: one per item, class rank and method."
-        source, e = self.sources[k], self.explain(k, items)
-        logits, classes = e["logits"], e["classes"]
-        p = logits.softmax(1)
-        names = [t.name for t in self.targets]
-        ratio = head_mean_ratio(source.model)
-        rivals = [other_class_weights(logits, classes[:, r]).max(1) for r in range(self.rank)]
-        measures = {method: contrast_measures(maps, names) for method, maps in e["maps"].items()}
-        out = []
-        for b, i in enumerate(items):  # item by item, so that the rows do not depend on how items are batched
-            for r in range(self.rank):
-                c = int(classes[b, r])
-                for method, values in measures.items():
-                    out.append({"source": source.name, "model": source.model_name, "item": i,
-                                "name": source.name_of(i), "label": int(e["labels"][b]), "rank": r + 1, "class": c,
-                                "class_name": str(source.categories[c]), "p": float(p[b, c]),
-                                "is_label": int(c == int(e["labels"][b])), "classes": logits.shape[1],
-                                "rival": int(rivals[r].indices[b]), "rival_weight": float(rivals[r].values[b]),
-                                "head_mean_ratio": ratio, "method": method,
-                                **{col: float(v[b, r]) for col, v in values.items()}})
-        return out
+        return _contrast_rows(self.sources[k], items, self.explain(k, items), self.targets, self.rank)
 
     def figure_arrays(self, source: str, # a source's name, e.g. 'birds'
                       count: int = 4, # its first `count` items
@@ -213,15 +247,8 @@ class Contrasts(SourcesExperiment):
                       targets: Sequence[str] = CONTRASTS,
                      ) -> dict[str, np.ndarray]:
         "What a figure of maps needs: images uint8, maps (n, rank, targets, h, w), classes, probabilities, names."
-        known = [s.name for s in self.sources]
-        if source not in known:
-            raise ValueError(f"no source {source!r} in this experiment: choose one of {known}")
-        names = [t.name for t in self.targets]
-        bad = [t for t in targets if t not in names]
-        if bad:
-            raise ValueError(f"unknown target {bad[0]!r} for a figure: choose from {', '.join(names)}")
-        if method not in self.methods:
-            raise ValueError(f"method {method!r} was not run: choose one of {', '.join(self.methods)}")
+        known, names = [s.name for s in self.sources], [t.name for t in self.targets]
+        _check_figure(source, known, targets, names, method, self.methods)
         k = known.index(source)
         items = self.sources[k].items[:count]
         e = self.explain(k, items, [method])

@@ -22,25 +22,35 @@ from ..data.sources import model_fingerprint
 
 # %% auto #0
 __all__ = ['CLASS_GROUP', 'GROUP_PART', 'EXPLAINED_TARGETS', 'CNN_METHODS', 'VIT_METHODS', 'VARIANTS', 'MEASURES',
-           'CONTRASTED_WITH', 'NOT_CONTRASTIVE', 'SAME_MAP', 'contrast_parts', 'methods_for', 'Localisation',
-           'measure_summary', 'paired_differences', 'contrastive_gains']
+           'CONTRASTED_WITH', 'NOT_CONTRASTIVE', 'SAME_MAP', 'check_bird_classes', 'contrast_parts', 'methods_for',
+           'check_threshold', 'bird_test_split', 'top_two', 'check_bird_model', 'open_bird_model', 'same_group_items',
+           'part_measures', 'measure_rows', 'Localisation', 'measure_summary', 'paired_differences',
+           'contrast_differences', 'contrastive_gains']
 
-# %% ../../nbs/12_localisation.ipynb #40ce2917
+# %% ../../nbs/12_localisation.ipynb #7c4a3de5
 CLASS_GROUP = torch.tensor([c.group for c in CLASSES])  # (C,) each class's group
 GROUP_PART = torch.tensor([PART_NAMES.index(g.part) for g in GROUPS])  # (groups,) each group's discriminating part
 
 
+def check_bird_classes(name: str, # the argument's name, for the message
+                       t: Tensor, # class indices
+                      ) -> Tensor:
+    "Integer indices of the birds' classes, checked."
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class indices, got dtype {t.dtype}: pass e.g. probs.topk(2).indices[:, 0]")
+    if t.numel() and (t.min() < 0 or t.max() >= len(CLASSES)):
+        raise ValueError(f"{name} must hold classes in [0, {len(CLASSES)}), got values from {int(t.min())} to "
+                         f"{int(t.max())}: these are the birds' class indices")
+    return t
+
+# %% ../../nbs/12_localisation.ipynb #3b39df91
 def contrast_parts(t1: Tensor | Sequence[int], # (N,) classes
                    t2: Tensor | Sequence[int], # (N,) other classes, t2 != t1
                   ) -> Tensor: # (N,) int64 index into PART_NAMES; -1 when t1 and t2 are in different groups
     "The part that tells class t1 from class t2: their group's discriminating part, or -1 across groups."
     t1, t2 = torch.as_tensor(t1), torch.as_tensor(t2)
     for name, t in (("t1", t1), ("t2", t2)):
-        if t.is_floating_point() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer class indices, got dtype {t.dtype}: pass e.g. probs.topk(2).indices[:, 0]")
-        if t.numel() and (t.min() < 0 or t.max() >= len(CLASSES)):
-            raise ValueError(f"{name} must hold classes in [0, {len(CLASSES)}), got values from {int(t.min())} to "
-                             f"{int(t.max())}: these are the birds' class indices")
+        check_bird_classes(name, t)
     if t1.shape != t2.shape:
         raise ValueError(f"t1 and t2 must have the same shape, got {tuple(t1.shape)} and {tuple(t2.shape)}")
     if (t1 == t2).any():
@@ -48,14 +58,14 @@ def contrast_parts(t1: Tensor | Sequence[int], # (N,) classes
     g1, g2 = CLASS_GROUP[t1], CLASS_GROUP[t2]
     return torch.where(g1 == g2, GROUP_PART[g1], -1)
 
-# %% ../../nbs/12_localisation.ipynb #b437c357
+# %% ../../nbs/12_localisation.ipynb #03286ee7
 EXPLAINED_TARGETS: tuple[str, ...] = ("original", "weighted", "mean", "max")  # Target.name of each target compared
 CNN_METHODS: tuple[str, ...] = ("gradient", "linear_approximation", "gradcam", "xgradcam", "fullgrad")  # Method.name
 VIT_METHODS: tuple[str, ...] = ("gradient", "vit_gradcam", "attention_rollout", "attention_rollout_signed")
 VARIANTS: dict[str, tuple[str, dict]] = {  # a label of this chapter that is not a Method.name -> (Method.name, options)
     "attention_rollout_signed": ("attention_rollout", {"variant": "signed"})}  # rollout with every ReLU removed
 
-
+# %% ../../nbs/12_localisation.ipynb #5776e826
 def methods_for(model: nn.Module, # the small CNN, the small ViT, or another network on the birds
                 layer: str = "3", # the activation methods' layer in a CNN (the small CNN's last block)
                ) -> dict[str, Method]: # Method.name -> the method on this model
@@ -68,8 +78,106 @@ def methods_for(model: nn.Module, # the small CNN, the small ViT, or another net
 
     return {label: build(label) for label in (VIT_METHODS if isinstance(model, VisionTransformer) else CNN_METHODS)}
 
+# %% ../../nbs/12_localisation.ipynb #d44d56b3
+def check_threshold(threshold: float, # the probability above which the second class makes an image ambiguous
+                   ) -> float:
+    "A probability in [0, 1), as a float."
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold < 1):
+        raise ValueError(f"threshold must be a probability in [0, 1), got {threshold!r}: pass e.g. threshold=0.1")
+    return float(threshold)
 
-# %% ../../nbs/12_localisation.ipynb #be0f1852
+# %% ../../nbs/12_localisation.ipynb #94e13a79
+def bird_test_split(seed: int = 0, # the birds' seed
+                    n_test: int = 4000, # test images to draw (the first 4,000 are the standard test split)
+                    birds: dict | None = None, # `birds_splits(seed)`, when the caller already has them
+                    test: Birds | None = None, # test images to use instead of drawing them
+                    model: str | nn.Module = "small_cnn", # a small model's name needs the birds to train on
+                   ) -> tuple[Birds, dict | None]: # the test images, and the birds' splits where they were needed
+    "The test images Localisation explains, and the birds' splits when the test images or the model need them."
+    from contrastive_explanations.data.birds import birds_splits, generate_birds, split_seed
+
+    if test is not None and not isinstance(test, Birds):
+        raise ValueError(f"test must be a Birds, got a {type(test).__name__}: pass e.g. generate_birds(100)")
+    if birds is None and (test is None or isinstance(model, str)):
+        birds = birds_splits(seed)
+    if test is None:
+        test = birds["test"] if len(birds["test"]) == n_test else generate_birds(
+            n_test, split_seed(seed, "test"), birds["test"].spec)
+    return test, birds
+
+# %% ../../nbs/12_localisation.ipynb #636b4a4e
+def top_two(model: nn.Module,
+            images: Tensor, # (N, 3, H, W) uint8
+            device: str = "cpu",
+            batch: int = 500, # images per forward pass
+           ) -> tuple[Tensor, Tensor]: # probabilities (N, 2) and classes (N, 2), highest first
+    "Each image's two most probable classes and their probabilities."
+    probs = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = images[start:start + batch].float().div(255).to(device)
+            probs.append(model(x).softmax(1).cpu())
+    top = torch.cat(probs).topk(2, dim=1)
+    return top.values, top.indices
+
+# %% ../../nbs/12_localisation.ipynb #a38bd44c
+def check_bird_model(model: str | nn.Module, # 'small_cnn', 'small_vit', or a module on the birds' images
+                    ) -> str | nn.Module:
+    "The model, checked: a small model's name or a module."
+    if not (isinstance(model, nn.Module) or model in ("small_cnn", "small_vit")):
+        raise ValueError(f"model must be 'small_cnn', 'small_vit' or a torch.nn.Module, got {model!r}")
+    return model
+
+# %% ../../nbs/12_localisation.ipynb #627a80b6
+def open_bird_model(model: str | nn.Module, # 'small_cnn', 'small_vit', or a module
+                    seed: int = 0, # the small models' seed
+                    birds: dict | None = None, # `birds_splits(seed)`, which a small model is trained on
+                   ) -> tuple[nn.Module, str]: # the network and its name (a module's class name)
+    "The network Localisation explains: a module as it is, or a small model from the training cache."
+    if isinstance(check_bird_model(model), str):
+        from contrastive_explanations.data.training import small_model
+        return small_model(model, seed, birds=birds, log=None)[0], model
+    return model, type(model).__name__
+
+# %% ../../nbs/12_localisation.ipynb #6e4055a9
+def same_group_items(p2: Tensor, # (N,) each image's second probability
+                     t1: Tensor, t2: Tensor, # (N,) its two most probable classes
+                     threshold: float = 0.1, # ambiguous: p2 above this
+                     max_images: int = 0, # keep at most this many, in order; 0: all
+                    ) -> tuple[Tensor, Tensor, int, int]: # parts (N,), ambiguous count, cross-group count, items
+    "The ambiguous images whose two top classes share a group, in order, with the part that tells them apart."
+    ambiguous = p2 > threshold
+    parts = contrast_parts(t1, t2)
+    items = torch.nonzero(ambiguous & (parts >= 0))[:, 0]
+    return (parts, int(ambiguous.sum()), int((ambiguous & (parts < 0)).sum()),
+            items[:max_images] if max_images else items)
+
+# %% ../../nbs/12_localisation.ipynb #2acc95b0
+def part_measures(methods: dict[str, Method], # Method.name -> method, from methods_for
+                  x: Tensor, # (B, 3, H, W) images
+                  classes: Tensor, # (B, 2) t1 and t2
+                  masks: Tensor, # (B, H, W) bool: the part that tells t1 from t2
+                 ) -> dict[str, tuple[Tensor, Tensor]]: # method -> mass share and peak hit, each (B, 2, T)
+    "Each method's maps of t1 and t2 for every EXPLAINED_TARGETS, upsampled and measured on the part."
+    measures = {}
+    for name, method in methods.items():
+        e = method(x, classes.to(x.device), list(EXPLAINED_TARGETS))
+        maps = e.upsampled(tuple(masks.shape[-2:])).float().cpu()  # (B, 2, T, H, W), signed
+        measures[name] = (mask_share(maps, masks[:, None, None]), peak_on_part(maps, masks[:, None, None]))
+    return measures
+
+# %% ../../nbs/12_localisation.ipynb #33f56b82
+def measure_rows(image: dict, # the image's facts, repeated on each of its rows
+                 classes: Tensor, # (2,) its t1 and t2
+                 measures: dict[str, tuple[Tensor, Tensor]], # method -> its mass share and peak hit, each (2, T)
+                ) -> list[dict]: # one row per method and class
+    "One image's rows: per method and class, its facts and both measures of every target."
+    return [{**image, "method": name, "k": k + 1, "class": int(classes[k]),
+             **{f"mass_{t}": float(mass[k, j]) for j, t in enumerate(EXPLAINED_TARGETS)},
+             **{f"peak_{t}": float(peak[k, j]) for j, t in enumerate(EXPLAINED_TARGETS)}}
+            for name, (mass, peak) in measures.items() for k in range(2)]
+
+# %% ../../nbs/12_localisation.ipynb #2cc6d911
 class Localisation(Experiment):
     "How much of each explanation of an ambiguous bird lies on the part that tells its top two classes apart."
     name = "localisation"  # an instance's name adds its folder: localisation/<model>
@@ -86,50 +194,20 @@ class Localisation(Experiment):
                  birds: dict | None = None, # `birds_splits(seed)`, when the caller already has them
                  test: Birds | None = None, # test images to use instead of drawing them (tests, other data)
                 ):
-        from contrastive_explanations.data.birds import birds_splits, generate_birds, split_seed
-
-        self.seed = check_count("seed", seed, 0, "0")
-        self.n_test = check_count("n_test", n_test, 1, "4000")
+        self.seed, self.n_test = check_count("seed", seed, 0, "0"), check_count("n_test", n_test, 1, "4000")
         self.max_images = check_count("max_images", 0 if max_images is None else max_images, 0, "300")
-        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold < 1):
-            raise ValueError(f"threshold must be a probability in [0, 1), got {threshold!r}: pass e.g. threshold=0.1")
-        self.threshold, self.layer, self.device = float(threshold), layer, str(resolve_device(device))
+        self.threshold, self.layer, self.device = check_threshold(threshold), layer, str(resolve_device(device))
         self.batch_size = check_count("batch_size", batch_size, 1, "50")
-        if not (isinstance(model, nn.Module) or model in ("small_cnn", "small_vit")):
-            raise ValueError(f"model must be 'small_cnn', 'small_vit' or a torch.nn.Module, got {model!r}")
-        if test is not None and not isinstance(test, Birds):
-            raise ValueError(f"test must be a Birds, got a {type(test).__name__}: pass e.g. generate_birds(100)")
-        if birds is None and (test is None or isinstance(model, str)):
-            birds = birds_splits(self.seed)
-        if test is None:
-            test = birds["test"] if len(birds["test"]) == self.n_test else generate_birds(
-                self.n_test, split_seed(self.seed, "test"), birds["test"].spec)
+        check_bird_model(model)
+        test, birds = bird_test_split(self.seed, self.n_test, birds, test, model)
         self.test, self.n_test = test, len(test)
-        if isinstance(model, str):
-            from contrastive_explanations.data.training import small_model
-            self.model_name, model = model, small_model(model, self.seed, birds=birds, log=None)[0]
-        else:
-            self.model_name = type(model).__name__
+        model, self.model_name = open_bird_model(model, self.seed, birds)
         self.name = f"{Localisation.name}/{self.model_name}"  # results/<profile>/localisation/<model>
         self.model = model.eval().to(self.device)
         self.methods = methods_for(self.model, layer)
-        self._select()
-
-    def _select(self) -> None:
-        "The ambiguous images whose two top classes share a group, in test order."
-        probs = []
-        with torch.no_grad():
-            for start in range(0, self.n_test, 500):
-                x = self.test.images[start:start + 500].float().div(255).to(self.device)
-                probs.append(self.model(x).softmax(1).cpu())
-        top = torch.cat(probs).topk(2, dim=1)
-        (self.p1, self.p2), (self.t1, self.t2) = top.values.T, top.indices.T
-        ambiguous = self.p2 > self.threshold
-        self.parts = contrast_parts(self.t1, self.t2)
-        self.n_ambiguous = int(ambiguous.sum())
-        self.n_cross_group = int((ambiguous & (self.parts < 0)).sum())
-        items = torch.nonzero(ambiguous & (self.parts >= 0))[:, 0]
-        self.items = items[:self.max_images] if self.max_images else items
+        (self.p1, self.p2), (self.t1, self.t2) = (t.T for t in top_two(self.model, self.test.images, self.device))
+        self.parts, self.n_ambiguous, self.n_cross_group, self.items = same_group_items(  # in test order
+            self.p2, self.t1, self.t2, self.threshold, self.max_images)
 
     @property
     def params(self) -> dict:
@@ -149,25 +227,17 @@ class Localisation(Experiment):
         part = self.parts[idx]
         masks = self.test.masks[idx, part]  # (B, H, W): the part that tells t1 from t2
         area = area_share(masks)
-        measures = {}
-        for name, method in self.methods.items():
-            e = method(x, classes.to(self.device), list(EXPLAINED_TARGETS))
-            maps = e.upsampled(tuple(masks.shape[-2:])).float().cpu()  # (B, 2, T, H, W), signed
-            measures[name] = (mask_share(maps, masks[:, None, None]), peak_on_part(maps, masks[:, None, None]))
+        measures = part_measures(self.methods, x, classes, masks)
         out = []
         for b, i in enumerate(idx.tolist()):
             image = {"image": i, "label": int(self.test.labels[i]), "t1": int(self.t1[i]), "t2": int(self.t2[i]),
                      "p1": float(self.p1[i]), "p2": float(self.p2[i]), "part": PART_NAMES[int(part[b])],
                      "area": float(area[b]), "occluded": float(self.test.occluded_fraction[i]),
                      "faint": float(self.test.faint[i])}
-            for name, (mass, peak) in measures.items():
-                for k in range(2):
-                    out.append({**image, "method": name, "k": k + 1, "class": int(classes[b, k]),
-                                **{f"mass_{t}": float(mass[b, k, j]) for j, t in enumerate(EXPLAINED_TARGETS)},
-                                **{f"peak_{t}": float(peak[b, k, j]) for j, t in enumerate(EXPLAINED_TARGETS)}})
+            out += measure_rows(image, classes[b], {name: (mass[b], peak[b]) for name, (mass, peak) in measures.items()})
         return out
 
-# %% ../../nbs/12_localisation.ipynb #9f1a47e7
+# %% ../../nbs/12_localisation.ipynb #3ffbc3fa
 MEASURES: tuple[str, ...] = ("mass", "peak")
 
 
@@ -183,7 +253,7 @@ def measure_summary(table: pd.DataFrame, # Localisation rows
     summary["chance"] = [chance[key] for key in zip(summary["method"], summary["k"], summary["metric"])]
     return summary[["method", "k", "target", "measure", "mean", "low", "high", "n", "chance"]]
 
-
+# %% ../../nbs/12_localisation.ipynb #2850275c
 def paired_differences(table: pd.DataFrame, # Localisation rows
                        n_resamples: int = 2000, seed: int = 0,
                       ) -> pd.DataFrame: # one row per method, k, target, measure and baseline
@@ -203,24 +273,18 @@ def paired_differences(table: pd.DataFrame, # Localisation rows
                                 "share_above": float((diff > 0).mean())})
     return pd.DataFrame(out)
 
-
-# %% ../../nbs/12_localisation.ipynb #f97af4b5
+# %% ../../nbs/12_localisation.ipynb #dbfebcdb
 CONTRASTED_WITH: dict[str, str] = {  # a contrastive map's method -> the method of the map it is compared with, where they differ
     "attention_rollout_signed": "attention_rollout"}  # signed rollout from p_t against standard rollout from y_t
 NOT_CONTRASTIVE: tuple[str, ...] = ("attention_rollout",)  # methods whose map from p_t is not the weighted contrast
 SAME_MAP = 1e-6  # per-image shares that differ by no more than this (float32 rounding) come from one map
 
-
-def contrastive_gains(table: pd.DataFrame, # Localisation rows of one model
-                      measure: str = "mass", # 'mass' or 'peak'
-                      k: int = 1, # the class explained: 1 (t1, which the part-share score suits) or 2
-                      n_resamples: int = 2000, seed: int = 0,
-                     ) -> pd.DataFrame: # one row per distinct map: methods, method, compared_with, difference, low, high, n, share_above
-    """Claim 2 against ground truth: per image, the contrastive map's score (from p_t) minus the score of the map drawn
-    without the paper (from y_t), with a bootstrap interval; one row per method, identical maps merged."""
-    if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
-    d = table[table["k"] == k]
+# %% ../../nbs/12_localisation.ipynb #c0f97c3e
+def contrast_differences(table: pd.DataFrame, # Localisation rows of one model and one class (k)
+                         measure: str = "mass", # 'mass' or 'peak'
+                        ) -> list[tuple[list[str], str, pd.Series]]: # (methods, compared with, per-image differences)
+    "Per image, each contrastive map's score minus its map from y_t (CONTRASTED_WITH); methods with one map merged (SAME_MAP)."
+    d = table
     by_method = {m: g.set_index("image") for m, g in d.groupby("method", sort=False)}
     settings: list[tuple[list[str], str, pd.Series]] = []  # (methods, compared with, per-image differences)
     for method, g in by_method.items():
@@ -237,6 +301,20 @@ def contrastive_gains(table: pd.DataFrame, # Localisation rows of one model
             same[0].append(method)
         else:
             settings.append(([method], base, diff))
+    return settings
+
+# %% ../../nbs/12_localisation.ipynb #b52c9b2a
+def contrastive_gains(table: pd.DataFrame, # Localisation rows of one model
+                      measure: str = "mass", # 'mass' or 'peak'
+                      k: int = 1, # the class explained: 1 (t1, which the part-share score suits) or 2
+                      n_resamples: int = 2000, seed: int = 0,
+                     ) -> pd.DataFrame: # one row per distinct map: methods, method, compared_with, difference, low, high, n, share_above
+    """Claim 2 against ground truth: per image, the contrastive map's score (from p_t) minus the score of the map drawn
+    without the paper (from y_t), with a bootstrap interval; one row per method, identical maps merged."""
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    d = table[table["k"] == k]
+    settings = contrast_differences(d, measure)
     rows = []
     for methods, base, diff in settings:
         mean, low, high, n = bootstrap_interval(diff.dropna().to_numpy(), "mean", n_resamples=n_resamples, seed=seed)
@@ -244,4 +322,3 @@ def contrastive_gains(table: pd.DataFrame, # Localisation rows of one model
                      "low": low, "high": high, "n": n, "share_above": float((diff.dropna() > 0).mean())})
     return pd.DataFrame(rows, columns=["methods", "method", "compared_with", "difference", "low", "high", "n",
                                        "share_above"])
-

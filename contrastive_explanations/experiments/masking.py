@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -60,7 +60,24 @@ def _check_choice(value, name: str, choices: Sequence[str]) -> str:
                          f"pass e.g. {name}={choices[0]!r}")
     return value
 
+# %% ../../nbs/08_masking.ipynb #0da116a9
+def pixel_ranks(maps: Tensor, # (B, H, W)
+               ) -> Tensor: # (B, H * W) int64, a permutation of 0 .. HW-1 per map
+    "Eq. eq-ranks: each pixel's rank in its map, 0 for the smallest value, ties broken by position (a stable sort)."
+    flat = maps.flatten(1)
+    order = flat.argsort(dim=1, stable=True)
+    positions = torch.arange(flat.shape[1], device=flat.device).expand_as(order).contiguous()
+    return torch.empty_like(order).scatter_(1, order, positions)
 
+# %% ../../nbs/08_masking.ipynb #f3bb37ae
+def sign_counts(maps: Tensor, # (B, H, W)
+                features: str = "pos", # 'pos': count the positive pixels; 'neg': the negative ones
+               ) -> Tensor: # (B,) int64
+    "How many pixels of each map are strictly positive, or strictly negative."
+    features = _check_choice(features, "features", FEATURES)
+    return ((maps > 0) if features == "pos" else (maps < 0)).flatten(1).sum(1)
+
+# %% ../../nbs/08_masking.ipynb #c815c004
 def _check_pair_of_maps(ori: Tensor, wtd: Tensor) -> None:
     for name, m in (("ori", ori), ("wtd", wtd)):
         if not isinstance(m, Tensor):
@@ -72,24 +89,7 @@ def _check_pair_of_maps(ori: Tensor, wtd: Tensor) -> None:
         raise ValueError(f"ori and wtd must have the same shape, got {tuple(ori.shape)} and {tuple(wtd.shape)}: "
                          "explain the same images at the same size")
 
-
-def pixel_ranks(maps: Tensor, # (B, H, W)
-               ) -> Tensor: # (B, H * W) int64, a permutation of 0 .. HW-1 per map
-    "Eq. eq-ranks: each pixel's rank in its map, 0 for the smallest value, ties broken by position (a stable sort)."
-    flat = maps.flatten(1)
-    order = flat.argsort(dim=1, stable=True)
-    positions = torch.arange(flat.shape[1], device=flat.device).expand_as(order).contiguous()
-    return torch.empty_like(order).scatter_(1, order, positions)
-
-
-def sign_counts(maps: Tensor, # (B, H, W)
-                features: str = "pos", # 'pos': count the positive pixels; 'neg': the negative ones
-               ) -> Tensor: # (B,) int64
-    "How many pixels of each map are strictly positive, or strictly negative."
-    features = _check_choice(features, "features", FEATURES)
-    return ((maps > 0) if features == "pos" else (maps < 0)).flatten(1).sum(1)
-
-
+# %% ../../nbs/08_masking.ipynb #2d99746f
 def kept_range(ori: Tensor, wtd: Tensor, # (B, H, W) the original and the weighted map of the same class
                features: str = "pos", # keep the positive ('pos') or the negative ('neg') features
                variant: str = "ours", # 'ours' (Eq. eq-keep-ours) or 'review' (Eq. eq-keep-review)
@@ -108,7 +108,7 @@ def kept_range(ori: Tensor, wtd: Tensor, # (B, H, W) the original and the weight
     m = counts.max(0).values  # ... and here the ranks above N - m: m - 1 pixels, m = the more negative pixels
     return torch.zeros_like(m), (N - m + 1).clamp(max=N)
 
-
+# %% ../../nbs/08_masking.ipynb #10133136
 def keep_masks(ori: Tensor, wtd: Tensor, # (B, H, W) the original and the weighted map of the same class
                features: str = "pos", variant: str = "ours",
               ) -> tuple[Tensor, Tensor]: # two (B, H, W) bool masks: True where the image is kept
@@ -134,7 +134,7 @@ def blur_settings(size: int, # the image's side in pixels
     k = 2 * math.floor((kernel - 1) / 2 * scale + 0.5) + 1
     return min(k, 2 * int(size) - 1), sigma * scale
 
-
+# %% ../../nbs/08_masking.ipynb #2c813dbd
 def normalised_zero(model: nn.Module, # a classifier on pixels in [0, 1]
                     images: Tensor | Dataset | None = None, # (N, 3, H, W) uint8 or [0, 1], or a dataset of such images
                    ) -> Tensor: # (3,) float32 colour in [0, 1]
@@ -154,7 +154,7 @@ def normalised_zero(model: nn.Module, # a classifier on pixels in [0, 1]
         total, pixels = total + x.sum(dim=(0, 2, 3)), pixels + x[:, 0].numel()
     return (total / pixels).float()
 
-
+# %% ../../nbs/08_masking.ipynb #a276169e
 def baseline_images(x: Tensor, # (B, 3, H, W) images in [0, 1]
                     zero: Tensor | None = None, # (3,) the colour 'zeros' fills with; None: black
                     blur: tuple[int, float] | None = None, # (kernel, sigma); None: blur_settings(min(H, W))
@@ -170,7 +170,7 @@ MASKING_METHODS = ("linear_approximation", "gradcam", "xgradcam")  # names in me
 EXPLANATIONS = ("original", "weighted_log")  # y_t, and p_t through log p_t: the same signs and ranks (Eq. eq-log-ranks)
 REVIEW_EXPLANATIONS = ("original", "weighted_softmax")  # the review's code: softmax(logits)[t], in the model's precision
 
-
+# %% ../../nbs/08_masking.ipynb #3e3a1fc2
 def explain_pairs(methods: dict[str, Method], # name -> method
                   x: Tensor, # (B, 3, H, W) images
                   pair: Tensor, # (B, 2) the classes t1, t2
@@ -183,7 +183,7 @@ def explain_pairs(methods: dict[str, Method], # name -> method
         maps[name], logits = e.upsampled(tuple(x.shape[-2:])), e.logits
     return maps, logits
 
-
+# %% ../../nbs/08_masking.ipynb #f20f4855
 def all_keeps(maps: Tensor, # (B, 2, 2, H, W): class t1, t2 x explanation original, weighted
              ) -> Tensor: # (B, 2, V, F, 2, H, W) bool: class x variant x features x explanation, True where kept
     "The masks of Eq. eq-keep-ours and eq-keep-review for both classes, variants and feature modes."
@@ -192,7 +192,7 @@ def all_keeps(maps: Tensor, # (B, 2, 2, H, W): class t1, t2 x explanation origin
                         for k in range(2) for v in VARIANTS for f in FEATURES], 1)  # (B, 2VF, 2, H, W)
     return keep.view(B, 2, len(VARIANTS), len(FEATURES), 2, *maps.shape[-2:])
 
-
+# %% ../../nbs/08_masking.ipynb #f2217238
 def masking_scores(model: nn.Module,
                    x: Tensor, # (B, 3, H, W) images in [0, 1]
                    pair: Tensor, # (B, 2) the classes t1, t2
@@ -254,10 +254,128 @@ def masking_source(source: str = "birds", # one of MASKING_SOURCES
     return dataclasses.replace(finetuned_source("cub", data_root, checkpoint, device=device, output_root=output_root),
                                layer=None)  # VGG's default: features.40
 
+# %% ../../nbs/08_masking.ipynb #8633c18d
+def _check_settings(source: str, model: nn.Module | None, images: Tensor | None, threshold: float,
+                    methods: Sequence[str]) -> float: # the threshold, as a float
+    "Masking's arguments that need no data, checked before anything is loaded."
+    _check_choice(source, "source", MASKING_SOURCES)
+    if (model is None) != (images is None):
+        raise ValueError("pass model and images together (a network and the images it explains), or neither "
+                         "to use the source's")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 0.5:
+        raise ValueError(f"threshold must be a number in (0, 0.5), the second probability that splits the "
+                         f"groups, got {threshold!r}: pass e.g. threshold=0.1")
+    unknown = [m for m in methods if m not in METHODS] if not isinstance(methods, str) else [methods]
+    if unknown or not methods:
+        raise ValueError(f"methods must be a list of names in methods.METHODS, got {methods!r}: pass e.g. "
+                         f"methods={list(MASKING_METHODS)}")
+    if model is not None and (not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3):
+        raise ValueError(f"images must be a tensor (N, 3, H, W), got {getattr(images, 'shape', type(images))}")
+    return float(threshold)
+
+# %% ../../nbs/08_masking.ipynb #baeb9eeb
+def _select_items(model: nn.Module,
+                  load: Callable[[list[int]], Tensor], # data indices -> (B, 3, H, W) images for the model
+                  n_data: int, # how many images there are
+                  threshold: float, # p2 above it: ambiguous; below it: confident
+                  n_images: int | None, # images per group (None: all)
+                  seed: int, # the random order's seed
+                  step: int, # images per forward pass
+                 ) -> list[tuple]: # (index, t1, t2, p1, p2, group), per group sorted by index
+    "n_images of each group, drawn in a random order from `seed`, screening the images in batches until both are full."
+    order = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed)).tolist()
+    found = {g: [] for g in GROUPS}
+    for start in range(0, n_data, step):
+        idx = order[start:start + step]
+        with torch.inference_mode():
+            p = model(load(idx)).double().softmax(1)
+        top = p.topk(2, dim=1)
+        for i, (p1, p2), (t1, t2) in zip(idx, top.values.tolist(), top.indices.tolist()):
+            if p2 != threshold:
+                found[GROUPS[0] if p2 > threshold else GROUPS[1]].append((i, t1, t2, p1, p2))
+        if n_images is not None and all(len(f) >= n_images for f in found.values()):
+            break
+    return [(*item, g) for g in GROUPS for item in sorted(found[g][:n_images])]
+
+# %% ../../nbs/08_masking.ipynb #3b7bd6aa
+def _pair_facts(logits: Tensor, # (B, C) clean logits
+                pair: Tensor, # (B, 2) the classes t1, t2
+                ours: dict[str, Tensor], # method -> (B, 2, 2, H, W) our original and weighted maps
+                theirs: dict[str, Tensor], # method -> the same with the review's weighted maps
+               ) -> dict: # lists per image: clean, saturated, error, band; differ: per method (B, 2, V, F)
+    "Per image: r of t1 and t2, p_t1 = 1 in float32, the review's coefficient error and band, and where its masks differ."
+    error = torch.stack([review_pt_error(logits, pair[:, k]) for k in range(2)], 1)  # (B, 2) each class's
+    return {"clean": relative_probability(logits, pair).tolist(),
+            "saturated": (logits.float().softmax(1).gather(1, pair[:, :1]) == 1).flatten().tolist(),
+            "error": error.tolist(), "band": (error.abs() > REVIEW_PT_TOLERANCE).any(1).tolist(),
+            "differ": {name: (all_keeps(ours[name]) != all_keeps(theirs[name])).flatten(4).any(-1).tolist()
+                       for name in ours}}  # (B, 2, V, F): the review's maps keep other pixels
+
+# %% ../../nbs/08_masking.ipynb #b70b6247
+def _all_scores(model: nn.Module, x: Tensor, pair: Tensor, # the images and their classes t1, t2
+                ours: dict[str, Tensor], theirs: dict[str, Tensor], # method -> maps, ours and with the review's weighted
+                fills: Tensor, # (B, V, nb, 3, H, W) the baselines
+                facts: dict, # _pair_facts
+                forward_batch: int,
+               ) -> tuple[dict, list[dict]]: # method -> (r, kept) as lists; per image, method -> r with the review's maps
+    "Our maps' scores for every image; the review's maps scored again only in the band or where they keep other pixels."
+    scores = {name: [t.tolist() for t in masking_scores(model, x, pair, m, fills, forward_batch)]
+              for name, m in ours.items()}
+    # elsewhere the review's maps give the very same perturbed images, hence the same scores
+    redo = [b for b in range(len(x)) if facts["band"][b] or any(np.any(facts["differ"][name][b]) for name in ours)]
+    review = {}
+    if redo:
+        review = {name: masking_scores(model, x[redo], pair[redo], m[redo], fills[redo], forward_batch)[0].tolist()
+                  for name, m in theirs.items()}
+    return scores, [{name: review[name][redo.index(b)] if b in redo else scores[name][0][b] for name in scores}
+                    for b in range(len(x))]
+
+# %% ../../nbs/08_masking.ipynb #08ceecea
+def _image_rows(head: dict, # the image's columns: item, index, group, classes, probabilities, flags
+                facts: dict, b: int, # _pair_facts, and the image's position in it
+                scores: dict, # method -> (r, kept) of every image (_all_scores)
+                review: dict, # method -> r of this image with the review's maps
+                n_pixels: int, # pixels per image
+               ) -> list[dict]: # one per method x class x variant x features x baseline
+    "The rows of one image: r with the original and the weighted map, our maps and the review's, and the pixels kept."
+    out = []
+    for name, (r, kept) in scores.items():
+        rr = review[name]
+        for k, v, f, j in itertools.product(range(2), range(len(VARIANTS)), range(len(FEATURES)), range(len(BASELINES))):
+            out.append({**head, "method": name, "target": f"t{k + 1}", "variant": VARIANTS[v],
+                        "baseline": BASELINES[j], "features": FEATURES[f], "clean": facts["clean"][b][k],
+                        "ori": r[b][k][v][f][0][j], "wtd": r[b][k][v][f][1][j], "kept": kept[b][k][v][f] / n_pixels,
+                        "review_pt_error": facts["error"][b][k], "review_masks_differ": int(facts["differ"][name][b][k][v][f]),
+                        "ori_review": rr[k][v][f][0][j], "wtd_review": rr[k][v][f][1][j]})
+    return out
+
+# %% ../../nbs/08_masking.ipynb #c563ff2c
+def _masking_rows(model: nn.Module, methods: dict[str, Method], # the network and its methods, by name
+                  items: Sequence[tuple], # the selected images: (index, t1, t2, p1, p2, group)
+                  indices: Sequence[int], # their positions among the experiment's items
+                  load: Callable[[list[int]], Tensor], # data indices -> (B, 3, H, W) images
+                  zero: Tensor, blur: tuple[int, float], forward_batch: int,
+                 ) -> list[dict]: # one per image x method x class x variant x baseline x features
+    "Every map of every method once per batch, every perturbation scored, and the rows of each image."
+    x = load([it[0] for it in items])
+    pair = torch.tensor([[it[1], it[2]] for it in items], device=x.device)
+    # each method once, for both classes: the original, the weighted (log p_t) and the review's softmax(logits)[t]
+    maps, logits = explain_pairs(methods, x, pair, (*EXPLANATIONS, REVIEW_EXPLANATIONS[1]))
+    ours = {name: m[:, :, :2] for name, m in maps.items()}
+    theirs = {name: m[:, :, 0::2] for name, m in maps.items()}  # the original maps and the review's weighted ones
+    facts = _pair_facts(logits, pair, ours, theirs)
+    fills = torch.stack([baseline_images(x, None, blur), baseline_images(x, zero, blur)], 1)
+    scores, review = _all_scores(model, x, pair, ours, theirs, fills, facts, forward_batch)
+    out = []
+    for b, (item, (index, t1, t2, p1, p2, group)) in enumerate(zip(indices, items)):
+        head = {"item": int(item), "index": int(index), "group": group, "t1": t1, "t2": t2, "p1": p1, "p2": p2,
+                "p1_is_1": int(facts["saturated"][b]), "review_band": int(facts["band"][b])}
+        out += _image_rows(head, facts, b, scores, review[b], x[0, 0].numel())
+    return out
+
 # %% ../../nbs/08_masking.ipynb #b49aad16
-class Masking(Experiment):
-    "Section 3.2 of the review: relative probabilities of t1 and t2 after keeping only a map's positive or negative pixels."
-    name = "masking"
+class _MaskingSetup(Experiment):
+    "Masking's settings, checked; its model, layer, methods and baselines; the images it selected."
 
     def __init__(self,
                  source: str = "birds", # one of MASKING_SOURCES: the model and its images
@@ -275,25 +393,13 @@ class Masking(Experiment):
                  images: Tensor | None = None, # (N, 3, H, W) uint8, or float in [0, 1], instead of the source's
                  layer: str | None = None, # the explained layer; None: the source's (or the model's default_layer)
                 ):
-        _check_choice(source, "source", MASKING_SOURCES)
-        if (model is None) != (images is None):
-            raise ValueError("pass model and images together (a network and the images it explains), or neither "
-                             "to use the source's")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 0.5:
-            raise ValueError(f"threshold must be a number in (0, 0.5), the second probability that splits the "
-                             f"groups, got {threshold!r}: pass e.g. threshold=0.1")
-        unknown = [m for m in methods if m not in METHODS] if not isinstance(methods, str) else [methods]
-        if unknown or not methods:
-            raise ValueError(f"methods must be a list of names in methods.METHODS, got {methods!r}: pass e.g. "
-                             f"methods={list(MASKING_METHODS)}")
+        self.threshold = _check_settings(source, model, images, threshold, methods)
         self.seed = int(seed)
         self.n_images = None if n_images is None else check_count("n_images", n_images, 1, "40")
         self.batch_size = check_count("batch_size", batch_size, 1, "16")
         self.forward_batch = check_count("forward_batch", forward_batch, 1, "256")
-        self.threshold, self.device = float(threshold), str(resolve_device(device))
+        self.device = str(resolve_device(device))
         if model is not None:
-            if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"images must be a tensor (N, 3, H, W), got {getattr(images, 'shape', type(images))}")
             self.source = Source("custom", "custom", model, TensorDataset(images, torch.zeros(len(images))), None)
         else:
             self.source = masking_source(source, data_root, checkpoint, self.seed, self.device, output_root)
@@ -307,7 +413,8 @@ class Masking(Experiment):
         self.zero = normalised_zero(self.net, data.birds.images if isinstance(data, BirdsDataset) else data)
         self.blur = blur_settings(int(min(self.load([0]).shape[-2:])))
         with full_precision():
-            self.items = self._select()
+            self.items = _select_items(self.net, self.load, len(data), self.threshold, self.n_images, self.seed,
+                                       self.forward_batch)
 
     @classmethod
     def needs(cls, source: str = "birds", data_root: str = "", checkpoint: str = "", output_root: str = "",
@@ -316,6 +423,15 @@ class Masking(Experiment):
         if source != "cub" or model is not None:
             return []
         return [dataset_need("cub200", data_root), checkpoint_need("vgg16_bn_cub", output_root, checkpoint)]
+
+    def load(self, indices: Sequence[int]) -> Tensor:
+        "(B, 3, H, W) images in [0, 1] from the data's indices, on the experiment's device and in the model's dtype."
+        return load_batch(self.source, indices)[0].to(self.device, self._dtype)
+
+# %% ../../nbs/08_masking.ipynb #bf1fb10a
+class Masking(_MaskingSetup):
+    "Section 3.2 of the review: relative probabilities of t1 and t2 after keeping only a map's positive or negative pixels."
+    name = "masking"
 
     @property
     def params(self) -> dict:
@@ -331,28 +447,6 @@ class Masking(Experiment):
     def __len__(self) -> int:
         return len(self.items)
 
-    def load(self, indices: Sequence[int]) -> Tensor:
-        "(B, 3, H, W) images in [0, 1] from the data's indices, on the experiment's device and in the model's dtype."
-        return load_batch(self.source, indices)[0].to(self.device, self._dtype)
-
-    def _select(self) -> list[tuple]:
-        "n_images of each group, drawn in a random order from `seed`: (index, t1, t2, p1, p2, group), sorted by index."
-        n_data = len(self.source.dataset)
-        order = torch.randperm(n_data, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        found = {g: [] for g in GROUPS}
-        step = self.forward_batch
-        for start in range(0, n_data, step):
-            idx = order[start:start + step]
-            with torch.inference_mode():
-                p = self.net(self.load(idx)).double().softmax(1)
-            top = p.topk(2, dim=1)
-            for i, (p1, p2), (t1, t2) in zip(idx, top.values.tolist(), top.indices.tolist()):
-                if p2 != self.threshold:
-                    found[GROUPS[0] if p2 > self.threshold else GROUPS[1]].append((i, t1, t2, p1, p2))
-            if self.n_images is not None and all(len(f) >= self.n_images for f in found.values()):
-                break
-        return [(*item, g) for g in GROUPS for item in sorted(found[g][:self.n_images])]
-
     def sample(self, group: str = "ambiguous", k: int = 2) -> list[int]:
         "k items of a group chosen at random with the seed (for the figures)."
         mine = [i for i, item in enumerate(self.items) if item[-1] == _check_choice(group, "group", GROUPS)]
@@ -362,48 +456,8 @@ class Masking(Experiment):
     def rows(self, indices: Sequence[int]) -> list[dict]:
         "One row per image x method x class x variant x baseline x features: r of the original and weighted masking."
         with full_precision():
-            return self._rows(indices)
-
-    def _rows(self, indices: Sequence[int]) -> list[dict]:
-        items = [self.items[i] for i in indices]
-        x = self.load([it[0] for it in items])
-        pair = torch.tensor([[it[1], it[2]] for it in items], device=self.device)
-        # each method once, for both classes: the original, the weighted (log p_t) and the review's softmax(logits)[t]
-        maps, logits = explain_pairs(self.methods, x, pair, (*EXPLANATIONS, REVIEW_EXPLANATIONS[1]))
-        ours = {name: m[:, :, :2] for name, m in maps.items()}
-        theirs = {name: m[:, :, 0::2] for name, m in maps.items()}  # the original maps and the review's weighted ones
-        clean = relative_probability(logits, pair).tolist()
-        saturated = (logits.float().softmax(1).gather(1, pair[:, :1]) == 1).flatten().tolist()
-        error = torch.stack([review_pt_error(logits, pair[:, k]) for k in range(2)], 1)  # (B, 2) each class's
-        band = (error.abs() > REVIEW_PT_TOLERANCE).any(1).tolist()
-        differ = {name: (all_keeps(ours[name]) != all_keeps(theirs[name])).flatten(4).any(-1).tolist()
-                  for name in maps}  # (B, 2, V, F): the review's maps keep other pixels
-        fills = torch.stack([baseline_images(x, None, self.blur), baseline_images(x, self.zero, self.blur)], 1)
-        N, out = x[0, 0].numel(), []
-        scores = {name: [t.tolist() for t in masking_scores(self.net, x, pair, m, fills, self.forward_batch)]
-                  for name, m in ours.items()}
-        # the review's maps are scored again in the band of its p_t and wherever they keep other pixels than ours;
-        # elsewhere they give the very same perturbed images, hence the same scores
-        redo = [b for b in range(len(items)) if band[b] or any(np.any(differ[name][b]) for name in maps)]
-        review = {}
-        if redo:
-            review = {name: masking_scores(self.net, x[redo], pair[redo], m[redo], fills[redo], self.forward_batch)[0].tolist()
-                      for name, m in theirs.items()}
-        error = error.tolist()
-        for b, (item, (index, t1, t2, p1, p2, group)) in enumerate(zip(indices, items)):
-            head = {"item": int(item), "index": int(index), "group": group, "t1": t1, "t2": t2, "p1": p1, "p2": p2,
-                    "p1_is_1": int(saturated[b]), "review_band": int(band[b])}
-            for name, (r, kept) in scores.items():
-                rr = review[name][redo.index(b)] if b in redo else r[b]  # the review's maps' scores
-                for k, v, f, j in itertools.product(range(2), range(len(VARIANTS)), range(len(FEATURES)),
-                                                    range(len(BASELINES))):
-                    out.append({**head, "method": name, "target": f"t{k + 1}", "variant": VARIANTS[v],
-                                "baseline": BASELINES[j], "features": FEATURES[f], "clean": clean[b][k],
-                                "ori": r[b][k][v][f][0][j], "wtd": r[b][k][v][f][1][j], "kept": kept[b][k][v][f] / N,
-                                "review_pt_error": error[b][k], "review_masks_differ": int(differ[name][b][k][v][f]),
-                                "ori_review": rr[k][v][f][0][j], "wtd_review": rr[k][v][f][1][j]})
-        return out
-
+            return _masking_rows(self.net, self.methods, [self.items[i] for i in indices], indices, self.load,
+                                 self.zero, self.blur, self.forward_batch)
 
 # %% ../../nbs/08_masking.ipynb #5a4bc581
 REVIEW_MOVED = 1e-3  # a mean of Tables 1 and 2 that changes by more than this with the review's maps has moved
@@ -411,7 +465,7 @@ _REVIEW_COLUMNS = ("group", "item", "p1_is_1", "review_band", "review_masks_diff
                    "baseline", "features", "ori", "wtd", "ori_review", "wtd_review")
 _SUMMARY = ("images", "in band", "p_t1 = 1", "masks differ", "means moved", "of", "largest change")
 
-
+# %% ../../nbs/08_masking.ipynb #4935845b
 def review_pt_summary(results: pd.DataFrame, # Masking's rows, or its results file
                       moved: float = REVIEW_MOVED, # a mean that changes by more than this counts as moved
                      ) -> pd.DataFrame: # per group: images, in band, p_t1 = 1, masks differ, means moved, of, largest change
@@ -435,7 +489,29 @@ def review_pt_summary(results: pd.DataFrame, # Masking's rows, or its results fi
                         "largest change": float(change.max())})
     return pd.DataFrame(summary, columns=["group", *_SUMMARY]).set_index("group")
 
+# %% ../../nbs/08_masking.ipynb #2321d7b2
+def _review_pt_clause(group: str, # 'ambiguous' or 'confident'
+                      row: pd.Series, # the group's row of review_pt_summary
+                      moved: float, tolerance: float, # as in review_pt_wording
+                     ) -> str: # one clause, not capitalised
+    "One group: its images in the band, whether the review's masks are ours, how far the means move, and the verdict."
+    n, band, saturated, differ, n_moved, of = (int(row[c]) for c in _SUMMARY[:-1])
+    kept = (f"the review's maps keep other pixels than ours for {differ} of them" if differ else
+            "the review's maps keep the same pixels as ours for all of them")
+    largest = f"{row['largest change']:.2g}"
+    moves = (f"no mean moves by more than {moved:g} (the largest change is {largest})" if n_moved == 0 else
+             f"{n_moved} of the {of} means move by more than {moved:g}, the largest by {largest}")
+    if band == 0 and n_moved == 0:
+        none = f"the one {group} image is not" if n == 1 else f"none of the {n} {group} images is"
+        return (f"{none} in the band (the review's coefficient off by more than {tolerance:.1%}), {kept}, and "
+                f"{moves}: in the tables the review's maps agree with ours to within {moved:g} here")
+    verdict = ("the review's maps are not ours up to rounding here, and the tables move" if n_moved else
+               "the review's maps are not ours up to rounding here, though the tables do not move")
+    return (f"{band} of the {n} {group} images {'is' if band == 1 else 'are'} in the band (the review's "
+            f"coefficient off by more than {tolerance:.1%}; {saturated} with $p_{{t_1}}$ = 1 in float32), "
+            f"{kept}, and {moves}: {verdict}")
 
+# %% ../../nbs/08_masking.ipynb #1629f749
 def review_pt_wording(summary: pd.DataFrame, # review_pt_summary's table
                       moved: float = REVIEW_MOVED, # the threshold the summary counted moved means with
                       tolerance: float = REVIEW_PT_TOLERANCE, # the band: the review's coefficient off by more than this
@@ -443,25 +519,8 @@ def review_pt_wording(summary: pd.DataFrame, # review_pt_summary's table
     "Whether the review's maps are ours, per group, from the numbers: they agree only with no image in the band and no mean moved."
     if not len(summary):
         return "There are no images."
-    clauses = []
-    for group, row in summary.iterrows():
-        n, band, saturated, differ, n_moved, of = (int(row[c]) for c in _SUMMARY[:-1])
-        kept = (f"the review's maps keep other pixels than ours for {differ} of them" if differ else
-                "the review's maps keep the same pixels as ours for all of them")
-        largest = f"{row['largest change']:.2g}"
-        moves = (f"no mean moves by more than {moved:g} (the largest change is {largest})" if n_moved == 0 else
-                 f"{n_moved} of the {of} means move by more than {moved:g}, the largest by {largest}")
-        if band == 0 and n_moved == 0:
-            none = f"the one {group} image is not" if n == 1 else f"none of the {n} {group} images is"
-            clauses.append(f"{none} in the band (the review's coefficient off by more than {tolerance:.1%}), {kept}, and "
-                           f"{moves}: in the tables the review's maps agree with ours to within {moved:g} here")
-        else:
-            verdict = ("the review's maps are not ours up to rounding here, and the tables move" if n_moved else
-                       "the review's maps are not ours up to rounding here, though the tables do not move")
-            clauses.append(f"{band} of the {n} {group} images {'is' if band == 1 else 'are'} in the band (the review's "
-                           f"coefficient off by more than {tolerance:.1%}; {saturated} with $p_{{t_1}}$ = 1 in float32), "
-                           f"{kept}, and {moves}: {verdict}")
-    return "; ".join(clauses)[0].upper() + "; ".join(clauses)[1:] + "."
+    text = "; ".join(_review_pt_clause(group, row, moved, tolerance) for group, row in summary.iterrows())
+    return text[0].upper() + text[1:] + "."
 
 # %% ../../nbs/08_masking.ipynb #e9f5d757
 def stacked_fullgrad(model: nn.Module, x: Tensor, pair: Tensor) -> Tensor: # (B, 2, 2, H, W)
@@ -471,7 +530,7 @@ def stacked_fullgrad(model: nn.Module, x: Tensor, pair: Tensor) -> Tensor: # (B,
     maps = torch.stack([fullgrad(*rows, target).maps[:, 0, 0] for target in EXPLANATIONS], 1)  # (2B, 2, H, W)
     return maps.view(2, B, 2, *maps.shape[-2:]).transpose(0, 1)
 
-
+# %% ../../nbs/08_masking.ipynb #774d5b0a
 def figure_maps(model: nn.Module,
                 x: Tensor, # (B, 3, H, W) images in [0, 1]
                 pair: Tensor, # (B, 2) the classes t1, t2

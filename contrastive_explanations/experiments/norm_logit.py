@@ -20,9 +20,10 @@ from ..results import Experiment
 
 # %% auto #0
 __all__ = ['TOP_RANKS', 'MIDDLE_RANKS', 'BOTTOM_RANKS', 'SPACES', 'DATASETS', 'target_ranks', 'ranked_classes',
-           'input_normalisation', 'gradient_norms', 'polyfit_r2', 'open_model', 'NormLogit']
+           'input_normalisation', 'output_gradients', 'gradient_norms', 'check_points', 'polyfit_r2', 'open_model',
+           'check_dataset', 'open_images', 'choose_images', 'image_at', 'target_rows', 'norm_logit_needs', 'NormLogit']
 
-# %% ../../nbs/10_norm_logit.ipynb #61e7f103
+# %% ../../nbs/10_norm_logit.ipynb #df414327
 TOP_RANKS, MIDDLE_RANKS, BOTTOM_RANKS = 50, 45, 50  # the review's 145 targets per image
 
 
@@ -35,7 +36,7 @@ def target_ranks(num_classes: int, # C, the number of classes
     middle = TOP_RANKS + np.arange(MIDDLE_RANKS) * (C - TOP_RANKS - BOTTOM_RANKS) // MIDDLE_RANKS
     return np.concatenate([np.arange(TOP_RANKS), middle, np.arange(C - BOTTOM_RANKS, C)])
 
-
+# %% ../../nbs/10_norm_logit.ipynb #11b4389c
 def ranked_classes(logits: Tensor, # (B, C)
                    ranks: Sequence[int] | np.ndarray, # ranks in [0, C); 0 is the largest logit
                   ) -> Tensor: # (B, R) int64: the class at each rank of each sample
@@ -49,7 +50,7 @@ def ranked_classes(logits: Tensor, # (B, C)
     order = torch.sort(logits.detach(), dim=1, descending=True, stable=True).indices
     return order[:, ranks]
 
-# %% ../../nbs/10_norm_logit.ipynb #17d0a27f
+# %% ../../nbs/10_norm_logit.ipynb #7a6c9c05
 SPACES = ("normalised", "pixels")
 
 
@@ -66,7 +67,22 @@ def input_normalisation(model: nn.Module, # an ImageClassifier (normalises insid
         return None
     return torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
 
+# %% ../../nbs/10_norm_logit.ipynb #f4d85d6b
+def output_gradients(outputs: Tensor, # (B, k) outputs of a graph that leads back to x
+                     x: Tensor, # (B, ...) the input, with requires_grad
+                     retain: bool = False, # keep the graph for another call
+                    ) -> Tensor: # (B, k, ...) the gradient of each output with respect to its sample's input
+    "d outputs[:, j] / d x for every j: a plain backward pass for one output, else one batched backward pass."
+    k = outputs.shape[1]
+    if k == 1:
+        (g,) = torch.autograd.grad(outputs[:, 0].sum(), x, retain_graph=retain)
+        return g[:, None]
+    # one batched backward pass: a basis vector per objective (samples are independent)
+    basis = torch.eye(k, dtype=outputs.dtype, device=outputs.device)[:, None, :].expand(k, *outputs.shape)
+    (g,) = torch.autograd.grad(outputs, x, grad_outputs=basis, is_grads_batched=True, retain_graph=retain)
+    return g.movedim(0, 1)
 
+# %% ../../nbs/10_norm_logit.ipynb #533eb54d
 def gradient_norms(model: nn.Module,
                    x: Tensor, # (B, 3, H, W) pixels in [0, 1]
                    classes: Tensor, # (B, K) the classes whose logits to differentiate
@@ -88,14 +104,7 @@ def gradient_norms(model: nn.Module,
         K = classes.shape[1]
         for start in range(0, K, chunk):
             outputs = logits.gather(1, classes[:, start:start + chunk])  # (B, k)
-            k, retain = outputs.shape[1], start + chunk < K  # keep the graph for the next chunk
-            if k == 1:
-                (g,) = torch.autograd.grad(outputs[:, 0].sum(), xg, retain_graph=retain)
-                g = g[:, None]
-            else:  # one batched backward pass: a basis vector per objective (samples are independent)
-                basis = torch.eye(k, dtype=outputs.dtype, device=outputs.device)[:, None, :].expand(k, *outputs.shape)
-                (g,) = torch.autograd.grad(outputs, xg, grad_outputs=basis, is_grads_batched=True, retain_graph=retain)
-                g = g.movedim(0, 1)
+            g = output_gradients(outputs, xg, retain=start + chunk < K)  # keep the graph for the next chunk
             # g: (B, k, 3, H, W), the full input gradient (not a channel-summed map)
             z = xg.detach()[:, None]
             if normalisation is not None:  # z = (x - mu) / sigma, grad_z y = sigma * grad_x y
@@ -105,12 +114,11 @@ def gradient_norms(model: nn.Module,
             dots.append((g * z).flatten(2).sum(2))
     return torch.cat(norms, 1), torch.cat(dots, 1), logits.detach()
 
-# %% ../../nbs/10_norm_logit.ipynb #b719b3f6
-def polyfit_r2(x: np.ndarray, # (n,) abscissae, e.g. logits
-               y: np.ndarray, # (n,) ordinates, e.g. gradient norms
-               degree: int = 2,
-              ) -> tuple[np.ndarray, float]: # coefficients (highest power first, as numpy.polyfit) and R^2
-    "Least-squares polynomial of `degree` (numpy.polyfit) and its coefficient of determination R^2."
+# %% ../../nbs/10_norm_logit.ipynb #6d3f7c14
+def check_points(x, y, # one value per point each
+                 degree: int = 2, # the degree of the polynomial to fit
+                ) -> tuple[np.ndarray, np.ndarray, int]: # x and y as float64 arrays, and the degree
+    "Points a least-squares polynomial of `degree` can be fitted to: 1-D, as many x as y, more than `degree`, finite."
     degree = check_count("degree", degree, 0, "2")
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.ndim != 1 or x.shape != y.shape:
@@ -121,16 +129,22 @@ def polyfit_r2(x: np.ndarray, # (n,) abscissae, e.g. logits
                          "or lower the degree")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("x and y must be finite: drop the NaN or inf points first")
+    return x, y, degree
+
+# %% ../../nbs/10_norm_logit.ipynb #9699f6b2
+def polyfit_r2(x: np.ndarray, # (n,) abscissae, e.g. logits
+               y: np.ndarray, # (n,) ordinates, e.g. gradient norms
+               degree: int = 2,
+              ) -> tuple[np.ndarray, float]: # coefficients (highest power first, as numpy.polyfit) and R^2
+    "Least-squares polynomial of `degree` (numpy.polyfit) and its coefficient of determination R^2."
+    x, y, degree = check_points(x, y, degree)
     ss_tot = float(((y - y.mean()) ** 2).sum())
     if ss_tot == 0:
         raise ValueError("y is constant, so R^2 is undefined: there is no variation to explain")
     coefficients = np.polyfit(x, y, degree)
     return coefficients, 1 - float(((y - np.polyval(coefficients, x)) ** 2).sum()) / ss_tot
 
-# %% ../../nbs/10_norm_logit.ipynb #2cc9ea3c
-DATASETS = ("packaged", "imagenet", "birds")
-
-
+# %% ../../nbs/10_norm_logit.ipynb #d445f46a
 def open_model(model: str | nn.Module, # a build_model name, 'small_cnn' / 'small_vit', or a module
                seed: int = 0, # the small models' seed
                birds: dict | None = None, # `birds_splits(seed)`, for the small models (None: generated)
@@ -148,8 +162,109 @@ def open_model(model: str | nn.Module, # a build_model name, 'small_cnn' / 'smal
     raise ValueError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}: pass e.g. "
                      "model='efficientnet_lite0'")
 
+# %% ../../nbs/10_norm_logit.ipynb #8fd9dbd2
+DATASETS = ("packaged", "imagenet", "birds")
 
-# %% ../../nbs/10_norm_logit.ipynb #ea67b0d4
+
+def check_dataset(dataset: str | Tensor, # one of DATASETS or a tensor of images
+                 ) -> str | Tensor:
+    "The dataset, checked against DATASETS."
+    if not isinstance(dataset, Tensor) and dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or a tensor of images, got {dataset!r}")
+    return dataset
+
+# %% ../../nbs/10_norm_logit.ipynb #cd52db26
+def open_images(dataset: str | Tensor, # 'packaged', 'imagenet', 'birds' (test split), or images (N, 3, H, W)
+                birds: dict | None = None, # `birds_splits(seed)`, for dataset='birds'
+                data_root: str = "", # the folder holding ImageNet's val/, for dataset='imagenet'
+                output_root: str = "", # where ImageNet's class index parsed from the devkit goes ('' -> <project>/.cache)
+               ) -> dict: # dataset (its name), data (files) or images (a tensor), labels, names, key, count
+    "The images NormLogit explains, opened without a model: a tensor, the birds' test split, ImageNet, or the photos."
+    out = {"data": None, "images": None, "labels": None, "names": None}
+    if isinstance(check_dataset(dataset), Tensor):
+        if dataset.ndim != 4:
+            raise ValueError(f"images must be a (N, C, H, W) tensor, got shape {tuple(dataset.shape)}")
+        out |= {"dataset": "tensor", "images": dataset, "key": tensor_fingerprint(dataset)}
+    elif dataset == "birds":
+        test = birds["test"]
+        out |= {"dataset": "birds", "images": test.images, "labels": test.labels, "key": test.fingerprint()}
+    elif dataset == "imagenet":
+        from contrastive_explanations.data.datasets import imagenet
+        data = imagenet(data_root, index_dir=output_dir(output_root, "imagenet"))
+        out |= {"dataset": "imagenet", "data": data, "labels": data.targets, "key": data.fingerprint()}
+    else:
+        from contrastive_explanations.data.datasets import packaged_photos
+        data = packaged_photos()
+        out |= {"dataset": "packaged", "data": data, "names": data.classes, "key": dataset_fingerprint(data)}
+    return out | {"count": len(out["images"]) if out["images"] is not None else len(out["data"])}
+
+# %% ../../nbs/10_norm_logit.ipynb #215da115
+def choose_images(count: int, # the images there are
+                  n_images: int, # how many to choose
+                  seed: int = 0,
+                  dataset: str = "", # the dataset's name, for the message
+                 ) -> np.ndarray: # (n_images,) distinct indices in [0, count), in the order drawn
+    "A seeded random choice of n_images of the count images."
+    if n_images > count:
+        raise ValueError(f"n_images={n_images} but the dataset {dataset} has only {count} images: "
+                         f"pass n_images <= {count}")
+    return np.random.default_rng(seed).permutation(count)[:n_images]
+
+# %% ../../nbs/10_norm_logit.ipynb #403cce3d
+def image_at(images: Tensor | None, # (N, 3, H, W) images, uint8 or in [0, 1]; None: take them from data
+             data, # a dataset of (image, label) pairs, for images=None
+             i: int,
+            ) -> Tensor: # (3, H, W) in [0, 1]
+    "Image i as a float tensor in [0, 1]."
+    if images is not None:
+        x = images[i]
+        return x.float() / 255 if x.dtype == torch.uint8 else x
+    return data[i][0]
+
+# %% ../../nbs/10_norm_logit.ipynb #f6638974
+def target_rows(model: nn.Module,
+                x: Tensor, # (B, 3, H, W) pixels in [0, 1]
+                images: Sequence[int], # (B,) each image's index in its dataset
+                chunk: int = 8, # classes per batched backward pass
+                normalisation: tuple[Tensor, Tensor] | None = None, # (mean, std) from `input_normalisation`
+                names: Sequence[str] | None = None, # each dataset image's name, if any
+                labels: Sequence[int] | Tensor | None = None, # each dataset image's label, if any
+               ) -> list[dict]: # one row per image and target
+    "One row per image and target of `target_ranks`: its rank, class, logit, probability, norms and gradient term."
+    with torch.no_grad():
+        logits = model(x)
+    ranks = target_ranks(logits.shape[1])
+    classes = ranked_classes(logits, ranks)
+    norms, dots, logits = gradient_norms(model, x, classes, chunk, normalisation)
+    z = x if normalisation is None else (x - normalisation[0].to(x).view(1, -1, 1, 1)) / (
+        normalisation[1].to(x).view(1, -1, 1, 1))
+    input_norms = z.flatten(1).norm(dim=1)
+    probs = logits.softmax(1)
+    out = []
+    for b, image in enumerate(images):
+        name = names[image] if names is not None else ""
+        label = int(labels[image]) if labels is not None else -1
+        for j, rank in enumerate(ranks):
+            c = int(classes[b, j])
+            out.append({"image": image, "name": name, "label": label, "rank": int(rank), "class": c,
+                        "logit": float(logits[b, c]), "prob": float(probs[b, c]), "norm": float(norms[b, j]),
+                        "gradient_term": float(dots[b, j]), "input_norm": float(input_norms[b])})
+    return out
+
+# %% ../../nbs/10_norm_logit.ipynb #57e61c08
+def norm_logit_needs(model: str | nn.Module = "efficientnet_lite0", # NormLogit's settings, as its constructor takes them
+                     dataset: str | Tensor = "packaged",
+                     data_root: str = "",
+                     download: bool = False,
+                     **_) -> list[Need]:
+    "ImageNet needs its folder; a torchvision network needs its weights; packaged and generated ones need nothing."
+    from contrastive_explanations.data.models import TORCHVISION_IMAGENET
+    needs = [dataset_need("imagenet", data_root)] if isinstance(dataset, str) and dataset == "imagenet" else []
+    if isinstance(model, str) and model in TORCHVISION_IMAGENET:
+        needs.append(weights_need(model, download))
+    return needs
+
+# %% ../../nbs/10_norm_logit.ipynb #66907e23
 class NormLogit(Experiment):
     "The input-gradient norm and the logit of each image's `target_ranks` classes: one row per image and target."
     name = "norm_logit"  # an instance's name adds its folder: norm_logit/<model>_<dataset>
@@ -168,66 +283,31 @@ class NormLogit(Experiment):
                  birds: dict | None = None, # `birds_splits(seed)`, when the caller already has them
                  output_root: str = "", # where ImageNet's class index parsed from the devkit goes ('' -> <project>/.cache)
                 ):
-        self.n_images = check_count("n_images", n_images, 1, "100")
-        self.seed = check_count("seed", seed, 0, "0")
-        self.chunk = check_count("chunk", chunk, 1, "8")
-        self.batch_size = check_count("batch_size", batch_size, 1, "1")
+        self.n_images, self.seed = check_count("n_images", n_images, 1, "100"), check_count("seed", seed, 0, "0")
+        self.chunk, self.batch_size = check_count("chunk", chunk, 1, "8"), check_count("batch_size", batch_size, 1, "1")
         input_normalisation(nn.Identity(), space)  # checks the name
         self.space, self.data_root = space, str(data_root or "")
-        if not isinstance(dataset, Tensor) and dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or a tensor of images, got {dataset!r}")
+        check_dataset(dataset)
         if birds is None and (dataset == "birds" or model in ("small_cnn", "small_vit")):
             from contrastive_explanations.data.birds import birds_splits
             birds = birds_splits(self.seed)
         self._output_root = output_root  # where files are, not what is computed: not in params
-        self._open_data(dataset, birds)  # first: a missing dataset fails before the model loads
+        opened = open_images(dataset, birds, self.data_root, output_root)  # first: a missing dataset fails before the model loads
+        self.dataset, self._data, self._images, self._labels, self._names, self._data_key, self._count = (
+            opened[k] for k in ("dataset", "data", "images", "labels", "names", "key", "count"))
         self.device = str(resolve_device(device))  # after the data: a missing dataset is named first
-        self._open_model(model, birds, download)
+        self.model, self.model_name = open_model(model, self.seed, birds, download)
+        self.model = self.model.eval().to(self.device)
         self.name = f"{NormLogit.name}/{self.model_name}_{self.dataset}"
         if self._data is not None:
             if not callable(getattr(self.model, "preprocess", None)):
                 raise ValueError(f"dataset {dataset!r} holds image files, and the model {self.model_name} has no "
                                  "`preprocess` to turn them into tensors: use an ImageClassifier from build_model")
             self._data.transform = self.model.preprocess
-        if self.n_images > self._count:
-            raise ValueError(f"n_images={self.n_images} but the dataset {self.dataset} has only {self._count} images: "
-                             f"pass n_images <= {self._count}")
-        self.indices = np.random.default_rng(self.seed).permutation(self._count)[:self.n_images]
+        self.indices = choose_images(self._count, self.n_images, self.seed, self.dataset)
         self.normalisation = input_normalisation(self.model, space)
 
-    def _open_data(self, dataset, birds) -> None:
-        self._data, self._images, self._labels, self._names = None, None, None, None
-        if isinstance(dataset, Tensor):
-            if dataset.ndim != 4:
-                raise ValueError(f"images must be a (N, C, H, W) tensor, got shape {tuple(dataset.shape)}")
-            self.dataset, self._images, self._data_key = "tensor", dataset, tensor_fingerprint(dataset)
-        elif dataset == "birds":
-            test = birds["test"]
-            self.dataset, self._images, self._labels, self._data_key = "birds", test.images, test.labels, test.fingerprint()
-        elif dataset == "imagenet":
-            from contrastive_explanations.data.datasets import imagenet
-            self.dataset, self._data = "imagenet", imagenet(self.data_root, index_dir=output_dir(self._output_root, "imagenet"))
-            self._labels, self._data_key = self._data.targets, self._data.fingerprint()
-        else:
-            from contrastive_explanations.data.datasets import packaged_photos
-            self.dataset, self._data = "packaged", packaged_photos()
-            self._names = self._data.classes
-            self._data_key = dataset_fingerprint(self._data)
-        self._count = len(self._images) if self._images is not None else len(self._data)
-
-    def _open_model(self, model, birds, download: bool) -> None:
-        self.model, self.model_name = open_model(model, self.seed, birds, download)
-        self.model = self.model.eval().to(self.device)
-
-    @classmethod
-    def needs(cls, model: str | nn.Module = "efficientnet_lite0", dataset: str | Tensor = "packaged",
-              data_root: str = "", download: bool = False, **_) -> list[Need]:
-        "ImageNet needs its folder; a torchvision network needs its weights; packaged and generated ones need nothing."
-        from contrastive_explanations.data.models import TORCHVISION_IMAGENET
-        needs = [dataset_need("imagenet", data_root)] if isinstance(dataset, str) and dataset == "imagenet" else []
-        if isinstance(model, str) and model in TORCHVISION_IMAGENET:
-            needs.append(weights_need(model, download))
-        return needs
+    needs = staticmethod(norm_logit_needs)  # the files and folders a run with these settings opens
 
     @property
     def params(self) -> dict:
@@ -240,31 +320,7 @@ class NormLogit(Experiment):
     def __len__(self) -> int:
         return self.n_images
 
-    def _image(self, i: int) -> Tensor:
-        if self._images is not None:
-            x = self._images[i]
-            return x.float() / 255 if x.dtype == torch.uint8 else x
-        return self._data[i][0]
-
     def rows(self, indices: Sequence[int]) -> list[dict]:
         chosen = [int(self.indices[i]) for i in indices]
-        x = torch.stack([self._image(i) for i in chosen]).to(self.device)
-        with torch.no_grad():
-            logits = self.model(x)
-        ranks = target_ranks(logits.shape[1])
-        classes = ranked_classes(logits, ranks)
-        norms, dots, logits = gradient_norms(self.model, x, classes, self.chunk, self.normalisation)
-        z = x if self.normalisation is None else (x - self.normalisation[0].to(x).view(1, -1, 1, 1)) / (
-            self.normalisation[1].to(x).view(1, -1, 1, 1))
-        input_norms = z.flatten(1).norm(dim=1)
-        probs = logits.softmax(1)
-        out = []
-        for b, image in enumerate(chosen):
-            name = self._names[image] if self._names is not None else ""
-            label = int(self._labels[image]) if self._labels is not None else -1
-            for j, rank in enumerate(ranks):
-                c = int(classes[b, j])
-                out.append({"image": image, "name": name, "label": label, "rank": int(rank), "class": c,
-                            "logit": float(logits[b, c]), "prob": float(probs[b, c]), "norm": float(norms[b, j]),
-                            "gradient_term": float(dots[b, j]), "input_norm": float(input_norms[b])})
-        return out
+        x = torch.stack([image_at(self._images, self._data, i) for i in chosen]).to(self.device)
+        return target_rows(self.model, x, chosen, self.chunk, self.normalisation, self._names, self._labels)

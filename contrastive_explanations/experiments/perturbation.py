@@ -27,7 +27,7 @@ from ..results import Experiment
 # %% auto #0
 __all__ = ['SOURCES', 'REVIEW_SOURCE', 'RUN_SOURCES', 'EPSILONS', 'N_TOTS', 'SIGN_OBJECTIVES', 'NETWORKS', 'check_eps',
            'check_n_tot', 'check_epsilons', 'check_n_tots', 'perturbation_bounds', 'step_size', 'perturbation_step',
-           'sign_targets', 'perturb', 'image_subset', 'Perturbation']
+           'sign_targets', 'perturb', 'image_subset', 'perturbed_rows', 'Perturbation']
 
 # %% ../../nbs/07_perturbation.ipynb #502c9ac3
 SOURCES = ("original", "mean", "max", "weighted")  # the review's four explanations, in its order
@@ -36,7 +36,7 @@ RUN_SOURCES = (*SOURCES, REVIEW_SOURCE)  # what the experiment perturbs by defau
 EPSILONS = (1e-3, 3e-3)  # the review's appendix figure (1e-3) and its main Figure 1 (3e-3)
 N_TOTS = (1, 2, 10)  # the step counts of both figures
 
-
+# %% ../../nbs/07_perturbation.ipynb #4de81f19
 def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
@@ -50,7 +50,7 @@ def check_eps(eps: float) -> float:
                          "pass e.g. eps=3e-3 (pixels are not normalised: the models normalise inside)")
     return float(eps)
 
-
+# %% ../../nbs/07_perturbation.ipynb #964d2d04
 def check_n_tot(n_tot: int) -> int:
     "One step count n_tot: a positive int."
     if isinstance(n_tot, (bool, np.bool_)) or not isinstance(n_tot, (int, np.integer)):
@@ -60,7 +60,7 @@ def check_n_tot(n_tot: int) -> int:
         raise ValueError(f"n_tot must be at least 1 (the number of steps), got {n_tot}: pass e.g. n_tot=10")
     return int(n_tot)
 
-
+# %% ../../nbs/07_perturbation.ipynb #ecdcb82a
 def _items(values, name: str, example: str) -> list:
     "A non-empty list from one value or a sequence of them (a string is one value)."
     items = list(values) if isinstance(values, (Sequence, np.ndarray)) and not isinstance(values, str) else [values]
@@ -68,7 +68,7 @@ def _items(values, name: str, example: str) -> list:
         raise ValueError(f"{name} is empty: pass at least one, e.g. {name}={example}")
     return items
 
-
+# %% ../../nbs/07_perturbation.ipynb #98cfac4b
 def check_epsilons(epsilons: float | Sequence[float]) -> tuple[float, ...]:
     "One budget or several, checked, as a tuple of distinct floats."
     eps = tuple(check_eps(e) for e in _items(epsilons, "epsilons", "(1e-3, 3e-3)"))
@@ -91,12 +91,12 @@ def perturbation_bounds(x0: Tensor, # clean images, pixels in [0, 1]
     "Eq. eq-perturbation-bounds: the box around the CLEAN image, cut to the valid pixel range."
     return (x0 - eps).clamp(min=0), (x0 + eps).clamp(max=1)
 
-
+# %% ../../nbs/07_perturbation.ipynb #98356e2b
 def step_size(eps: float, n_tot: int) -> float:
     "Eq. eq-perturbation-alpha: alpha = eps / n_tot, so n_tot unclamped steps add up to eps."
     return check_eps(eps) / check_n_tot(n_tot)
 
-
+# %% ../../nbs/07_perturbation.ipynb #c9faffca
 def perturbation_step(x: Tensor, # the current iterate x^(n)
                       grad: Tensor, # the objective's gradient at x^(n)
                       alpha: float | Tensor, # the step size
@@ -126,6 +126,14 @@ def sign_targets(sources: str | Target | Sequence[str | Target], # names in TARG
         raise ValueError(f"sources has repeated entries {tuple(names)}: list each source once")
     return tuple(names), tuple(targets)
 
+# %% ../../nbs/07_perturbation.ipynb #2516a835
+def _check_pixels(x0: Tensor) -> None:
+    "Pixels must be in [0, 1]: the models normalise inside."
+    lo, hi = float(x0.min()), float(x0.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"x0 must hold pixel values in [0, 1], got values from {lo:.3g} to {hi:.3g}: pass images "
+                         "before normalisation (the models normalise inside)")
+
 # %% ../../nbs/07_perturbation.ipynb #4050c3ac
 def perturb(model: nn.Module, # a classifier on pixels in [0, 1] (normalisation inside)
             x0: Tensor, # (B, 3, H, W) clean images in [0, 1]
@@ -136,10 +144,7 @@ def perturb(model: nn.Module, # a classifier on pixels in [0, 1] (normalisation 
            ) -> Tensor: # (B, S, E, 3, H, W): x^(n_tot) per image, source and budget
     "Eq. eq-perturbation-step for every source and budget at once: one forward and one backward per step for all rows."
     check_images(x0, input_channels(model))
-    lo, hi = float(x0.min()), float(x0.max())
-    if lo < 0 or hi > 1:
-        raise ValueError(f"x0 must hold pixel values in [0, 1], got values from {lo:.3g} to {hi:.3g}: pass images "
-                         "before normalisation (the models normalise inside)")
+    _check_pixels(x0)
     names, targets = sign_targets(sources)
     eps, n_tot = check_epsilons(epsilons), check_n_tot(n_tot)
     B, S, E = len(x0), len(targets), len(eps)
@@ -205,6 +210,51 @@ def _scores(logits: Tensor, t: Tensor) -> list[dict]:
     correct = logits.argmax(1) == t
     return [{"correct": int(c), "yt": y, "pt": p} for c, y, p in zip(correct.tolist(), yt.tolist(), pt.tolist())]
 
+# %% ../../nbs/07_perturbation.ipynb #1de493bb
+def _check_run(model: str, # a key of NETWORKS
+               sources: Sequence[str], # source names
+               epsilons: Sequence[float], n_tots: Sequence[int],
+              ) -> tuple[tuple[float, ...], tuple[int, ...], tuple[str, ...], tuple[Target, ...]]: # epsilons, n_tots, names, targets
+    "A run's settings, checked before anything is loaded: the network, the sources (by name), the budgets, the step counts."
+    if model not in NETWORKS:
+        raise ValueError(f"unknown model {model!r}: choose one of {', '.join(NETWORKS)}")
+    if any(not isinstance(s, str) for s in _items(sources, "sources", str(SOURCES))):
+        raise TypeError(f"the experiment's sources must be names (they are written to the results), got {sources!r}")
+    return check_epsilons(epsilons), check_n_tots(n_tots), *sign_targets(sources)
+
+# %% ../../nbs/07_perturbation.ipynb #80c6d3b4
+def _clean(net: nn.Module, # the network
+           x: Tensor, # (B, 3, H, W) clean images
+           labels: Tensor, # (B,) their labels (ignored where the images are unlabelled)
+           labelled: bool, # push up the label (True) or the clean prediction (False)
+          ) -> tuple[Tensor, list[dict], list[float]]: # t, the clean scores, the review's coefficient error
+    "Per image: the class t, its clean scores and the relative error of the review's coefficient p_t(1 - p_t)."
+    with torch.no_grad():
+        clean = net(x)
+    t = as_classes(labels.to(x.device) if labelled else clean.argmax(1), clean)
+    return t, _scores(clean, t), review_pt_error(clean, t).tolist()
+
+# %% ../../nbs/07_perturbation.ipynb #22d54d2a
+def perturbed_rows(net: nn.Module, # the network, in eval mode
+                   x: Tensor, # (B, 3, H, W) clean images in [0, 1]
+                   t: Tensor, # (B,) the class pushed up
+                   sources: Sequence[str], # the sources' names, as the rows record them
+                   targets: Sequence[Target], # their targets (sign_targets)
+                   epsilons: Sequence[float], # the budgets
+                   n_tots: Sequence[int], # the step counts
+                  ) -> list[list[dict]]: # per image: one row per step count x source x budget
+    "Every image perturbed along every source, budget and step count, scored, with its largest pixel change."
+    out = [[] for _ in range(len(x))]
+    for n_tot in n_tots:
+        xp = perturb(net, x, t, targets, epsilons, n_tot)
+        with torch.no_grad():
+            logits = net(xp.flatten(0, 2))
+        scores = _scores(logits, t.repeat_interleave(len(sources) * len(epsilons)))
+        linf = (xp - x[:, None, None]).abs().flatten(3).amax(3).flatten().tolist()
+        for r, ((b, s, e), score) in enumerate(zip(np.ndindex(xp.shape[:3]), scores)):
+            out[b].append({"n_tot": n_tot, "source": sources[s], "eps": epsilons[e], **score, "linf": linf[r]})
+    return out
+
 # %% ../../nbs/07_perturbation.ipynb #27e13ab8
 class Perturbation(Experiment):
     "Section 3.1 / Figure 1 of the review: per image, clean and perturbed correctness, y_t and p_t for every setting."
@@ -223,14 +273,9 @@ class Perturbation(Experiment):
                  download: bool = False, # let torchvision download a network's DEFAULT weights
                  output_root: str = "", # where ImageNet's class index parsed from the devkit goes ('' -> <project>/.cache)
                 ):
-        if model not in NETWORKS:
-            raise ValueError(f"unknown model {model!r}: choose one of {', '.join(NETWORKS)}")
+        self.epsilons, self.n_tots, self.sources, self._targets = _check_run(model, sources, epsilons, n_tots)
         self.n_images = None if n_images is None else check_count("n_images", n_images, 1, "100")
         self.batch_size = check_count("batch_size", batch_size, 1, "8")
-        if any(not isinstance(s, str) for s in _items(sources, "sources", str(SOURCES))):
-            raise TypeError(f"the experiment's sources must be names (they are written to the results), got {sources!r}")
-        self.epsilons, self.n_tots = check_epsilons(epsilons), check_n_tots(n_tots)
-        self.sources, self._targets = sign_targets(sources)
         self.model, self.data_root, self.seed = model, data_root, seed
         self.name = f"perturbation/{model}"  # one results folder per network
         self.device = str(resolve_device(device))
@@ -263,22 +308,8 @@ class Perturbation(Experiment):
         items = self.index[list(indices)]
         x, labels = load_batch(self.source, items.tolist())
         x = x.to(self.device, next(self.net.parameters()).dtype)
-        with torch.no_grad():
-            clean = self.net(x)
-        t = as_classes(labels.to(self.device) if self.source.labelled else clean.argmax(1), clean)
-        clean_scores = _scores(clean, t)
-        coefficient_error = review_pt_error(clean, t).tolist()  # the band of the review's p_t
-        out = [[] for _ in items]
-        for n_tot in self.n_tots:
-            xp = perturb(self.net, x, t, self._targets, self.epsilons, n_tot)
-            with torch.no_grad():
-                logits = self.net(xp.flatten(0, 2))
-            scores = _scores(logits, t.repeat_interleave(len(self.sources) * len(self.epsilons)))
-            linf = (xp - x[:, None, None]).abs().flatten(3).amax(3).flatten().tolist()
-            for r, ((b, s, e), score) in enumerate(zip(np.ndindex(xp.shape[:3]), scores)):
-                out[b].append({"n_tot": n_tot, "source": self.sources[s], "eps": self.epsilons[e], **score,
-                               "linf": linf[r]})
+        t, clean, error = _clean(self.net, x, labels, self.source.labelled)
+        out = perturbed_rows(self.net, x, t, self.sources, self._targets, self.epsilons, self.n_tots)
         return [{"item": int(i), "image": self.source.name_of(int(i)), "t": int(t[b]),
-                 **{f"clean_{k}": v for k, v in clean_scores[b].items()},
-                 "review_pt_error": coefficient_error[b], **row}
+                 **{f"clean_{k}": v for k, v in clean[b].items()}, "review_pt_error": error[b], **row}
                 for b, i in enumerate(items) for row in out[b]]

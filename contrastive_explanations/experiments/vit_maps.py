@@ -25,9 +25,10 @@ from ..methods.vit import check_rollout_options, encoder_blocks, find_vit
 __all__ = ['REVIEW_BLOCKS', 'REVIEW_DEPTH', 'VIT_EXPLAIN_DISCARD', 'ROLLOUT_KINDS', 'METHOD_KINDS', 'RELU_KINDS', 'MAP_KINDS',
            'REFERENCE_KIND', 'VIT_TARGETS', 'CONTRASTIVE_ROLLOUT', 'STANDARD_ROLLOUT', 'BOOK_ROLLOUTS',
            'DEFECT_ROLLOUTS', 'VIT_SOURCES', 'map_block', 'stand_in_blocks', 'vit_methods', 'map_measures',
-           'check_vit_source', 'build_vit_source', 'ViTMaps']
+           'check_vit_source', 'build_vit_source', 'check_blocks', 'prepare_source', 'explained_maps', 'vit_rows',
+           'figure_data', 'vit_maps_needs', 'ViTMaps']
 
-# %% ../../nbs/11_vit_maps.ipynb #40358022
+# %% ../../nbs/11_vit_maps.ipynb #9069fe16
 REVIEW_BLOCKS: tuple[int, ...] = (8, 10)  # the review's blocks of vit_b_16, 0-based
 REVIEW_DEPTH: int = 12  # vit_b_16's encoder blocks
 
@@ -46,7 +47,7 @@ def map_block(block: int, # a block of an n_from-block ViT, 0-based, not the las
     nearest = (2 * (block + 1) * n_to + n_from) // (2 * n_from)  # floor((block + 1) n_to / n_from + 1/2), exactly
     return min(n_to - 2, max(0, nearest - 1))
 
-
+# %% ../../nbs/11_vit_maps.ipynb #b98b8e92
 def stand_in_blocks(blocks: Sequence[int] = REVIEW_BLOCKS, # distinct blocks of an n_from-block ViT
                     n_from: int = REVIEW_DEPTH,
                     n_to: int = REVIEW_DEPTH,
@@ -121,7 +122,7 @@ def map_measures(maps: Tensor, # (B, rank, 2, h, w): one kind's maps from the tw
             "positive": positive_share(maps), "same": cosine(maps[:, :, 0], maps[:, :, 1]),
             "t12": cosine(maps[:, 0], maps[:, 1])}  # (B, 2): t1 against t2, per target
 
-# %% ../../nbs/11_vit_maps.ipynb #2df45c27
+# %% ../../nbs/11_vit_maps.ipynb #47882965
 VIT_SOURCES: dict[str, str] = {  # name -> the ViT and the images it explains
     "birds": "the small ViT on the generated birds' test split, with the discriminating parts",
     "food101": "ViT-B/16 fine-tuned on Food-101 on its test split (needs data_root and the checkpoint)"}
@@ -133,7 +134,7 @@ def check_vit_source(source: str) -> str:
         raise ValueError(f"unknown source {source!r}: choose one of {', '.join(VIT_SOURCES)}, e.g. source='birds'")
     return source
 
-
+# %% ../../nbs/11_vit_maps.ipynb #6e098017
 def build_vit_source(name: str, # one of VIT_SOURCES
                      seed: int = 0, # the birds' and the small ViT's seed
                      n_images: int | None = None, # images to draw among the ambiguous ones (None: all)
@@ -147,7 +148,113 @@ def build_vit_source(name: str, # one of VIT_SOURCES
         return birds_source("small_vit", seed, n_images, device)
     return finetuned_source("food101", data_root, checkpoint, n_images, device, output_root)
 
-# %% ../../nbs/11_vit_maps.ipynb #b39495f0
+# %% ../../nbs/11_vit_maps.ipynb #14f51fe7
+def check_blocks(blocks: Sequence[int], # the review's two blocks (a, b), in vit_b_16's numbering
+                ) -> tuple[int, int]:
+    "Two blocks of vit_b_16 whose patch tokens reach the logits."
+    blocks = tuple(blocks)
+    if len(blocks) != 2:
+        raise ValueError(f"blocks={blocks!r} must name two blocks (a, b), as the review's (8, 10)")
+    for b in blocks:
+        map_block(b, REVIEW_DEPTH, REVIEW_DEPTH)  # in range for vit_b_16, not its last block
+    return blocks
+
+# %% ../../nbs/11_vit_maps.ipynb #2cd2e475
+def prepare_source(source: Source, # a ViT and its images; its `items` are set here
+                   blocks: tuple[int, int], # the review's blocks
+                   head_fusion: str, discard_ratio: float, # rollout's options
+                   rank: int, threshold: float, seed: int, # the ambiguous images: p_rank > threshold, drawn with seed
+                   device: torch.device,
+                  ) -> tuple[tuple[int, ...], dict[str, Method]]: # the ViT's stand-in blocks and its methods
+    "A source's stand-in blocks and methods, and its ambiguous images as its items."
+    blocks_here = stand_in_blocks(blocks, REVIEW_DEPTH, len(encoder_blocks(find_vit(source.model))))
+    methods = vit_methods(source.model, blocks_here, head_fusion, discard_ratio)
+    source.items = ambiguous_items(source.model, source.dataset, rank, threshold, source.sample, seed, device=device,
+                                   num_workers=4 if device.type == "cuda" else 0)
+    return blocks_here, methods
+
+# %% ../../nbs/11_vit_maps.ipynb #177d5254
+def explained_maps(methods: dict[str, Method], # kind -> method, from vit_methods
+                   source: Source, items: Sequence[int], # the images explained
+                   x: Tensor, labels: Tensor, logits: Tensor, classes: Tensor, # from `top_classes`
+                  ) -> dict: # x, labels, logits, classes (B, rank), masks (B, rank, H, W) or None, maps per kind
+    "Every kind's maps (B, rank, 2, h, w) of the images' top classes, and the classes' parts where the source has them."
+    classes = classes.cpu()
+    maps = {kind: methods[kind](x, classes.to(x.device), list(VIT_TARGETS)).maps.cpu() for kind in METHOD_KINDS}
+    maps |= {kind: maps[of].clamp(min=0) for kind, of in RELU_KINDS.items()}  # on the patch grid, then upsampled
+    masks = None
+    if source.part_mask is not None:
+        masks = torch.stack([torch.stack([source.part_mask(i, int(c)) for c in classes[b]])
+                             for b, i in enumerate(items)])
+    return {"x": x.float().cpu(), "labels": labels, "logits": logits.cpu(), "classes": classes, "masks": masks,
+            "maps": maps}
+
+# %% ../../nbs/11_vit_maps.ipynb #939fe45c
+def vit_rows(source: Source, items: Sequence[int], # the images explained
+             e: dict, # their `explained_maps`
+             blocks: tuple[int, int], # the ViT's stand-in blocks a and b
+             methods: dict[str, Method], # kind -> method, from vit_methods
+            ) -> list[dict]: # one row per item, class rank and kind of map
+    "Every map's measures (map_measures), its cosine with the review's map, and the image's and class's facts."
+    p, (H, W), masks = e["logits"].softmax(1), e["x"].shape[-2:], e["masks"]
+    block = {"gradcam_a": blocks[0], "gradcam_b": blocks[1], **{kind: -1 for kind in ROLLOUT_KINDS}}
+    block |= {kind: block[of] for kind, of in RELU_KINDS.items()}
+    chance = masks.float().mean((-2, -1)) if masks is not None else None
+    measures = {kind: map_measures(e["maps"][kind], masks, (H, W)) for kind in MAP_KINDS}
+    nan = torch.full(e["maps"][MAP_KINDS[0]].shape[:3], math.nan)
+    reference = {kind: cosine(e["maps"][kind], e["maps"][REFERENCE_KIND[kind]]) if kind in REFERENCE_KIND else nan
+                 for kind in MAP_KINDS}  # (B, rank, 2): a variant against the review's map, per target
+    method = {kind: m.name for kind, m in methods.items()}  # its Method.name
+    method |= {kind: method[of] for kind, of in RELU_KINDS.items()}
+    out = []
+    for i_b, i in enumerate(items):  # item by item, so that the rows do not depend on how items are batched
+        label = int(e["labels"][i_b])
+        for r in range(e["classes"].shape[1]):
+            c = int(e["classes"][i_b, r])
+            for kind, m in measures.items():
+                out.append({"source": source.name, "model": source.model_name, "item": i,
+                            "name": source.name_of(i), "label": label, "rank": r + 1, "class": c,
+                            "class_name": str(source.categories[c]), "p": float(p[i_b, c]),
+                            "is_label": int(c == label), "map": kind, "method": method[kind],
+                            "block": block[kind],
+                            "share_original": float(m["share"][i_b, r, 0]),
+                            "share_weighted": float(m["share"][i_b, r, 1]),
+                            "chance": float(chance[i_b, r]) if chance is not None else math.nan,
+                            "positive_original": float(m["positive"][i_b, r, 0]),
+                            "positive_weighted": float(m["positive"][i_b, r, 1]),
+                            "cosine_original_weighted": float(m["same"][i_b, r]),
+                            "cosine_t1_t2_original": float(m["t12"][i_b, 0]),
+                            "cosine_t1_t2_weighted": float(m["t12"][i_b, 1]),
+                            "reference": REFERENCE_KIND.get(kind, ""),
+                            "cosine_reference_original": float(reference[kind][i_b, r, 0]),
+                            "cosine_reference_weighted": float(reference[kind][i_b, r, 1])})
+    return out
+
+# %% ../../nbs/11_vit_maps.ipynb #9e078b23
+def figure_data(source: Source, items: Sequence[int], # the images drawn
+                e: dict, # their `explained_maps`
+                blocks: tuple[int, int], # the ViT's stand-in blocks a and b
+               ) -> dict[str, np.ndarray]:
+    "What Figure 5 needs: images uint8, part masks, maps (n, rank, kinds, 2, h, w), classes, probabilities, names."
+    maps = torch.stack([e["maps"][kind] for kind in MAP_KINDS], 2)
+    p = e["logits"].softmax(1)
+    H, W = e["x"].shape[-2:]
+    masks = e["masks"] if e["masks"] is not None else torch.zeros(len(items), e["classes"].shape[1], H, W, dtype=torch.bool)
+    return {"images": (e["x"] * 255).round().to(torch.uint8).numpy(), "masks": masks.numpy(),
+            "maps": maps.numpy(), "classes": e["classes"].numpy(), "probs": p.gather(1, e["classes"]).numpy(),
+            "class_names": np.array([[str(source.categories[c]) for c in row] for row in e["classes"].tolist()]),
+            "labels": e["labels"].numpy(), "names": np.array([source.name_of(i) for i in items]),
+            "kinds": np.array(MAP_KINDS), "targets": np.array(VIT_TARGETS), "blocks": np.array(blocks)}
+
+# %% ../../nbs/11_vit_maps.ipynb #9cc9a32b
+def vit_maps_needs(source: str = "birds", data_root: str = "", checkpoint: str = "", output_root: str = "",
+                   **_) -> list[Need]:
+    "Source 'food101' needs Food-101 and the fine-tuned ViT-B/16; the generated birds need nothing."
+    if source != "food101":
+        return []
+    return [dataset_need("food101", data_root), checkpoint_need("vit_b_16_food101", output_root, checkpoint)]
+
+# %% ../../nbs/11_vit_maps.ipynb #364189d1
 class ViTMaps(SourcesExperiment):
     "GradCAM on two ViT blocks (and its ReLU) and attention rollout (standard, signed), from y_t and p_t, scored on parts."
     name = "vit_maps"
@@ -172,25 +279,13 @@ class ViTMaps(SourcesExperiment):
             "n_images", n_images, 1, "96 (or None: every ambiguous image)")
         self.rank = check_count("rank", rank, 2, "2 (a contrast needs a rival class)")
         check_rollout_options(head_fusion, "standard", discard_ratio)
-        blocks = tuple(blocks)
-        if len(blocks) != 2:
-            raise ValueError(f"blocks={blocks!r} must name two blocks (a, b), as the review's (8, 10)")
-        for b in blocks:
-            map_block(b, REVIEW_DEPTH, REVIEW_DEPTH)  # in range for vit_b_16, not its last block
-        self.device, self.data_root, self.seed = resolve_device(device), data_root, seed
-        self.checkpoint, self.blocks = checkpoint, blocks
+        self.blocks = blocks = check_blocks(blocks)
+        self.device, self.data_root, self.seed, self.checkpoint = resolve_device(device), data_root, seed, checkpoint
         self._output_root = output_root  # where files are, not what is computed: not in params
-        self.head_fusion, self.discard_ratio = head_fusion, discard_ratio
-        self.threshold, self.batch_size = threshold, batch_size
+        self.head_fusion, self.discard_ratio, self.threshold, self.batch_size = head_fusion, discard_ratio, threshold, batch_size
         self.sources = self.build_sources()
-        self.model_blocks, self._methods = [], []
-        workers = 4 if self.device.type == "cuda" else 0
-        for s in self.sources:
-            blocks_here = stand_in_blocks(blocks, REVIEW_DEPTH, len(encoder_blocks(find_vit(s.model))))
-            self.model_blocks.append(blocks_here)
-            self._methods.append(vit_methods(s.model, blocks_here, head_fusion, discard_ratio))
-            s.items = ambiguous_items(s.model, s.dataset, self.rank, threshold, s.sample, seed, device=self.device,
-                                      num_workers=workers)
+        self.model_blocks, self._methods = map(list, zip(*[prepare_source(
+            s, blocks, head_fusion, discard_ratio, self.rank, threshold, seed, self.device) for s in self.sources]))
         self.set_items()
 
     def build_sources(self) -> list[Source]:
@@ -198,13 +293,7 @@ class ViTMaps(SourcesExperiment):
         return [build_vit_source(self.source, self.seed, self.n_images, self.data_root, self.checkpoint, self.device,
                                  self._output_root)]
 
-    @classmethod
-    def needs(cls, source: str = "birds", data_root: str = "", checkpoint: str = "", output_root: str = "",
-              **_) -> list[Need]:
-        "Source 'food101' needs Food-101 and the fine-tuned ViT-B/16; the generated birds need nothing."
-        if source != "food101":
-            return []
-        return [dataset_need("food101", data_root), checkpoint_need("vit_b_16_food101", output_root, checkpoint)]
+    needs = staticmethod(vit_maps_needs)  # the files and folders a run with these settings opens
 
     @property
     def params(self) -> dict:
@@ -214,70 +303,14 @@ class ViTMaps(SourcesExperiment):
 
     def explain(self, k: int, items: Sequence[int]) -> dict:
         "Images, labels, logits, classes (B, rank), part masks (B, rank, H, W) or None, and maps per kind (B, rank, 2, h, w)."
-        source, x, labels, logits, classes = self.top_classes(k, items)
-        classes = classes.cpu()
-        maps = {kind: self._methods[k][kind](x, classes.to(self.device), list(VIT_TARGETS)).maps.cpu()
-                for kind in METHOD_KINDS}
-        maps |= {kind: maps[of].clamp(min=0) for kind, of in RELU_KINDS.items()}  # on the patch grid, then upsampled
-        masks = None
-        if source.part_mask is not None:
-            masks = torch.stack([torch.stack([source.part_mask(i, int(c)) for c in classes[b]])
-                                 for b, i in enumerate(items)])
-        return {"x": x.float().cpu(), "labels": labels, "logits": logits.cpu(), "classes": classes, "masks": masks,
-                "maps": maps}
+        return explained_maps(self._methods[k], self.sources[k], items, *self.top_classes(k, items)[1:])
 
     def source_rows(self, k: int, items: Sequence[int]) -> list[dict]:
         "One row per item, class rank and kind of map."
-        source, e = self.sources[k], self.explain(k, items)
-        p = e["logits"].softmax(1)
-        H, W = e["x"].shape[-2:]
-        a, b = self.model_blocks[k]
-        block = {"gradcam_a": a, "gradcam_b": b, **{kind: -1 for kind in ROLLOUT_KINDS}}
-        block |= {kind: block[of] for kind, of in RELU_KINDS.items()}
-        masks = e["masks"]
-        chance = masks.float().mean((-2, -1)) if masks is not None else None
-        measures = {kind: map_measures(e["maps"][kind], masks, (H, W)) for kind in MAP_KINDS}
-        nan = torch.full(e["maps"][MAP_KINDS[0]].shape[:3], math.nan)
-        reference = {kind: cosine(e["maps"][kind], e["maps"][REFERENCE_KIND[kind]]) if kind in REFERENCE_KIND else nan
-                     for kind in MAP_KINDS}  # (B, rank, 2): a variant against the review's map, per target
-        method = {kind: m.name for kind, m in self._methods[k].items()}  # its Method.name
-        method |= {kind: method[of] for kind, of in RELU_KINDS.items()}
-        out = []
-        for i_b, i in enumerate(items):  # item by item, so that the rows do not depend on how items are batched
-            label = int(e["labels"][i_b])
-            for r in range(self.rank):
-                c = int(e["classes"][i_b, r])
-                for kind, m in measures.items():
-                    out.append({"source": source.name, "model": source.model_name, "item": i,
-                                "name": source.name_of(i), "label": label, "rank": r + 1, "class": c,
-                                "class_name": str(source.categories[c]), "p": float(p[i_b, c]),
-                                "is_label": int(c == label), "map": kind, "method": method[kind],
-                                "block": block[kind],
-                                "share_original": float(m["share"][i_b, r, 0]),
-                                "share_weighted": float(m["share"][i_b, r, 1]),
-                                "chance": float(chance[i_b, r]) if chance is not None else math.nan,
-                                "positive_original": float(m["positive"][i_b, r, 0]),
-                                "positive_weighted": float(m["positive"][i_b, r, 1]),
-                                "cosine_original_weighted": float(m["same"][i_b, r]),
-                                "cosine_t1_t2_original": float(m["t12"][i_b, 0]),
-                                "cosine_t1_t2_weighted": float(m["t12"][i_b, 1]),
-                                "reference": REFERENCE_KIND.get(kind, ""),
-                                "cosine_reference_original": float(reference[kind][i_b, r, 0]),
-                                "cosine_reference_weighted": float(reference[kind][i_b, r, 1])})
-        return out
+        return vit_rows(self.sources[k], items, self.explain(k, items), self.model_blocks[k], self._methods[k])
 
     def figure_arrays(self, count: int = 4, # the first `count` images of the first source
                      ) -> dict[str, np.ndarray]:
         "What Figure 5 needs: images uint8, part masks, maps (n, rank, kinds, 2, h, w), classes, probabilities, names."
-        source = self.sources[0]
-        items = source.items[:count]
-        e = self.explain(0, items)
-        maps = torch.stack([e["maps"][kind] for kind in MAP_KINDS], 2)
-        p = e["logits"].softmax(1)
-        H, W = e["x"].shape[-2:]
-        masks = e["masks"] if e["masks"] is not None else torch.zeros(len(items), self.rank, H, W, dtype=torch.bool)
-        return {"images": (e["x"] * 255).round().to(torch.uint8).numpy(), "masks": masks.numpy(),
-                "maps": maps.numpy(), "classes": e["classes"].numpy(), "probs": p.gather(1, e["classes"]).numpy(),
-                "class_names": np.array([[str(source.categories[c]) for c in row] for row in e["classes"].tolist()]),
-                "labels": e["labels"].numpy(), "names": np.array([source.name_of(i) for i in items]),
-                "kinds": np.array(MAP_KINDS), "targets": np.array(VIT_TARGETS), "blocks": np.array(self.model_blocks[0])}
+        items = self.sources[0].items[:count]
+        return figure_data(self.sources[0], items, self.explain(0, items), self.model_blocks[0])

@@ -25,9 +25,10 @@ __all__ = ['HF_VITS', 'WINDOWED', 'GRIDDED', 'MAXXVIT', 'NOT_VITS', 'HEAD_FUSION
            'head_reads', 'block_index', 'image_input', 'checked_image_size', 'ViTMethod', 'ViTGradCAM',
            'check_rollout_options', 'score_gradient', 'fuse_heads', 'discard_lowest', 'grad_rollout',
            'attention_weights', 'is_timm_attention', 'is_hf_attention', 'hf_attention', 'check_attention', 'recording',
-           'eager_attention', 'captured_attention', 'leaf_input', 'AttentionRollout']
+           'eager_attention', 'captured_attention', 'leaf_input', 'check_class_token', 'attention_records',
+           'AttentionRollout']
 
-# %% ../../nbs/06_vit.ipynb #8d716e01
+# %% ../../nbs/06_vit.ipynb #545cb653
 def loaded_class(module: str, # a module's dotted name, e.g. 'timm.models.vision_transformer'
                  name: str, # a class defined there
                 ) -> type | None:
@@ -39,7 +40,7 @@ def timm_vit_class() -> type | None:
     "timm's VisionTransformer class, if timm is loaded (as it is once a timm model exists); timm is never imported here."
     return loaded_class("timm.models.vision_transformer", "VisionTransformer")
 
-
+# %% ../../nbs/06_vit.ipynb #bda95b0d
 HF_VITS = {  # Hugging Face's ViT image classifiers, by the module that defines them
     "transformers.models.vit.modeling_vit": ("ViTForImageClassification",),
     "transformers.models.deit.modeling_deit": ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"),
@@ -56,14 +57,14 @@ def is_hf_vit(module: nn.Module) -> bool:
     "Whether `module` is a Hugging Face ViTForImageClassification, DeiTForImageClassification(WithTeacher) or a subclass."
     return isinstance(module, hf_vit_classes())
 
-
+# %% ../../nbs/06_vit.ipynb #b1766bb5
 def is_vit(module: nn.Module) -> bool:
     "Whether `module` is a torchvision or timm VisionTransformer, or a Hugging Face ViT or DeiT image classifier."
     timm_vit = timm_vit_class()
     return (isinstance(module, VisionTransformer) or (timm_vit is not None and isinstance(module, timm_vit))
             or is_hf_vit(module))
 
-
+# %% ../../nbs/06_vit.ipynb #b2cc167e
 WINDOWED = ("windowed attention has no token-to-token attention over the whole image, and there is no class token, "
             "so neither attention rollout nor ViTGradCAM applies")
 GRIDDED = ("MaxViT's attention is windowed or on a sparse grid, with no token-to-token attention over the whole "
@@ -83,7 +84,7 @@ NOT_VITS = [  # vision transformers the ViT methods do not apply to: (module, cl
     ("timm.models.maxxvit", "MaxxVit", "stages", MAXXVIT),
 ]
 
-
+# %% ../../nbs/06_vit.ipynb #7f6aa95b
 def not_a_vit(model: nn.Module) -> str | None:
     "Why the ViT methods do not apply to a windowed or gridded transformer `model` is or holds, and what does; else None."
     for path, module in model.named_modules():
@@ -98,7 +99,7 @@ def not_a_vit(model: nn.Module) -> str | None:
                 return f"{what}: {why}; explain it with GradCAM(model, '{last}')"
     return None
 
-
+# %% ../../nbs/06_vit.ipynb #38286e92
 def find_vit(model: nn.Module) -> nn.Module:
     "The torchvision, timm or Hugging Face Vision Transformer that `model` is, or the only one it contains."
     if not isinstance(model, nn.Module):
@@ -114,7 +115,7 @@ def find_vit(model: nn.Module) -> nn.Module:
         raise ValueError(f"model contains {len(vits)} VisionTransformers: pass the one to explain")
     return vits[0]
 
-
+# %% ../../nbs/06_vit.ipynb #f6d82b8c
 def hf_base(vit: nn.Module) -> nn.Module:
     "A Hugging Face classifier's transformer: its `vit` or `deit` attribute (named by `base_model_prefix`)."
     return getattr(vit, vit.base_model_prefix)
@@ -129,7 +130,7 @@ def blocks_path(vit: nn.Module) -> str:
     base = vit.base_model_prefix  # transformers 5's ViTModel keeps `layers`; its first releases, `encoder.layer`
     return f"{base}.layers" if hasattr(hf_base(vit), "layers") else f"{base}.encoder.layer"
 
-
+# %% ../../nbs/06_vit.ipynb #24e60855
 def encoder_blocks(vit: nn.Module) -> list[nn.Module]:
     "The ViT's encoder blocks in forward order, from `blocks_path(vit)`."
     where = blocks_path(vit)
@@ -140,7 +141,7 @@ def encoder_blocks(vit: nn.Module) -> list[nn.Module]:
                          f"with {len(blocks)} modules): build it with at least one block")
     return blocks
 
-
+# %% ../../nbs/06_vit.ipynb #74b6ead3
 def image_size(vit: nn.Module) -> tuple[int, int]:
     "(H, W): the size of the images the ViT was built for."
     if isinstance(vit, VisionTransformer):
@@ -160,7 +161,7 @@ def patch_grid(vit: nn.Module) -> tuple[int, int]:
         return tuple(s // p for s, p in zip(patches.image_size, patches.patch_size))
     return tuple(vit.patch_embed.grid_size)
 
-
+# %% ../../nbs/06_vit.ipynb #cb7482e3
 def prefix_tokens(vit: nn.Module) -> int:
     "How many tokens precede the patch tokens: the class token; timm's register tokens; DeiT's distillation token."
     if isinstance(vit, VisionTransformer):
@@ -170,7 +171,7 @@ def prefix_tokens(vit: nn.Module) -> int:
         return embeddings.position_embeddings.shape[1] - embeddings.patch_embeddings.num_patches
     return vit.num_prefix_tokens
 
-
+# %% ../../nbs/06_vit.ipynb #e17bf53e
 def head_reads(vit: nn.Module) -> str:
     "What the logits read after the last block: 'class' (token), 'class+distillation' (both heads' mean), 'pooled' or 'own'."
     if isinstance(vit, VisionTransformer):
@@ -189,7 +190,7 @@ def head_reads(vit: nn.Module) -> str:
         return "own"
     return "class" if vit.global_pool == "token" else "pooled"
 
-
+# %% ../../nbs/06_vit.ipynb #4a474823
 def block_index(block: int, # an index into the encoder blocks; negative counts from the end
                 n: int, # the number of blocks
                ) -> int: # in [0, n)
@@ -202,7 +203,7 @@ def block_index(block: int, # an index into the encoder blocks; negative counts 
                          f"pass an index in [{-n}, {n - 1}]")
     return block % n
 
-
+# %% ../../nbs/06_vit.ipynb #0a4b12db
 def image_input(vit: nn.Module) -> nn.Module:
     "The module the images enter first, as a positional argument: the ViT, or a Hugging Face ViT's patch embedding."
     return hf_base(vit).embeddings.patch_embeddings if is_hf_vit(vit) else vit
@@ -222,7 +223,7 @@ def checked_image_size(vit: nn.Module) -> Iterator[None]:
     with image_input(vit).register_forward_pre_hook(hook):  # a hook handle removes its hook on exit
         yield
 
-
+# %% ../../nbs/06_vit.ipynb #9905109c
 class ViTMethod(Method):
     "A method on a Vision Transformer: the ViT inside `model`, its encoder blocks, patch grid and prefix tokens, found once."
 
@@ -297,7 +298,7 @@ class ViTGradCAM(ViTMethod):
     def __repr__(self) -> str:
         return f"ViTGradCAM({type(self.model).__name__}, block={self.block})"
 
-# %% ../../nbs/06_vit.ipynb #86d6e9c8
+# %% ../../nbs/06_vit.ipynb #e9945566
 HEAD_FUSIONS = ("mean", "max", "min")
 ROLLOUT_VARIANTS = ("standard", "signed")
 ROLLOUT_GRADIENTS = ("weights", "scores")  # what G differentiates: the attention weights A, or the scores S
@@ -324,14 +325,14 @@ def check_rollout_options(head_fusion: str, variant: str, discard_ratio: float, 
                          "normalisation without keepdim) or False (each block with its own gradient, each row by "
                          "its own sum)")
 
-
+# %% ../../nbs/06_vit.ipynb #e9daeeb8
 def score_gradient(attention: Tensor, # (..., N, N) A = softmax(S), row by row
                    grad: Tensor, # (..., N, N) the gradient G with respect to A
                   ) -> Tensor: # (..., N, N) the gradient with respect to S
     "The gradient with respect to the scores S from the one with respect to A = softmax(S) (Eq. eq-score-gradient)."
     return attention * (grad - (attention * grad).sum(-1, keepdim=True))
 
-
+# %% ../../nbs/06_vit.ipynb #af69ae00
 def fuse_heads(weighted: Tensor, # (..., heads, N, N) gradient-weighted attention
                head_fusion: str = "mean",
               ) -> Tensor: # (..., N, N)
@@ -340,7 +341,7 @@ def fuse_heads(weighted: Tensor, # (..., heads, N, N) gradient-weighted attentio
         return weighted.mean(-3)
     return weighted.amax(-3) if head_fusion == "max" else weighted.amin(-3)
 
-
+# %% ../../nbs/06_vit.ipynb #6982f8e6
 def discard_lowest(fused: Tensor, # (..., N, N)
                    ratio: float, # the fraction of the N * N - 1 entries other than (0, 0) to zero
                   ) -> Tensor: # (..., N, N)
@@ -354,7 +355,7 @@ def discard_lowest(fused: Tensor, # (..., N, N)
     lowest = score.topk(k, dim=-1, largest=False).indices
     return fused.flatten(-2).scatter(-1, lowest, 0.0).view_as(fused)
 
-
+# %% ../../nbs/06_vit.ipynb #24907b29
 def grad_rollout(attentions: Sequence[Tensor], # L tensors (B, heads, N, N), in forward order
                  grads: Sequence[Tensor], # L tensors (B, J, heads, N, N): block l's gradient for J objectives
                  head_fusion: str = "mean", # how to fuse the heads: 'mean', 'max' or 'min'
@@ -383,7 +384,7 @@ def grad_rollout(attentions: Sequence[Tensor], # L tensors (B, heads, N, N), in 
         R = a if R is None else a @ R
     return R
 
-# %% ../../nbs/06_vit.ipynb #edb4c12c
+# %% ../../nbs/06_vit.ipynb #0919c2e4
 def attention_weights(mha: nn.MultiheadAttention, # batch_first, packed q/k/v projections
                       x: Tensor, # (B, N, D) the tokens, attending to themselves
                      ) -> tuple[Tensor, Tensor]: # (B, heads, N, N) weights and (B, N, D) output
@@ -395,7 +396,7 @@ def attention_weights(mha: nn.MultiheadAttention, # batch_first, packed q/k/v pr
     out = (F.dropout(A, mha.dropout, mha.training) @ v).transpose(1, 2).reshape(B, N, D)
     return A, F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
 
-
+# %% ../../nbs/06_vit.ipynb #0c8f2df7
 def is_timm_attention(attn) -> bool:
     "Whether `attn` is a timm attention whose unfused path runs its softmax output through `attn_drop`."
     return isinstance(getattr(attn, "attn_drop", None), nn.Module) and hasattr(attn, "fused_attn")
@@ -412,7 +413,7 @@ def hf_attention(block: nn.Module) -> nn.Module | None:
     attn = getattr(attn, "attention", attn)  # transformers 5's first releases: the weights come from attention.attention
     return attn if is_hf_attention(attn) else None
 
-
+# %% ../../nbs/06_vit.ipynb #020cf21e
 def check_attention(block: nn.Module, i: int) -> nn.Module:
     "Block i's attention module, if its weights can be captured (torchvision's, timm's, Hugging Face's); else what to do."
     fix = ("AttentionRollout captures the attention of torchvision's EncoderBlock.self_attention (an "
@@ -440,7 +441,7 @@ def check_attention(block: nn.Module, i: int) -> nn.Module:
                          "remove it (del block.self_attention.forward) before explaining")
     return mha
 
-
+# %% ../../nbs/06_vit.ipynb #d3866ebc
 def _recording_forward(mha, record, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                        average_attn_weights=True, is_causal=False):
     "nn.MultiheadAttention.forward for self-attention without masks, recording the per-head weights."
@@ -454,7 +455,7 @@ def _recording_forward(mha, record, query, key, value, key_padding_mask=None, ne
     record.append(A)
     return out, ((A.mean(1) if average_attn_weights else A) if need_weights else None)
 
-
+# %% ../../nbs/06_vit.ipynb #bc045c1a
 @contextlib.contextmanager
 def recording(attn: nn.Module, record: list[Tensor]) -> Iterator[None]:
     "While active, `attn` appends its per-head weights (B, heads, N, N), in the graph, to `record`; restored on exit."
@@ -478,7 +479,7 @@ def recording(attn: nn.Module, record: list[Tensor]) -> Iterator[None]:
     finally:
         attn.fused_attn = fused
 
-
+# %% ../../nbs/06_vit.ipynb #60c5d5c2
 @contextlib.contextmanager
 def eager_attention(attns: Sequence[nn.Module]) -> Iterator[None]:
     "Switch the configs of the Hugging Face attentions in `attns` to the eager implementation; put back on exit."
@@ -492,7 +493,7 @@ def eager_attention(attns: Sequence[nn.Module]) -> Iterator[None]:
         for config, implementation in zip(configs, saved):
             config._attn_implementation = implementation
 
-
+# %% ../../nbs/06_vit.ipynb #5a31ab20
 @contextlib.contextmanager
 def captured_attention(blocks: Sequence[nn.Module]) -> Iterator[list[list[Tensor]]]:
     "While active, every block's attention records its per-head weights (B, heads, N, N); one list per block."
@@ -507,14 +508,14 @@ def captured_attention(blocks: Sequence[nn.Module]) -> Iterator[list[list[Tensor
             stack.enter_context(recording(attn, record))
         yield records
 
-
+# %% ../../nbs/06_vit.ipynb #813f46af
 @contextlib.contextmanager
 def leaf_input(module: nn.Module) -> Iterator[None]:
     "Feed `module` a detached copy of its input that requires grad, so that everything above it is in the graph."
     with module.register_forward_pre_hook(lambda m, args: (args[0].detach().requires_grad_(True), *args[1:])):
         yield
 
-# %% ../../nbs/06_vit.ipynb #f21c7d9d
+# %% ../../nbs/06_vit.ipynb #62fcea3b
 NOT_CLASS_TOKEN = {  # head_reads(vit) -> why the class token's row is not the whole story, and what to use instead
     "class+distillation": ("averages the heads of its class token and its distillation token, so its logits do not "
                            "come from the class token alone", "explain it with ViTGradCAM (block=-2: the last "
@@ -527,6 +528,30 @@ NOT_CLASS_TOKEN = {  # head_reads(vit) -> why the class token's row is not the w
 }
 
 
+def check_class_token(vit: nn.Module) -> None:
+    "Refuse a ViT whose logits do not come from the class token alone, whose row the rollout reads; say what to use."
+    reads = head_reads(vit)
+    if reads != "class":
+        why, fix = NOT_CLASS_TOKEN[reads]
+        why = why.format(pool=getattr(vit, "global_pool", None))
+        raise ValueError(f"the {type(vit).__name__} {why}, whose row the rollout reads: {fix}")
+
+# %% ../../nbs/06_vit.ipynb #59079b4d
+def attention_records(records: Sequence[Sequence[Tensor]], # per block, what `captured_attention` recorded in one pass
+                      N: int, # the number of tokens
+                     ) -> tuple[Tensor, ...]: # one (B, heads, N, N) tensor per block
+    "Each block's attention, refused unless it was recorded exactly once, as weights (B, heads, N, N)."
+    for i, record in enumerate(records):
+        if len(record) != 1:
+            raise ValueError(f"encoder block {i}'s attention ran {len(record)} times in one forward pass, not "
+                             "once: pass a model whose forward runs each block of the VisionTransformer once")
+        if not isinstance(record[0], Tensor) or record[0].ndim != 4 or record[0].shape[-2:] != (N, N):
+            got = tuple(record[0].shape) if isinstance(record[0], Tensor) else record[0]
+            raise ValueError(f"encoder block {i}'s attention gave weights {got}, not (B, heads, {N}, {N}) even "
+                             "with the eager implementation: use ViTGradCAM, which needs no attention weights")
+    return tuple(record[0] for record in records)
+
+# %% ../../nbs/06_vit.ipynb #c06ee876
 class AttentionRollout(ViTMethod):
     """Gradient-weighted attention rollout (Eq. eq-rollout): the class token's row of R over the patch grid.
 
@@ -561,11 +586,7 @@ class AttentionRollout(ViTMethod):
                 ):
         check_rollout_options(head_fusion, variant, discard_ratio, gradient, defects)
         super().__init__(model, output)
-        reads = head_reads(self.vit)
-        if reads != "class":
-            why, fix = NOT_CLASS_TOKEN[reads]
-            why = why.format(pool=getattr(self.vit, "global_pool", None))
-            raise ValueError(f"the {type(self.vit).__name__} {why}, whose row the rollout reads: {fix}")
+        check_class_token(self.vit)
         self.head_fusion, self.variant, self.discard_ratio = head_fusion, variant, discard_ratio
         self.gradient, self.defects = gradient, defects
         for i, block in enumerate(self.blocks):
@@ -574,16 +595,7 @@ class AttentionRollout(ViTMethod):
     def _forward(self, x):
         with checked_image_size(self.vit), leaf_input(self.blocks[0]), captured_attention(self.blocks) as records:
             logits = self.model(x)
-        N = self.prefix + self.grid[0] * self.grid[1]
-        for i, record in enumerate(records):
-            if len(record) != 1:
-                raise ValueError(f"encoder block {i}'s attention ran {len(record)} times in one forward pass, not "
-                                 "once: pass a model whose forward runs each block of the VisionTransformer once")
-            if not isinstance(record[0], Tensor) or record[0].ndim != 4 or record[0].shape[-2:] != (N, N):
-                got = tuple(record[0].shape) if isinstance(record[0], Tensor) else record[0]
-                raise ValueError(f"encoder block {i}'s attention gave weights {got}, not (B, heads, {N}, {N}) even "
-                                 "with the eager implementation: use ViTGradCAM, which needs no attention weights")
-        return logits, tuple(record[0] for record in records)
+        return logits, attention_records(records, self.prefix + self.grid[0] * self.grid[1])
 
     def _maps(self, grads: tuple[Tensor, ...], attentions: tuple[Tensor, ...]) -> Tensor:
         "(B, J, h, w): the class token's row of the rollout over the patch tokens (prefix tokens dropped), on the grid."
