@@ -140,6 +140,18 @@ def test_every_registered_experiment_names_the_chapter_that_exports_it():
     assert all(c.startswith("nbs/") and (ROOT / c).is_file() for c in chapters.values()), chapters
 
 
+def test_a_chapter_that_makes_what_others_open_runs_first(book, capsys):
+    "The training chapter comes late in the reading order but makes the checkpoints the experiments open."
+    notebook(book / "nbs" / "01_ok.ipynb", "from pathlib import Path", "assert Path('made.txt').read_text() == 'ok'")
+    notebook(book / "nbs" / "02_maker.ipynb", "from pathlib import Path", "Path('made.txt').write_text('ok')",
+             metadata={"book": {"runs_first": True}})
+    (book / "_toc.yml").write_text("format: jb-book\nroot: executed/index\nchapters:\n  - file: executed/01_ok\n"
+                                   "  - file: executed/02_maker\n")
+    status, out, err = run(book, capsys=capsys)
+    assert status == 0, err
+    assert out.index("nbs/02_maker.ipynb") < out.index("nbs/01_ok.ipynb")
+
+
 def test_toc_entry_without_a_notebook_is_reported(book, capsys):
     (book / "_toc.yml").write_text("format: jb-book\nroot: executed/index\nchapters:\n  - file: executed/02_gone\n")
     status, _, err = run(book, capsys=capsys)

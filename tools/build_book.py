@@ -23,7 +23,8 @@
    (imported via contrastive_explanations.explorer)", "reference/review_table1.csv changed", "profile section
    localisation changed", "no earlier copy", "--force"). A chapter that takes no profile is the same in every
    profile, so another profile's up-to-date copy of it is copied instead of executed.
-   Chapters whose notebook metadata says `book: {reads_results: true}` run last, and again whenever another ran
+   Chapters whose notebook metadata says `book: {runs_first: true}` (the training chapter, which makes the models
+   the experiments open) run first; chapters whose notebook metadata says `book: {reads_results: true}` run last, and again whenever another ran
    ("reads results and 07_perturbation ran"). `--only NAME` executes that chapter alone and builds no book.
    Each executed copy is tidied for reading (`book_pages.tidy_executed`): no nbdev `#|` directive lines, no progress
    bars, no stderr outputs (the console lists them), no injected parameters cell; its last line says which profile
@@ -198,6 +199,14 @@ def shared_copy(root: Path, chapter: str, key: str, own: Path) -> Path | None:
             except (OSError, ValueError):
                 continue
     return None
+
+
+def runs_first(root: Path, chapter: str) -> bool:
+    """Whether a chapter makes what other chapters open (notebook metadata `book: runs_first: true`): the training
+    chapter, whose small models and fine-tuned checkpoints the experiment chapters load. It runs before all others,
+    wherever the reading order puts it."""
+    meta = json.loads((root / "nbs" / f"{chapter}.ipynb").read_text()).get("metadata", {})
+    return bool(meta.get("book", {}).get("runs_first"))
 
 
 def reads_results(root: Path, chapter: str) -> bool:
@@ -695,7 +704,8 @@ def execute_chapters(root: Path, chapters: list[str], profile, overrides: dict[s
     """Execute the chapters (those that read results last, again whenever another ran when `rerun_readers`), tidy
     each copy, and say for each why it runs or that it is reused; chapter -> its record for the statistics page."""
     readers = [c for c in chapters if reads_results(root, c)]
-    order = [c for c in chapters if c not in readers] + readers
+    makers = [c for c in chapters if c not in readers and runs_first(root, c)]
+    order = makers + [c for c in chapters if c not in readers and c not in makers] + readers
     ran: list[str] = []
     records = {}
     for i, chapter in enumerate(order, 1):
