@@ -73,10 +73,10 @@ def test_the_whole_book_builds_with_warnings_as_errors_into_its_own_folder(paper
 
 
 def _book_source(tmp_path: Path) -> Path:
-    "A book root beside the checkout's: its configuration and extensions, and a copy of the fixture's chapters."
+    "A book root beside the checkout's: its configuration, extensions and notebooks, and a copy of the fixture's chapters."
     src = tmp_path / "book"
     src.mkdir()
-    for name in ["_config.yml", "references.bib", "tools", "book_assets"]:
+    for name in ["_config.yml", "references.bib", "tools", "book_assets", "nbs"]:  # nbs: the pages offer their source
         if (ROOT / name).exists():
             (src / name).symlink_to(ROOT / name)
     shutil.copytree(BOOK.executed, src / build_book.EXECUTED / PROFILE)
