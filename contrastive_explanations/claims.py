@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from . import metrics
 from .metrics import bootstrap_interval
 
 # %% auto #0
@@ -129,8 +130,8 @@ def tally_text(t: dict, unit: str = "settings") -> str:
 
 
 def interval_text(row) -> str:
-    "'+0.012 [+0.003, +0.021]': a mean difference with its interval."
-    return f"{row['difference']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+    "'+0.012 [+0.003, +0.021]': a setting's mean difference with its interval (metrics.interval_text, signed)."
+    return metrics.interval_text(row["difference"], row["low"], row["high"], digits=3, sign=True)
 
 # %% ../nbs/14_claims.ipynb #9a90b48f
 def threshold_outcome(values, # one number per item (NaN left out)

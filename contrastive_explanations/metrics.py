@@ -139,10 +139,13 @@ def summarise(table: pd.DataFrame, # one row per image (and class rank, method, 
     return pd.DataFrame(out)
 
 # %% ../nbs/24_metrics.ipynb #fd576421
-def interval_text(value: float, low: float, high: float, digits: int = 2) -> str:
-    "'0.97 [0.95, 0.99]', for prose."
+def interval_text(value: float, low: float, high: float, # a statistic and its interval
+                  digits: int = 2, sign: bool = False, # decimals; a sign on every number (for differences)
+                 ) -> str:
+    "'0.97 [0.95, 0.99]' (or '+0.012 [+0.003, +0.021]' with `sign`), for prose and tables."
+    f = f"{'+' if sign else ''}.{digits}f"
     if math.isnan(value):
         return "n/a"
     if math.isnan(low):
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+        return format(value, f)
+    return f"{format(value, f)} [{format(low, f)}, {format(high, f)}]"
