@@ -1,4 +1,4 @@
-"""The generated fine-grained dataset (nbs/18_birds.ipynb): determinism, ground truth, one discriminating part per
+"""The generated fine-grained dataset (nbs/23_birds.ipynb): determinism, ground truth, one discriminating part per
 group, ambiguity rates, splits, the Dataset view and bad input."""
 from __future__ import annotations
 

@@ -267,7 +267,7 @@ def test_the_real_chapters_follow_their_imports():
     assert not {"contrastive_explanations/explorer.py", "contrastive_explanations/results.py"} & targets, targets
     assert "contrastive_explanations/explorer.py" in inputs("index")["files"]
     assert "reference/review_figure1.csv" in inputs("07_perturbation")["files"]
-    assert "benchmarks/results/methods.json" in inputs("13_performance")["files"]
+    assert "benchmarks/results/methods.json" in inputs("17_performance")["files"]
 
 
 READS_SECTION = """\

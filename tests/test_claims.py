@@ -122,7 +122,7 @@ def glued(notebook: Path) -> dict[str, str]:
 
 
 def test_the_claims_chapter_and_the_localisation_chapter_print_the_same_count():
-    chapters = [ROOT / "executed" / f"{name}.ipynb" for name in ("12_localisation", "14_claims")]
+    chapters = [ROOT / "executed" / f"{name}.ipynb" for name in ("12_localisation", "18_claims")]
     if not all(c.exists() for c in chapters):
         pytest.skip("the book has not been built here: `make book` executes the chapters first (make test does)")
     localisation, claims = (glued(c) for c in chapters)

@@ -1,4 +1,4 @@
-"""The command line (nbs/16_cli.ipynb): it never writes over an input or a file it did not make, refuses bad input in
+"""The command line (nbs/20_cli.ipynb): it never writes over an input or a file it did not make, refuses bad input in
 one line (exit 2) before writing anything, decodes one image at a time, and answers --help without torch.
 
 The refusals run in-process through `main([...])`; a few subprocesses check what only a fresh process shows (the

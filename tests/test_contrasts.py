@@ -19,7 +19,7 @@ from contrastive_explanations.methods import METHODS
 from contrastive_explanations.methods.cam import GradCAM, LinearApproximation, XGradCAM
 from contrastive_explanations.experiments.contrasts import (CONTRAST_METHODS, PAIRS, Contrasts, MeanVariantTarget,
                                                             check_methods, check_sources)
-from contrastive_explanations.metrics import (bootstrap_interval, cosine, interval_text, mask_share, positive_share,
+from contrastive_explanations.metrics.measures import (bootstrap_interval, cosine, interval_text, mask_share, positive_share,
                                               summarise)
 from contrastive_explanations.data.sources import Source
 from contrastive_explanations.experiments.base import ambiguous_items

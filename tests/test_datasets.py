@@ -1,4 +1,4 @@
-"""Dataset loaders (nbs/19_datasets.ipynb) on tiny fixtures written here, by hand, in the official layouts."""
+"""Dataset loaders (nbs/24_datasets.ipynb) on tiny fixtures written here, by hand, in the official layouts."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""The static class switcher (nbs/15_explorer.ipynb): structure, link, bad input. Its browser behaviour is
+"""The static class switcher (nbs/19_explorer.ipynb): structure, link, bad input. Its browser behaviour is
 tested on the built book in test_browser.py."""
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ def test_the_folders_exist_with_their_modules():
     assert {p.stem for p in modules_in("data")} >= {"models", "birds", "datasets", "training", "sources"}
     assert "base" in {p.stem for p in modules_in("experiments")}
     assert all((PACKAGE / f / "__init__.py").exists() for f in ("methods", "data", "experiments"))
-    assert all((PACKAGE / f"{m}.py").exists() for m in ("files", "metrics", "results", "run"))
+    assert all((PACKAGE / f"{m}.py").exists() for m in ("files", "results", "run"))
+    assert (PACKAGE / "metrics" / "__init__.py").exists() and {p.stem for p in modules_in("metrics")} >= {"measures"}
 
 
 FLOORS: dict[str, int] = {  # a room -> its floor; an import goes to a lower floor, or stays in its room

@@ -12,8 +12,8 @@ from contrastive_explanations.data.birds import CLASSES, PART_NAMES, generate_bi
 from contrastive_explanations.experiments.localisation import (CNN_METHODS, EXPLAINED_TARGETS, VARIANTS, VIT_METHODS,
                                                                Localisation, contrast_parts, contrastive_gains,
                                                                measure_summary, methods_for, paired_differences)
-from contrastive_explanations.metrics import area_share, peak_on_part
-from contrastive_explanations.metrics import bootstrap_interval, mask_share
+from contrastive_explanations.metrics.measures import area_share, peak_on_part
+from contrastive_explanations.metrics.measures import bootstrap_interval, mask_share
 from contrastive_explanations.methods import METHODS, TARGETS
 from contrastive_explanations.results import run
 from contrastive_explanations.data.training import small_cnn

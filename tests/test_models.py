@@ -1,4 +1,4 @@
-"""The model registry (nbs/17_models.ipynb): preprocessing from the weights, offline loading, checkpoints, errors.
+"""The model registry (nbs/22_models.ipynb): preprocessing from the weights, offline loading, checkpoints, errors.
 Nothing here downloads: torchvision's cache is pointed at a temporary folder."""
 from __future__ import annotations
 

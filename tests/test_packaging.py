@@ -56,7 +56,7 @@ def wheel_files(wheel) -> set[str]:
 
 
 NAMED = ["__init__.py", "methods/__init__.py", "data/__init__.py", "experiments/__init__.py", "viz.py",
-         "experiments/base.py", "explorer.py", "results.py", "run.py", "files.py", "metrics.py", "data/sources.py"]
+         "experiments/base.py", "explorer.py", "results.py", "run.py", "files.py", "metrics/measures.py", "data/sources.py"]
 
 
 @pytest.mark.parametrize("path", NAMED)

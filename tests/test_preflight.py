@@ -1,4 +1,4 @@
-"""The preflight (nbs/26_run.ipynb): before a profile computes anything, every dataset folder, weight file and
+"""The preflight (nbs/31_run.ipynb): before a profile computes anything, every dataset folder, weight file and
 checkpoint it opens is looked for, and what is missing is named in one message; the book build and the command line
 stop on it with exit status 2."""
 from __future__ import annotations

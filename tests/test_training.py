@@ -1,4 +1,4 @@
-"""Training and caching of the small models (nbs/20_training.ipynb), on tiny data so that it runs in seconds."""
+"""Training and caching of the small models (nbs/25_training.ipynb), on tiny data so that it runs in seconds."""
 from __future__ import annotations
 
 import json

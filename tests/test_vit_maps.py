@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import TensorDataset
 
-from contrastive_explanations.metrics import cosine, mask_share
+from contrastive_explanations.metrics.measures import cosine, mask_share
 from contrastive_explanations.data.sources import Source
 from contrastive_explanations.data.datasets import DatasetNotFoundError, write_fixture
 from contrastive_explanations.results import run

@@ -1,4 +1,4 @@
-"""viz (nbs/27_viz): the one colour rule (signed_limit) that every drawing uses, the images overlay takes, a colour bar
+"""viz (nbs/32_viz): the one colour rule (signed_limit) that every drawing uses, the images overlay takes, a colour bar
 that a plain savefig keeps, and a viz module that imports without the widgets extra."""
 from __future__ import annotations
 

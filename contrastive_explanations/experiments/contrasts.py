@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..metrics import cosine, positive_share
+from ..metrics.measures import cosine, positive_share
 from ..data.sources import (Source, birds_source, finetuned_source, photos_source, Need,
                                                    checkpoint_need, dataset_need)
 from .base import SourcesExperiment, ambiguous_items, check_count, resolve_device

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.birds import CLASSES, GROUPS, PART_NAMES, Birds
-from ..metrics import area_share, bootstrap_interval, mask_share, peak_on_part, summarise
+from ..metrics.measures import area_share, bootstrap_interval, mask_share, peak_on_part, summarise
 from .base import check_count, resolve_device
 from ..methods import METHODS, Method, make_method
 from ..methods.explain import ActivationMethod
@@ -244,7 +244,7 @@ MEASURES: tuple[str, ...] = ("mass", "peak")
 def measure_summary(table: pd.DataFrame, # Localisation rows
                     seed: int = 0, # the bootstrap's seed
                    ) -> pd.DataFrame: # one row per method, k, target and measure: mean, low, high, n, chance
-    "The mean of each measure with its bootstrap interval (metrics.summarise), per method, class (k) and target, and the chance level."
+    "The mean of each measure with its bootstrap interval (measures.summarise), per method, class (k) and target, and the chance level."
     columns = [f"{measure}_{target}" for target in EXPLAINED_TARGETS for measure in MEASURES]
     summary = summarise(table, columns, by=["method", "k"], statistic="mean", seed=seed)
     summary[["measure", "target"]] = summary["metric"].str.split("_", n=1, expand=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics import cosine, mask_share, positive_share
+from ..metrics.measures import cosine, mask_share, positive_share
 from ..data.sources import (Source, birds_source, finetuned_source, Need, checkpoint_need,
                                                    dataset_need)
 from .base import SourcesExperiment, ambiguous_items, check_count, resolve_device

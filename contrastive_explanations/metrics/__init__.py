@@ -1,0 +1,6 @@
+"""Every number that compares or scores attribution maps (written by hand: the chapters export the modules it names).
+
+`measures` compares maps with each other and with ground-truth parts (cosine, positive share, mask share, peak on
+part, area share) and summarises them with bootstrap intervals. Import from the module that holds a name, e.g.
+`from contrastive_explanations.metrics.measures import cosine`: a results file's code version then follows only the
+metrics it uses."""
