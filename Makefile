@@ -29,12 +29,13 @@ test: setup chromium sync book pytest
 setup: $(VENV)/.installed
 
 # Re-installs only when the pins change; an interrupted install leaves no marker and is resumed by pip.
-$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
 	@echo "==> setting up $(VENV) with $(PYTHON) (pinned packages; the first time takes a few minutes)"
 	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "error: Python 3.11 or newer is needed, and $(PYTHON) is $$($(PYTHON) -V 2>/dev/null || echo "not a working Python"): install python3.11 (Debian/Ubuntu: apt install python3.11 python3.11-venv) or pass PYTHON=/path/to/python3.11" >&2; exit 2; }
 	@test -x $(PY) || $(PYTHON) -c 'import ensurepip' 2>/dev/null || { echo "error: $(PYTHON) cannot create a virtual environment (no ensurepip): install its venv package (Debian/Ubuntu: apt install python3.11-venv), or pass PYTHON=/path/to/python3.11" >&2; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) -r requirements.txt -c constraints.txt 2> >(grep -v "$(PIP_NOISE)" >&2)
+	$(PY) -m pip install $(PIP_FLAGS) --no-deps -r requirements-nodeps.txt 2> >(grep -v "$(PIP_NOISE)" >&2)
 	$(PY) -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e . 2> >(grep -v "$(PIP_NOISE)" >&2)
 	@touch $@
 

@@ -73,7 +73,8 @@ def static_explorer(images: Tensor, # (B, 3, H, W) in [0, 1]
                     explanations: dict[str, Explanation], # method label -> explanation of all B images (see explain_all)
                     image_labels: Sequence[str], # one menu entry per image
                     class_names: Sequence[str] | None = None,
-                    dpi: int = 60,
+                    dpi: int = 120, # with comparison_figure's 1.9-inch panels: about 230 px each
+                    columns: int = 2, # target panels per line, so that each panel is large enough to compare
                    ) -> widgets.VBox:
     "Menus for image, method and classes over precomputed comparison figures; works in the static book."
     if len(image_labels) != len(images):
@@ -86,7 +87,8 @@ def static_explorer(images: Tensor, # (B, 3, H, W) in [0, 1]
         b, e = index[Image], explanations[Method]
         one = Explanation(e.maps[b:b + 1], e.logits[b:b + 1], e.classes[b:b + 1], e.targets)
         title = METHOD_NOTES.get(Method, "")  # where a method's maps from p_t are not what its name suggests
-        return figure_png(comparison_figure(images[b], one, choices[Classes], class_names, title), dpi=dpi)
+        return figure_png(comparison_figure(images[b], one, choices[Classes], class_names, title, columns=columns),
+                          dpi=dpi)
 
     return static_grid({"Image": list(image_labels), "Method": list(explanations), "Classes": list(choices)}, render)
 

@@ -213,6 +213,13 @@ def _comparison_row(row: Sequence[Axes], # 1 + T panels
         ax.imshow(m.numpy(), cmap="bwr", norm=CenteredNorm(halfrange=signed_limit(m, percentile)), alpha=0.5)
         ax.set_title(target, fontsize=8)
 
+# %% ../nbs/32_viz.ipynb #829d7a66
+def _check_columns(columns: int) -> int:
+    "A count of target panels per line: a positive int."
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns must be a positive int (target panels per line) or None, got {columns!r}")
+    return columns
+
 # %% ../nbs/32_viz.ipynb #2b8a741b
 def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
                       explanation: Explanation, # of this one image (batch of 1), classes (1, K), all targets
@@ -221,6 +228,7 @@ def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
                       title: str = "",
                       size: float = 1.9, # inches per panel
                       percentile: float = _SIGNED_PERCENTILE, # each map's colour scale saturates here (see signed_limit)
+                      columns: int | None = None, # target panels per line (None: every target on one line)
                      ) -> Figure:
     """The image, then one signed map per target for each chosen class (bwr, centred on zero, over the image).
 
@@ -232,19 +240,24 @@ def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
         title: the figure's title
         size: inches per panel
         percentile: where each map's colour scale saturates (see `signed_limit`)
+        columns: how many target panels a line holds; more targets wrap onto further lines of the same class
     Returns:
-        Figure: one row per rank, the image and then one panel per target
+        Figure: one block per rank, the image and then one panel per target, `columns` to a line
     """
     maps = explanation.upsampled(tuple(image.shape[-2:]))[0].float()  # (K, T, H, W)
     probs = explanation.logits[0].float().softmax(-1)
     T = len(explanation.targets)
-    fig, axes = plt.subplots(len(ranks), T + 1, figsize=(size * (T + 1), size * len(ranks) + 0.3 * bool(title)),
-                             squeeze=False)
+    per_line = T if columns is None else min(_check_columns(columns), T)
+    lines = -(-T // per_line)  # each class takes this many lines
+    fig, axes = plt.subplots(len(ranks) * lines, per_line + 1, squeeze=False,
+                             figsize=(size * (per_line + 1), size * len(ranks) * lines + 0.3 * bool(title)))
     picture = image.permute(1, 2, 0).float().clamp(0, 1).numpy()
-    for row, k in zip(axes, ranks):
+    for r, k in enumerate(ranks):
+        block = axes[r * lines:(r + 1) * lines]  # the picture top left, the targets line by line beside it
         c = int(explanation.classes[0, k])
         name = class_names[c] if class_names is not None else f"class {c}"
-        _comparison_row(row, picture, maps[k], f"{name[:22]}\np = {probs[c]:.2f}", explanation.targets, percentile)
+        _comparison_row([block[0, 0], *block[:, 1:].flat], picture, maps[k], f"{name[:22]}\np = {probs[c]:.2f}",
+                        explanation.targets, percentile)
     for ax in axes.flat:
         ax.set_axis_off()
     if title:

@@ -213,6 +213,30 @@ def test_the_introduction_opens_with_a_working_explorer(page, base_url):
     page.log.assert_clean()
 
 
+VISIBLE_PICTURE = f"""() => {{
+    const shown = [...document.querySelectorAll('.{STATIC_CLASS} img')].find(el => el.offsetParent !== null
+                                                                         && el.getClientRects().length > 0);
+    return shown ? {{shown: shown.getBoundingClientRect().width, natural: shown.naturalWidth}} : null;
+}}"""
+
+
+def test_the_introductions_comparison_maps_are_large_enough_to_compare(page, base_url):
+    "At a 1280 px window each panel of the Introduction's comparison figure is drawn at least 200 px wide."
+    import inspect
+
+    from contrastive_explanations.explorer import static_explorer
+    from contrastive_explanations.viz import comparison_figure
+
+    _open(page, base_url, "index.html")
+    page.locator(f".{STATIC_CLASS}").first.wait_for(timeout=30_000)
+    picture = page.evaluate(VISIBLE_PICTURE)
+    assert picture and picture["natural"] > 0, "the Introduction's explorer shows no picture"
+    defaults = {k: v.default for f in (static_explorer, comparison_figure)
+                for k, v in inspect.signature(f).parameters.items() if v.default is not inspect.Parameter.empty}
+    panel = defaults["size"] * defaults["dpi"] * picture["shown"] / picture["natural"]  # a panel's drawn width
+    assert panel >= 200, f"each comparison panel is drawn {panel:.0f} px wide (picture {picture}): too small to compare"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The Introduction's photo explainer: the reader's own image, explained in the page (tools/static/photo-explainer.js)
 
