@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 _METHODS = ["METHODS", "TARGETS", "Method", "Explanation", "Target", "get_target", "Gradient", "LinearApproximation",
             "GradCAM", "XGradCAM", "FullGrad", "ViTGradCAM", "AttentionRollout", "OriginalTarget", "MeanTarget",
-            "MaxTarget", "WeightedTarget", "WeightedLogTarget"]
+            "MaxTarget", "WeightedTarget", "WeightedLogTarget", "VersusTarget", "FinerWeightedTarget",
+            "FinerMeanTarget", "ReSTTarget"]
 _HOMES = {**{name: ".methods" for name in _METHODS}, "MODELS": ".data.models", "build_model": ".data.models"}
 _SUBMODULES = {"methods", "data", "experiments", "files", "metrics", "results", "run", "viz", "explorer", "cli", "claims"}
 
@@ -26,9 +27,10 @@ __all__ = [*_METHODS, "MODELS", "build_model", "__version__"]
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors; at run time they load on first use
     from .data.models import MODELS, build_model
-    from .methods import (METHODS, TARGETS, AttentionRollout, Explanation, FullGrad, GradCAM, Gradient,
-                          LinearApproximation, MaxTarget, MeanTarget, Method, OriginalTarget, Target, ViTGradCAM,
-                          WeightedLogTarget, WeightedTarget, XGradCAM, get_target)
+    from .methods import (METHODS, TARGETS, AttentionRollout, Explanation, FinerMeanTarget,
+                          FinerWeightedTarget, FullGrad, GradCAM, Gradient, LinearApproximation, MaxTarget, MeanTarget,
+                          Method, OriginalTarget, ReSTTarget, Target, VersusTarget, ViTGradCAM, WeightedLogTarget,
+                          WeightedTarget, XGradCAM, get_target)
 
 
 def __getattr__(name: str):

@@ -21,7 +21,7 @@ from . import __version__
 __all__ = ['TORCHVISION_MODELS', 'FINETUNED_MODELS', 'MODEL_NAMES', 'METHOD_NAMES', 'TARGET_NAMES', 'DEFAULT_TARGETS', 'WRITER',
            'SUFFIX', 'UsageError', 'output_stems', 'output_paths', 'written_here', 'check_outputs', 'check_image',
            'check_out_dir', 'make_out_dir', 'remove_folders', 'check_arguments', 'resolve_device', 'load_model',
-           'method_for', 'read_image', 'explain_image', 'top_classes', 'explain_one', 'main']
+           'method_for', 'rival_for', 'read_image', 'explain_image', 'top_classes', 'explain_one', 'main']
 
 # %% ../nbs/20_cli.ipynb #3c125c7f
 #: The registries' names, here so that `--help` needs no torch (tests/test_cli.py checks them against
@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "model.named_modules() (default: the model's own)")
     p.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), choices=TARGET_NAMES, metavar="TARGET",
                    help=f"targets to compare, among {', '.join(TARGET_NAMES)} (default: original weighted mean max)")
+    p.add_argument("--versus", metavar="CLASS",
+                   help="also explain each class t against this rival s: the map of y_t - y_s (target versus:CLASS); "
+                        "a class index or name, e.g. 282 or 'tiger cat'; with --top-k the rival is left out of the "
+                        "top classes")
     p.add_argument("--classes", nargs="+", type=int, metavar="C",
                    help="class indices to explain, instead of the top-k (not with --top-k)")
     p.add_argument("--top-k", type=_count, metavar="K", help="explain the K most probable classes (default 2)")
@@ -110,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"also write NAME{SUFFIX}.npz: the signed maps (classes x targets x h x w), the classes, "
                         "the targets and the classes' probabilities")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.set_defaults(rival=None)  # the --versus class as an index of the model's classes, once the model is loaded
     return p
 
 # %% ../nbs/20_cli.ipynb #b0e8774f
@@ -246,6 +251,15 @@ def _check_choices(args: argparse.Namespace) -> None:
             raise UsageError(f"--classes {' '.join(map(str, bad))}: class indices start at 0")
         if len(set(args.classes)) < len(args.classes):
             raise UsageError(f"--classes {' '.join(map(str, args.classes))} names a class twice: name each once")
+    if args.versus is not None:
+        versus = args.versus.strip()
+        if not versus:
+            raise UsageError("--versus is empty: pass a class index or a class name, e.g. --versus 282")
+        if re.fullmatch(r"-\d+", versus):
+            raise UsageError(f"--versus {versus}: class indices start at 0")
+        if versus.isdigit() and int(versus) in (args.classes or []):
+            raise UsageError(f"--versus {versus} is also in --classes: a class against itself is zero; explain "
+                             "other classes, or pick another rival")
     if len(set(args.targets)) < len(args.targets):
         raise UsageError(f"--targets {' '.join(args.targets)} names a target twice: name each once")
     if not _DEVICE.fullmatch(args.device):
@@ -368,6 +382,32 @@ def method_for(args: argparse.Namespace, model):
         what = f"--layer {args.layer}" if args.layer else f"--method {args.method}"
         raise UsageError(f"{what}: {' '.join(str(e).split())}") from None
 
+# %% ../nbs/20_cli.ipynb #5fd31fb5
+def rival_for(args: argparse.Namespace, model) -> int | None:
+    "The --versus class as an index of the model's classes (None without --versus); refused in one line if it names none."
+    if args.versus is None:
+        return None
+    names, versus = list(model.categories), args.versus.strip()
+    if versus.isdigit():
+        rival = int(versus)
+        if rival >= len(names):
+            raise UsageError(f"--versus {rival}: outside [0, {len(names)}), the classes of {args.model}")
+    else:
+        hits = [i for i, name in enumerate(names) if name.casefold() == versus.casefold()]
+        if len(hits) != 1:
+            import difflib
+            close = difflib.get_close_matches(versus, names, n=3)
+            hint = (f"it names classes {', '.join(map(str, hits))}: pass the index" if hits else
+                    f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "pass a class index")
+            raise UsageError(f"--versus {versus!r} is {'not one' if hits else 'no'} class of {args.model}: {hint}")
+        rival = hits[0]
+    if rival in (args.classes or []):
+        raise UsageError(f"--versus {versus} is class {rival}, also in --classes: a class against itself is zero; "
+                         "explain other classes, or pick another rival")
+    if args.classes is None and (args.top_k or 2) > len(names) - 1:
+        raise UsageError(f"--top-k {args.top_k} with --versus: only {len(names) - 1} classes are not the rival")
+    return rival
+
 # %% ../nbs/20_cli.ipynb #ac2b8d45
 def read_image(path: Path):
     "The image at `path`, fully decoded as 8-bit RGB (EXIF orientation applied, transparency on white)."
@@ -384,6 +424,7 @@ def explain_image(model, # an ImageClassifier (with .preprocess and .categories)
                   targets: Sequence[str] = DEFAULT_TARGETS,
                   classes: Sequence[int] | None = None, # None: the top-k
                   k: int = 3,
+                  skip: int | None = None, # a class left out of the top-k (the --versus rival)
                  ) -> tuple:
     """Preprocess one image and explain the chosen (or top-k) classes under each target, on the model's device:
     (x (3, H, W), explanation), both on the CPU."""
@@ -396,7 +437,10 @@ def explain_image(model, # an ImageClassifier (with .preprocess and .categories)
     x = model.preprocess(image)[None].to(device)
     if classes is None:
         with torch.no_grad():
-            classes = model(x).topk(k, dim=1).indices[0].tolist()
+            scores = model(x)
+        if skip is not None:
+            scores[:, skip] = -torch.inf
+        classes = scores.topk(k, dim=1).indices[0].tolist()
     e = method(x, torch.tensor([list(classes)], device=device), list(targets))
     return x[0].cpu(), Explanation(e.maps.cpu(), e.logits.cpu(), e.classes.cpu(), e.targets)
 
@@ -440,10 +484,11 @@ def explain_one(path: Path, outputs: dict[str, Path], model, method, args: argpa
     "Decode one image, explain it, write its outputs (each atomically); the line the command prints for it."
     from contrastive_explanations.files import write_atomic
     image = read_image(path)  # the full decode, now: one image in memory at a time
-    x, e = explain_image(model, image, method, args.targets, args.classes, args.top_k or 2)
+    targets = [*args.targets, *([f"versus:{args.rival}"] if args.rival is not None else [])]
+    x, e = explain_image(model, image, method, targets, args.classes, args.top_k or 2, skip=args.rival)
     del image
     png = _figure_png(x, e, model.categories, f"{path.name}: {args.model}, {args.method}")
-    report = {"image": str(path), "model": args.model, "method": args.method, "targets": list(args.targets),
+    report = {"image": str(path), "model": args.model, "method": args.method, "targets": targets,
               "explained": e.classes[0].tolist(), "top": top_classes(e, model.categories),
               "written_by": f"{WRITER} {__version__}"}
     write_atomic(outputs["png"], png)
@@ -467,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("MPLBACKEND", "Agg")  # figures to files only: no window, whatever the desktop
         model = load_model(args)
         method = method_for(args, model)
+        args.rival = rival_for(args, model)
         for path, outputs in zip(images, plan):
             try:
                 print(explain_one(path, outputs, model, method, args), flush=True)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import inspect
 import json
@@ -13,7 +14,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from importlib import import_module
 from pathlib import Path
@@ -27,9 +28,9 @@ from .files import _jsonable, project_root, write_atomic, write_json
 # %% auto #0
 __all__ = ['PACKAGES', 'CONSOLE_PROGRESS', 'EXPERIMENTS', 'RENAMED', 'git_commit', 'package_versions', 'imported_files',
            'installed_package', 'code_files', 'code_version', 'device_name', 'provenance', 'set_tf32', 'uses_tf32',
-           'Experiment', 'code_module', 'shard_range', 'shard_path', 'ResultsMismatchError', 'progress_bar',
-           'compute_shard', 'merge', 'keep_aside', 'run', 'results_folders', 'load_results', 'results_dir',
-           'experiment_tables', 'find_experiment', 'reference_table']
+           'full_float32', 'Experiment', 'code_module', 'shard_range', 'shard_path', 'ResultsMismatchError',
+           'progress_bar', 'compute_shard', 'merge', 'keep_aside', 'run', 'results_folders', 'load_results',
+           'results_dir', 'experiment_tables', 'find_experiment', 'reference_table']
 
 # %% ../nbs/27_results.ipynb #9aad46a2
 PACKAGES = ("torch", "torchvision", "numpy", "pandas", "contrastive_explanations")
@@ -176,6 +177,17 @@ def uses_tf32(device: str | torch.device = "cpu") -> bool:
     "Whether CUDA work on `device` runs in TF32 now (never on a CPU)."
     return torch.device(device).type == "cuda" and (torch.backends.cudnn.allow_tf32
                                                     or torch.backends.cuda.matmul.allow_tf32)
+
+# %% ../nbs/27_results.ipynb #c3f1a0d2
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    "TF32 off (`set_tf32(False)`) inside the block; the switches as they were restored on leaving it, also after an error."
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 # %% ../nbs/27_results.ipynb #f46d3fce
 class Experiment:

@@ -232,6 +232,26 @@ def test_splits_are_disjoint_and_deterministic():
         slice(0, 20)).fingerprint()
 
 
+def test_splits_are_generated_once_and_a_caller_cannot_corrupt_them(monkeypatch):
+    import contrastive_explanations.data.birds as module
+    drawn = []
+    real = module.generate_birds
+    monkeypatch.setattr(module, "generate_birds", lambda n, seed, spec: drawn.append(n) or real(n, seed, spec))
+    first = birds_splits(seed=123457, n_train=30, n_val=5, n_test=7)
+    assert drawn == [30, 5, 7]
+    first["train"].images = torch.zeros(1)  # a caller rebinding what it was given
+    del first["test"]
+    again = birds_splits(seed=123457, n_train=30, n_val=5, n_test=7)
+    assert drawn == [30, 5, 7], "the second call must come from the cache"
+    assert sorted(again) == ["test", "train", "val"] and again["train"].images.shape == (30, 3, 64, 64)
+    fresh = real(30, split_seed(123457, "train"), BirdSpec())  # the cached splits are what a fresh draw gives
+    assert again["train"].fingerprint() == fresh.fingerprint()
+    birds_splits(seed=123457, n_train=30, n_val=5, n_test=8)  # other arguments: drawn again
+    assert drawn[3:] == [30, 5, 8]
+    with pytest.raises(ValueError, match="spec must be a BirdSpec"):
+        birds_splits(spec={"size": 64})
+
+
 def test_dataset_view(birds):
     ds = BirdsDataset(birds)
     assert len(ds) == N

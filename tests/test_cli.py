@@ -138,6 +138,10 @@ BAD = [
     ("negative class", ["good.png", "--classes", "-1"], "--classes", None),
     ("class twice", ["good.png", "--classes", "3", "3"], "--classes", None),
     ("target twice", ["good.png", "--targets", "weighted", "weighted"], "--targets", None),
+    ("versus empty", ["good.png", "--versus", " "], "--versus is empty", None),
+    ("versus negative", ["good.png", "--versus", "-3"], "--versus -3", None),
+    ("versus one of the classes", ["good.png", "--classes", "3", "--versus", "3"], "--versus 3 is also in --classes",
+     None),
     ("meta device", ["good.png", "--device", "meta"], "--device meta", None),
     ("no such device", ["good.png", "--device", "banana"], "--device banana", None),
     ("bad device index", ["good.png", "--device", "cuda:x"], "--device cuda:x", None),
@@ -182,6 +186,11 @@ BAD = [
     ("not a checkpoint", ["good.png", "--model", "vgg16_bn_cub", "--checkpoint", "notes.txt"], "--checkpoint", None),
     ("top-k beyond the classes", ["good.png", "--top-k", "5000"], "--top-k 5000", None),
     ("class beyond the classes", ["good.png", "--classes", "1000"], "--classes 1000", None),
+    ("versus beyond the classes", ["good.png", "--versus", "1000"], "--versus 1000", None),
+    ("versus no such class", ["good.png", "--versus", "tigr cat"], "did you mean 'tiger cat'", None),
+    ("versus a name of two classes", ["good.png", "--versus", "cardigan"], "264, 474", None),
+    ("versus by name one of the classes", ["good.png", "--classes", "282", "--versus", "Tiger Cat"],
+     "is class 282, also in --classes", None),
     ("ViT method on a CNN", ["good.png", "--method", "vit_gradcam"], "--method vit_gradcam", None),
     ("no such layer", ["good.png", "--layer", "no.such.layer"], "--layer no.such.layer", None),
     ("layer on a method without one", ["good.png", "--method", "gradient", "--layer", "net.features"], "--layer",
@@ -337,6 +346,29 @@ def test_the_classes_asked_for_are_explained(tmp_path):
     report = json.loads((tmp_path / f"p{SUFFIX}.json").read_text())
     assert report["explained"] == [7, 281] and report["targets"] == ["original", "weighted"]
     assert report["written_by"] == f"{WRITER} {__import__('contrastive_explanations').__version__}"
+
+
+def test_versus_adds_the_contrast_with_the_rival(tmp_path):
+    "--versus: the map of y_t - y_s, which for GradCAM (linear in the gradient) is the map of t minus that of s."
+    photo = picture(tmp_path / "p.png")
+    out = tmp_path / "out"
+    runs = {}
+    for name, argv in (("versus", ["--classes", "281", "--targets", "original", "--versus", "tiger cat"]),
+                       ("rival", ["--classes", "282", "--targets", "original"])):
+        assert main([str(photo), "--save-maps", "--out-dir", str(out / name), *argv]) == 0
+        report = json.loads((out / name / f"p{SUFFIX}.json").read_text())
+        with np.load(out / name / f"p{SUFFIX}.npz") as saved:
+            runs[name] = report, saved["maps"], list(saved["targets"])
+    report, maps, targets = runs["versus"]
+    assert report["targets"] == targets == ["original", "versus:282"] and report["explained"] == [281]
+    rival = runs["rival"][1][0, 0]
+    assert np.abs(rival).max() > 0 and not np.allclose(maps[0, 1], maps[0, 0])
+    np.testing.assert_allclose(maps[0, 1], maps[0, 0] - rival, atol=1e-5 * np.abs(maps).max())
+    top = report["top"][0]["class"]  # with --top-k, the rival is left out of the explained classes
+    assert main([str(photo), "--top-k", "1", "--targets", "original", "--versus", str(top), "--out-dir",
+                 str(out / "top")]) == 0
+    explained = json.loads((out / "top" / f"p{SUFFIX}.json").read_text())["explained"]
+    assert explained == [report["top"][1]["class"]] and top not in explained
 
 
 def test_a_cat_is_a_cat(tmp_path):

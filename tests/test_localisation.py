@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastive_explanations.data.birds import CLASSES, PART_NAMES, generate_birds
+from contrastive_explanations.data.birds import CLASSES, PART_NAMES, BirdsDataset, generate_birds
+from contrastive_explanations.data.sources import Source
 from contrastive_explanations.experiments.localisation import (CNN_METHODS, EXPLAINED_TARGETS, VARIANTS, VIT_METHODS,
                                                                Localisation, contrast_parts, contrastive_gains,
                                                                measure_summary, methods_for, paired_differences)
@@ -170,9 +171,20 @@ def tiny():
     return generate_birds(24, seed=5), net
 
 
+class TinyLocalisation(Localisation):
+    "Localisation on the birds and network of `birds_and_net`: a source of their own in place of the settings'."
+    birds_and_net = None
+
+    def build_sources(self) -> list[Source]:
+        test, net = self.birds_and_net
+        part = test.discriminating_part
+        return [Source("birds", type(net).__name__, net, BirdsDataset(test), test.class_names,
+                       part_mask=lambda i, c: test.masks[i, part[c]])]
+
+
 def tiny_localisation(tiny, **kwargs) -> Localisation:
-    test, net = tiny
-    return Localisation(**{"model": net, "test": test, "threshold": 0.0, "batch_size": 4, **kwargs})
+    cls = type("Tiny", (TinyLocalisation,), {"birds_and_net": tiny})
+    return cls(**{"threshold": 0.0, "batch_size": 4, **kwargs})
 
 
 def test_rows_measure_every_method_class_and_target(tiny):
@@ -182,7 +194,7 @@ def test_rows_measure_every_method_class_and_target(tiny):
     rows = pd.DataFrame(exp.rows([0, 1]))
     assert len(rows) == 2 * 5 * 2  # images x methods x classes
     assert set(rows["method"]) == {"gradient", "linear_approximation", "gradcam", "xgradcam", "fullgrad"}
-    i = int(exp.items[0])
+    i = exp.sources[0].items[0]
     first = rows[rows["image"] == i]
     assert (first["part"] == PART_NAMES[int(contrast_parts(exp.t1[i:i + 1], exp.t2[i:i + 1])[0])]).all()
     assert np.isclose(first["area"].iloc[0], exp.test.masks[i, PART_NAMES.index(first["part"].iloc[0])].float().mean())
@@ -231,7 +243,7 @@ def test_vit_gets_the_vit_methods(tiny):
     assert set(rows["method"]) == set(VIT_METHODS) and len(rows) == 2 * 4 * 2
     # the signed rollout's rows are the signed AttentionRollout's maps, measured on the part: an oracle built here
     from contrastive_explanations.methods.vit import AttentionRollout
-    i = int(exp.items[0])
+    i = exp.sources[0].items[0]
     x = exp.test.images[i:i + 1].float() / 255
     classes = torch.tensor([[int(exp.t1[i]), int(exp.t2[i])]])
     mask = exp.test.masks[i, int(contrast_parts(exp.t1[i:i + 1], exp.t2[i:i + 1])[0])]
@@ -290,11 +302,10 @@ def test_one_map_under_several_names_is_one_setting_of_the_claim(tiny):
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_test": 0}, "n_test must be an int >= 1"),
     ({"seed": 1.5}, "seed must be an int >= 0"),
-    ({"model": "resnet18"}, "model must be 'small_cnn', 'small_vit' or a torch.nn.Module"),
+    ({"model": "resnet18"}, "model must be 'small_cnn' or 'small_vit'"),
     ({"threshold": 1.0}, r"threshold must be a probability in \[0, 1\)"),
     ({"max_images": -1}, "max_images must be an int >= 0"),
     ({"batch_size": 0}, "batch_size must be an int >= 1"),
-    ({"test": torch.zeros(2, 3, 64, 64)}, "test must be a Birds"),
     ({"layer": "9"}, "model has no layer '9'"),
 ])
 def test_experiment_bad_arguments(tiny, kwargs, match):
@@ -331,3 +342,41 @@ def test_profiles_name_the_runs():
     paper = load_profile("paper", {"data_root": "/data"}).run_settings("localisation")
     assert [(r["n_test"], r["max_images"]) for r in paper.values()] == [(20000, None), (20000, None)]
     assert all("profile" not in r and "data_root" not in r for r in paper.values())
+
+
+def test_a_source_without_birds_or_parts_is_refused(tiny):
+    from torch.utils.data import TensorDataset
+    test, net = tiny
+
+    class NoParts(Localisation):
+        def build_sources(self):
+            return [Source("birds", "net", net, BirdsDataset(test), test.class_names)]
+
+    class NoBirds(Localisation):
+        def build_sources(self):
+            return [Source("tensors", "net", net, TensorDataset(test.images), test.class_names)]
+
+    for cls, match in ((NoParts, "has no part_mask"), (NoBirds, "has a TensorDataset")):
+        with pytest.raises(ValueError, match=match):
+            cls(threshold=0.0)
+
+
+def test_the_settings_build_the_small_models_source(monkeypatch, tiny):
+    import contrastive_explanations.experiments.localisation as localisation
+    test, net = tiny
+    asked = []
+
+    def fake_birds_source(model, seed, sample, device, n_test):
+        asked.append((model, seed, sample, n_test))
+        part = test.discriminating_part
+        return Source("birds", model, net, BirdsDataset(test), test.class_names,
+                      part_mask=lambda i, c: test.masks[i, part[c]])
+
+    monkeypatch.setattr(localisation, "birds_source", fake_birds_source)
+    exp = Localisation("small_vit", seed=2, n_test=24, threshold=0.0, max_images=2)
+    assert asked == [("small_vit", 2, None, 24)] and exp.name == "localisation/small_vit" and exp.params["n_test"] == 24
+    # the part of each row is the source's part mask of t1, which is the part that tells t1 from t2
+    rows = pd.DataFrame(exp.rows([0, 1]))
+    for i in exp.sources[0].items:
+        part = PART_NAMES.index(rows.loc[rows["image"] == i, "part"].iloc[0])
+        assert torch.equal(exp.sources[0].part_mask(i, int(exp.t1[i])), test.masks[i, part])

@@ -381,6 +381,13 @@ def test_selection():
         index, t1, t2, p1, p2, group = item
         assert p1 >= p2 and t1 != t2 and (p2 > 0.1) == (group == "ambiguous")
     assert [i[0] for i in experiment.items] == [i[0] for i in tiny_experiment().items]  # the seed decides
+    with torch.no_grad():  # by hand: float64 probabilities, the first three of each group in the seed's order
+        p = experiment.net(experiment.load(list(range(24)))).double().softmax(1).topk(2)
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0)).tolist()
+    for g, side in (("ambiguous", p.values[:, 1] > 0.1), ("confident", p.values[:, 1] < 0.1)):
+        mine = [item for item in experiment.items if item[-1] == g]
+        assert [i[0] for i in mine] == sorted([i for i in order if side[i]][:3])
+        assert all(i[3:5] == tuple(p.values[i[0]].tolist()) for i in mine)  # the float64 probabilities, exactly
     picked = experiment.sample("ambiguous", 2)
     assert len(picked) == 2 and all(experiment.items[i][-1] == "ambiguous" for i in picked)
     assert picked == experiment.sample("ambiguous", 2)
@@ -466,16 +473,87 @@ def test_figure_maps():
     assert torch.allclose(maps["gradcam"], METHODS["gradcam"](net, "3")(x, pair, list(EXPLANATIONS)).upsampled((10, 10)))
 
 
-def test_full_precision_restores_the_flags():
-    from contrastive_explanations.experiments.masking import full_precision
+def test_selection_and_rows_run_without_tf32():
+    "With TF32 switched on outside, every forward pass of the selection and of the rows sees it off (full_float32)."
+    from contrastive_explanations.results import set_tf32
 
+    net, seen = tiny_net(), []
+    net.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.matmul.allow_tf32
+                                                         or torch.backends.cudnn.allow_tf32))
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
+    set_tf32(True)
     try:
-        with pytest.raises(RuntimeError):
-            with full_precision():
-                assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-                raise RuntimeError("inside")
-        assert torch.backends.cudnn.allow_tf32
+        experiment = tiny_experiment(model=net)
+        n_selection = len(seen)
+        experiment.rows([0])
+        assert n_selection > 0 and len(seen) > n_selection and not any(seen)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored afterwards
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_selection_leaves_the_threshold_itself_out():
+    "Black images give zero logits to a bias-free head: p2 = 0.25 exactly, in neither group at threshold 0.25."
+    from contrastive_explanations.experiments.masking import _select_items
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4, bias=False))
+    torch.manual_seed(0)
+    x = torch.rand(12, 3, 4, 4) * 3
+    x[::2] = 0  # the even images: uniform probabilities
+    items = _select_items(net.eval(), lambda i: x[i], 12, 0.25, None, 0, 5)
+    assert {i[0] for i in items}.isdisjoint(range(0, 12, 2)) and len(items) == 6
+
+
+# --- the prose: words chosen by the numbers -------------------------------------------------------------------------
+
+def test_direction_counts_and_verdict():
+    from contrastive_explanations.experiments.masking import REVIEW_LABEL, direction_counts, direction_verdict
+
+    means = pd.DataFrame({"target": ["t1"] * 4 + ["t2"] * 4, "features": ["pos", "pos", "neg", "neg"] * 2,
+                          "method": ["a", "b"] * 4, "ori": [0.5, 0.5, 0.5, 0.5, 0.2, 0.2, 0.2, 0.2],
+                          "wtd": [0.6, 0.4, 0.4, 0.4, 0.3, 0.3, 0.1, 0.3]}).set_index(["method", "target", "features"])
+    counts = direction_counts(means)  # pos: wtd above ori; neg: wtd below ori
+    assert counts.to_dict() == {("t1", "neg"): "2 of 2", ("t1", "pos"): "1 of 2", ("t2", "neg"): "1 of 2",
+                                ("t2", "pos"): "2 of 2"}
+    comparison = pd.DataFrame([counts, pd.Series({("t1", "pos"): "2 of 2", ("t1", "neg"): "0 of 2", ("t2", "pos"): "2 of 2",
+                                                  ("t2", "neg"): "2 of 2"})], index=["ours", REVIEW_LABEL])
+    text = direction_verdict(comparison, "ours")
+    assert text.startswith("t1: keep-positive 1 of 2, keep-negative 2 of 2; t2: keep-positive 2 of 2")
+    # a half is no majority: t1 pos (1 of 2) and t2 neg (1 of 2) differ from the review's 2 of 2; t1 neg (2 of 2 vs 0 of 2) too
+    other = text.split("the other way from the review's in ")[1].split(", ")
+    assert sorted(other) == ["t1 keep-negative", "t1 keep-positive", "t2 keep-negative"]
+    comparison.loc["ours"] = comparison.loc[REVIEW_LABEL]
+    assert text != direction_verdict(comparison, "ours") and direction_verdict(comparison, "ours").endswith(
+        "the majority points the way the review's does")
+
+
+def test_deltas_intervals_and_their_words():
+    from contrastive_explanations.experiments.masking import (delta_text, excludes_zero, interval_reading,
+                                                              paired_deltas)
+
+    rows = pd.DataFrame({"group": "ambiguous", "variant": "ours", "target": "t1", "features": "pos",
+                         "item": [0, 0, 1, 1, 2, 2], "ori": [0.5] * 6, "wtd": [0.6, 0.8, 0.5, 0.7, 0.55, 0.65]})
+    got = paired_deltas(rows, "ambiguous").loc[("ours", "t1", "pos")]
+    per_image = np.array([0.2, 0.1, 0.1])  # each image's mean of wtd - ori
+    assert got["images"] == 3 and np.isclose(got["mean Δ"], per_image.mean())
+    assert np.isclose(got["± 95%"], 1.96 * per_image.std(ddof=1) / np.sqrt(3))
+    assert got["share of images Δ favours wtd"] == 1.0
+    assert delta_text(got) == f"{per_image.mean():+.3f} ± {1.96 * per_image.std(ddof=1) / np.sqrt(3):.3f}"
+    assert excludes_zero(got) and not excludes_zero(pd.Series({"mean Δ": 0.01, "± 95%": 0.02}))
+    assert interval_reading({"pos": True, "neg": False}) == "only keep-positive's interval leaves out zero"
+    assert interval_reading({"pos": True, "neg": True}) == "both intervals leave out zero"
+    assert interval_reading({}) == "neither interval leaves out zero"
+
+
+def test_table_facts_and_setting_texts():
+    from contrastive_explanations.experiments.masking import differences_texts, setting_texts, table_facts
+
+    rows = pd.DataFrame({"item": [0, 0, 1, 2, 3], "group": ["ambiguous", "ambiguous", "ambiguous", "confident", "confident"],
+                         "p1_is_1": [0, 0, 1, 1, 0]})
+    facts = table_facts(rows, (29, 4.2857), torch.tensor([0.1, 0.25, 0.5]))
+    assert facts == {"n_ambiguous": "2", "n_confident": "2", "p1_is_1": "2 of 4", "blur_kernel": "29",
+                     "blur_sigma": "4.29", "zero_colour": "(0.100, 0.250, 0.500)"}
+    assert "explains 2 ambiguous and 7 confident images" in setting_texts("birds", 2, 7)["setting_note"]
+    assert "(2 and 7 images per table against" in differences_texts("birds", 2, 7)["differs_model"]
+    with pytest.raises(KeyError):
+        setting_texts("photos", 1, 1)

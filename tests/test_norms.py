@@ -8,10 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from contrastive_explanations.data.datasets import DatasetNotFoundError
-from contrastive_explanations.experiments.norm_logit import (NormLogit, gradient_norms, input_normalisation, polyfit_r2, ranked_classes,
-                                            target_ranks)
+from contrastive_explanations.data.sources import Source
+from contrastive_explanations.experiments.norm_logit import (NormLogit, gradient_norms, input_normalisation, norm_logit_source,
+                                                             polyfit_r2, ranked_classes, setting_words, target_ranks)
 from contrastive_explanations.results import run
 from contrastive_explanations.run import main
 
@@ -194,9 +196,17 @@ def test_polyfit_r2_bad_input(args, match):
 
 # --- the experiment -------------------------------------------------------------------------------------------------
 
+class TinyNormLogit(NormLogit):
+    "NormLogit on a tiny network and 7 random labelled images: a source of its own in place of the settings'."
+
+    def build_sources(self) -> list[Source]:
+        images = torch.rand(7, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        return [Source("tensor", "Sequential", tiny_net(), TensorDataset(images, torch.arange(7) % 5),
+                       [f"class {c}" for c in range(5)], item_names=lambda i: f"image {i}")]
+
+
 def tiny_experiment(**kwargs) -> NormLogit:
-    images = torch.rand(7, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return NormLogit(**{"model": tiny_net(), "dataset": images, "n_images": 5, "chunk": 2, **kwargs})
+    return TinyNormLogit(**{"n_images": 5, "chunk": 2, **kwargs})
 
 
 def test_rows_hold_every_target_of_every_image():
@@ -204,10 +214,12 @@ def test_rows_hold_every_target_of_every_image():
     rows = pd.DataFrame(exp.rows([0, 1]))
     assert len(rows) == 2 * 5 and set(rows["rank"]) == set(range(5))
     assert rows.groupby("image")["logit"].apply(lambda s: s.is_monotonic_decreasing).all()
-    x = exp._images[int(exp.indices[0])][None]
+    i = exp.sources[0].items[0]
+    x = exp.sources[0].dataset[i][0][None]
     g = loop_gradients(exp.model, x, torch.arange(5)[None])[0]
-    first = rows[rows["image"] == int(exp.indices[0])].set_index("class")
+    first = rows[rows["image"] == i].set_index("class")
     np.testing.assert_allclose(first.loc[range(5), "norm"], g.flatten(1).norm(dim=1), rtol=1e-10)
+    assert (first["label"] == i % 5).all() and (first["name"] == f"image {i}").all()  # the source's labels and names
 
 
 def test_sharded_and_resumed_run_equals_a_single_run(tmp_path):
@@ -240,11 +252,13 @@ def test_missing_imagenet_root_fails_before_anything_is_written(tmp_path, monkey
     ({"batch_size": 0}, "batch_size must be an int >= 1"),
     ({"seed": -1}, "seed must be an int >= 0"),
     ({"dataset": "cifar"}, "dataset must be one of"),
+    ({"dataset": "birds"}, "model 'efficientnet_lite0' does not go with dataset 'birds'"),
+    ({"model": "small_cnn"}, "model 'small_cnn' does not go with dataset 'packaged'"),
     ({"n_images": 0}, "n_images must be an int >= 1"),
     ({"n_images": 8}, "has only 7 images"),
     ({"space": "logits"}, "space must be one of"),
     ({"chunk": 1.5}, "chunk must be an int"),
-    ({"model": 3}, "model must be a model name or a torch.nn.Module"),
+    ({"model": 3}, "model must be a model name, got a int"),
 ])
 def test_experiment_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -276,3 +290,32 @@ def test_profiles_name_the_runs_and_their_folders():
     assert {k: paper["main"][k] for k in ("model", "dataset", "n_images", "chunk", "download")} == {
         "model": "vgg16", "dataset": "imagenet", "n_images": 1000, "chunk": 32, "download": True}
     assert paper["birds"]["n_images"] == 1000 and paper["birds"]["chunk"] == 32
+
+
+def test_the_source_is_named_after_the_dataset_and_only_photos_name_their_rows(monkeypatch):
+    import contrastive_explanations.experiments.norm_logit as norm_logit
+    photos = norm_logit_source("efficientnet_lite0", "packaged")
+    assert (photos.name, photos.model_name, photos.labelled) == ("packaged", "efficientnet_lite0", False)
+    assert photos.name_of(0) == photos.dataset.classes[0]
+    built = []
+    fake = lambda model, seed, sample, device: built.append((model, seed, sample)) or Source(
+        "birds", model, tiny_net(), TensorDataset(torch.rand(3, 3, 8, 8), torch.zeros(3)), ["a"] * 5,
+        item_names=lambda i: f"bird {i}")
+    monkeypatch.setattr(norm_logit, "birds_source", fake)
+    birds = norm_logit_source("small_vit", "birds", seed=3)
+    assert built == [("small_vit", 3, None)] and birds.name == "birds" and birds.item_names is None  # rows: name ''
+
+
+@pytest.mark.parametrize("term_corr, term_share, positive, verdict, trend", [
+    (0.9, 0.8, 0.9, "applies", "grows with the logit"),
+    (0.4, 0.8, 0.9, "does not apply", "grows with the logit"),  # the term does not follow the logit
+    (0.9, 0.2, 0.5, "does not apply", "shows no consistent trend"),  # the term is small; half the images rise
+])
+def test_the_words_are_picked_by_the_numbers(term_corr, term_share, positive, verdict, trend):
+    numbers = {"images": 4, "points": 40, "targets": 10, "a": 0.1, "b": 0.2, "c": 0.3, "r2": 0.9, "r2_within": 0.5,
+               "spearman": 0.5, "spearman_positive": positive, "top_ratio": 2.0, "term_corr": term_corr,
+               "term_share": term_share, "floor_ratio": 12.0, "bound_rho": 0.4, "lowest_logit": -3.0}
+    words = setting_words(numbers, "a setting")
+    assert words["verdict"].startswith(verdict + ":") and words["trend"] == trend
+    assert words["floor_words"] == "far above it" and words["tight"].startswith("loose")  # R² within 0.5 < 0.8
+    assert words["fit_reading"].startswith("fitting each image on its own does worse")

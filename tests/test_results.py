@@ -420,3 +420,23 @@ def test_a_chapter_defined_experiment_has_its_exported_module_code_version():
     in_chapter = type("Perturbation", (R.Experiment,), {"__module__": "__main__"})
     assert R.code_module(in_chapter) == R.code_module(Perturbation) == PERTURBATION
     assert R.code_module(type("Mine", (R.Experiment,), {"__module__": "__main__"})) == "__main__"
+
+
+def test_full_float32_switches_tf32_off_inside_and_restores_it():
+    "The one TF32 switch as a context: off inside (also for uses_tf32), the previous state back after an error."
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for outside in (True, False):
+            R.set_tf32(outside)
+            with pytest.raises(RuntimeError, match="inside"):
+                with R.full_float32():
+                    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+                    assert not R.uses_tf32("cuda")
+                    raise RuntimeError("inside")
+            assert torch.backends.cuda.matmul.allow_tf32 is outside and torch.backends.cudnn.allow_tf32 is outside
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False  # mixed: each restored
+        with R.full_float32():
+            pass
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -5,6 +5,7 @@
 # %% ../../nbs/23_birds.ipynb #bf10351a
 from __future__ import annotations
 
+import functools
 import hashlib
 import zlib
 from dataclasses import dataclass
@@ -557,16 +558,28 @@ def split_seed(seed: int, split: str) -> int:
     return int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+@functools.lru_cache(maxsize=2)  # the standard splits take about 0.9 GB: at most two generations are kept
+def _cached_splits(seed: int, n_train: int, n_val: int, n_test: int, spec: BirdSpec) -> dict[str, Birds]:
+    "The generation behind `birds_splits`, kept for the next caller with the same arguments."
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    return {split: generate_birds(k, split_seed(seed, split), spec) for split, k in sizes.items()}
+
+
 def birds_splits(seed: int = 0, # the dataset's seed; each split is generated from its own seed derived from it
                  n_train: int = 20000,
                  n_val: int = 2000,
                  n_test: int = 4000,
-                 spec: BirdSpec = BirdSpec(),
+                 spec: BirdSpec = BirdSpec(), # frozen, hence hashable: part of the cache's key
                 ) -> dict[str, Birds]:
-    "Train, validation and test sets: deterministic, and drawn from disjoint random streams."
+    """Train, validation and test sets: deterministic, drawn from disjoint random streams, and generated once per
+    process for the same arguments. The dict and its Birds are the caller's own, but their tensors are shared with
+    every other caller: read them, and `clone()` a tensor before changing it in place."""
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     for split, k in sizes.items():
         if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 0):
             raise ValueError(f"n_{split} must be a non-negative int, got {k!r}: pass e.g. n_{split}=1000")
-    _check_seed(seed)
-    return {split: generate_birds(k, split_seed(seed, split), spec) for split, k in sizes.items()}
+    if not isinstance(spec, BirdSpec):
+        raise ValueError(f"spec must be a BirdSpec, got a {type(spec).__name__}: pass e.g. spec=BirdSpec(size=64)")
+    cached = _cached_splits(_check_seed(seed), int(n_train), int(n_val), int(n_test), spec)
+    return {split: birds.subset(slice(None)) for split, birds in cached.items()}  # new objects over the same tensors
+

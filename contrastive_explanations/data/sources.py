@@ -21,9 +21,9 @@ from ..files import output_dir
 
 # %% auto #0
 __all__ = ['FINETUNED', 'DATASET_LOADERS', 'FINETUNE_BASES', 'tensor_fingerprint', 'model_fingerprint', 'dataset_fingerprint',
-           'Source', 'sources_fingerprints', 'photos_source', 'birds_source', 'checkpoint_file', 'checkpoint_path',
-           'finetuned_source', 'imagenet_source', 'load_batch', 'Need', 'dataset_need', 'download_server_reachable',
-           'weights_need', 'checkpoint_need', 'finetune_needs']
+           'Source', 'sources_fingerprints', 'imagenet_network', 'photos_source', 'birds_source', 'checkpoint_file',
+           'checkpoint_path', 'finetuned_source', 'imagenet_source', 'load_batch', 'Need', 'dataset_need',
+           'download_server_reachable', 'weights_need', 'checkpoint_need', 'finetune_needs']
 
 # %% ../../nbs/28_sources.ipynb #41f0b5df
 def tensor_fingerprint(*tensors: Tensor) -> str:
@@ -95,14 +95,25 @@ def sources_fingerprints(sources: Sequence[Source]) -> dict[str, str]:
             (("model", model_fingerprint(s.model)), ("data", dataset_fingerprint(s.dataset)))}
 
 # %% ../../nbs/28_sources.ipynb #2d19ae5b
-def photos_source(device: str | torch.device = "cpu") -> Source:
-    "EfficientNet-Lite0 (ImageNet) on the packaged photographs: the embedded ImageNet example."
-    from contrastive_explanations.data.datasets import packaged_photos
-    from contrastive_explanations.data.models import build_model
+def imagenet_network(model_name: str, # a build_model name: 'efficientnet_lite0' or one of models.TORCHVISION_IMAGENET
+                     download: bool = False, # let torchvision download the DEFAULT weights when they are not cached
+                    ) -> nn.Module:
+    "An ImageNet classifier of build_model, with `download` for torchvision's networks (EfficientNet-Lite0's weights ship)."
+    from contrastive_explanations.data.models import TORCHVISION_IMAGENET, build_model
 
-    model = build_model("efficientnet_lite0").to(device)
+    return build_model(model_name, **({"download": download} if model_name in TORCHVISION_IMAGENET else {}))
+
+
+def photos_source(device: str | torch.device = "cpu",
+                  model_name: str = "efficientnet_lite0", # an ImageNet network of `imagenet_network`
+                  download: bool = False, # for a torchvision network whose weights are not cached
+                 ) -> Source:
+    "An ImageNet network (EfficientNet-Lite0 by default) on the packaged photographs: the embedded ImageNet example."
+    from contrastive_explanations.data.datasets import packaged_photos
+
+    model = imagenet_network(model_name, download).to(device)
     photos = packaged_photos(transform=model.preprocess)
-    return Source("photos", "efficientnet_lite0", model, photos, model.categories, labelled=False,
+    return Source("photos", model_name, model, photos, model.categories, labelled=False,
                   item_names=lambda i: photos.photos[i].name)
 
 
@@ -110,15 +121,16 @@ def birds_source(model_name: str, # 'small_cnn' or 'small_vit'
                  seed: int = 0, # the birds' and the training seed
                  sample: int | None = 48, # how many ambiguous test images to draw
                  device: str | torch.device = "cpu",
-                 birds: dict | None = None, # birds_splits(seed), if already generated
+                 n_test: int | None = None, # test images (the first 4,000 are the standard split); None: that split
                 ) -> Source:
     "A small model of the training chapter on the generated birds' test split, with the discriminating parts."
-    from contrastive_explanations.data.birds import BirdsDataset, birds_splits
+    from contrastive_explanations.data.birds import BirdsDataset, birds_splits, generate_birds, split_seed
     from contrastive_explanations.data.training import small_model
 
-    birds = birds if birds is not None else birds_splits(seed)
-    net, _ = small_model(model_name, seed, birds=birds)
-    test = birds["test"]
+    net, _ = small_model(model_name, seed)
+    test = birds_splits(seed)["test"]  # generated once per process: small_model asked for the same splits
+    if n_test is not None and n_test != len(test):  # the same stream, longer or shorter
+        test = generate_birds(n_test, split_seed(seed, "test"), test.spec)
     part = test.discriminating_part
     return Source("birds", model_name, net.to(device), BirdsDataset(test), test.class_names,
                   layer="3" if model_name == "small_cnn" else None, sample=sample,
@@ -174,18 +186,17 @@ def finetuned_source(name: str, # a key of FINETUNED: 'cub' or 'food101'
                   item_names=lambda i: data.samples[i][0].name)
 
 # %% ../../nbs/28_sources.ipynb #3fedee95
-def imagenet_source(model_name: str, # a network of models.TORCHVISION_IMAGENET
+def imagenet_source(model_name: str, # a network of `imagenet_network`
                     data_root: str, # the folder holding ImageNet's val/
                     download: bool = False, # let torchvision download the DEFAULT weights when they are not cached
                     device: str | torch.device = "cpu",
                     output_root: str = "", # where ImageNet's class index parsed from the devkit goes
                    ) -> Source:
-    "A torchvision network with its DEFAULT weights on ImageNet val, labelled: the review's Figure 1 setting."
+    "An ImageNet network (a torchvision one with its DEFAULT weights) on ImageNet val, labelled: the review's Figure 1 setting."
     from contrastive_explanations.data.datasets import imagenet
-    from contrastive_explanations.data.models import build_model
 
     data = imagenet(data_root, index_dir=output_dir(output_root, "imagenet"))  # first: a missing data root is reported before the weights
-    model = build_model(model_name, download=download).to(device)
+    model = imagenet_network(model_name, download).to(device)
     data.transform = model.preprocess
     return Source("imagenet", model_name, model, data, model.categories,
                   item_names=lambda i: Path(str(data.samples[i][0])).name)

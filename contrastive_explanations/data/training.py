@@ -169,15 +169,14 @@ def small_model_key(name: str, config: TrainConfig, data_key: dict) -> str:
 def small_model(name: str, # 'small_cnn' or 'small_vit'
                 seed: int = 0, # the birds' seed and the training seed
                 epochs: int | None = None, # None: the embedded profile's `EMBEDDED_EPOCHS[name]`
-                birds: dict | None = None, # `birds_splits(seed)`, when the caller already has it
                 log: Callable[[str], None] | None = print,
                ) -> tuple[nn.Module, dict]:
     "A small model trained on the generated birds, from the cache when there (trained and cached otherwise)."
     if name not in SMALL_MODELS:
         raise ValueError(f"unknown small model {name!r}: choose one of {', '.join(SMALL_MODELS)}")
-    if birds is None:
-        from .birds import birds_splits
-        birds = birds_splits(seed)
+    from .birds import birds_splits
+
+    birds = birds_splits(seed)  # generated once per process, whoever asks first
     config = TrainConfig(epochs=epochs or EMBEDDED_EPOCHS[name], seed=seed)
     key = small_model_key(name, config, {split: b.fingerprint() for split, b in birds.items()})
     classes = len(birds["train"].class_names)

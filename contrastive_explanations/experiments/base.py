@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ from ..data.sources import Source, sources_fingerprints
 from ..results import Experiment
 
 # %% auto #0
-__all__ = ['resolve_device', 'check_count', 'group_runs', 'SourcesExperiment', 'ambiguous_items']
+__all__ = ['GROUP_SIGNS', 'resolve_device', 'check_count', 'group_runs', 'SourcesExperiment', 'ambiguity', 'scan_order', 'Choice',
+           'select_items', 'dataset_batches', 'ambiguous_items']
 
 # %% ../../nbs/30_base.ipynb #9a966227
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -86,6 +88,91 @@ class SourcesExperiment(Experiment):
         "The rows of some items of source k."
         raise NotImplementedError
 
+# %% ../../nbs/30_base.ipynb #b1a7e0c1
+GROUP_SIGNS = {"ambiguous": 1, "confident": -1}  # the value of Eq. eq-ambiguity that puts an image in each group
+
+
+def ambiguity(p: Tensor, # (N, C) probabilities: of every class, or only of the most probable ones, in any order
+              rank: int, # the k of p_k
+              threshold: float, # the tau of Eq. eq-ambiguity
+             ) -> Tensor: # (N,) int64: 1 where p_k > threshold, -1 where p_k < threshold, 0 where equal
+    "Eq. eq-ambiguity: whether each row's rank-th largest probability lies above (1), below (-1) or at (0) the threshold."
+    if p.ndim != 2 or p.shape[1] < rank:
+        raise ValueError(f"rank={rank} but the probabilities have shape {tuple(p.shape)}, only {p.shape[-1]} classes: "
+                         f"choose rank <= {p.shape[-1]}")
+    kth = p.topk(rank, dim=1).values[:, -1]
+    return (kth > threshold).long() - (kth < threshold).long()
+
+# %% ../../nbs/30_base.ipynb #b1a7e0c4
+def scan_order(n: int, # how many items there are
+               seed: int | None, # the random order's seed; None: 0, 1, ..., n - 1
+              ) -> list[int]: # a permutation of range(n)
+    "The order in which the items are screened: torch.randperm with the seed, or the items' own order."
+    if seed is None:
+        return list(range(n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+# %% ../../nbs/30_base.ipynb #b1a7e0c7
+def _check_selection(rank, threshold, n, groups: Sequence[str]) -> None:
+    "select_items' arguments, each with the fix."
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} must be a positive int, the k of p_k, e.g. 3 for p3 > threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+        raise ValueError(f"threshold={threshold!r} must lie in [0, 1), e.g. 0.1")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n={n!r} must be None (all qualifying items) or a positive int")
+    unknown = [g for g in groups if g not in GROUP_SIGNS] if not isinstance(groups, str) else [groups]
+    if unknown or not groups:
+        raise ValueError(f"groups must be a list of names in {list(GROUP_SIGNS)}, got {groups!r}: pass e.g. "
+                         "groups=('ambiguous', 'confident')")
+
+# %% ../../nbs/30_base.ipynb #b1a7e0c9
+class Choice(NamedTuple):
+    "A chosen image: its index, its most probable classes and their probabilities, highest first."
+    index: int
+    classes: tuple[int, ...]
+    probabilities: tuple[float, ...]
+
+
+def select_items(model: nn.Module, # a classifier
+                 batches: Iterable[tuple[Sequence[int], Tensor]], # (indices, images) in the order to screen them
+                 rank: int, # the k of p_k (Eq. eq-ambiguity), and how many classes each Choice records
+                 threshold: float, # the tau of Eq. eq-ambiguity, in [0, 1)
+                 n: int | None = None, # images per group; None: every image of each group
+                 groups: Sequence[str] = ("ambiguous",), # names in GROUP_SIGNS
+                 dtype: torch.dtype | None = None, # the softmax's dtype (None: the logits')
+                ) -> dict[str, list[Choice]]: # per group, sorted by index
+    "The first n images of each group in the screening order, screening batch by batch until every group is full."
+    _check_selection(rank, threshold, n, groups)
+    found = {g: [] for g in groups}
+    model.eval()
+    with torch.no_grad():
+        for indices, x in batches:
+            logits = model(x)
+            p = logits.softmax(1) if dtype is None else logits.to(dtype).softmax(1)
+            sign = ambiguity(p, rank, threshold).tolist()  # checks the rank first
+            top = p.topk(rank, dim=1)
+            for j, (i, c, q) in enumerate(zip(indices, top.indices.tolist(), top.values.tolist())):
+                for g in groups:
+                    if sign[j] == GROUP_SIGNS[g]:
+                        found[g].append(Choice(int(i), tuple(c), tuple(q)))
+            if n is not None and all(len(f) >= n for f in found.values()):
+                break
+    return {g: sorted(f[:n]) for g, f in found.items()}
+
+# %% ../../nbs/30_base.ipynb #b1a7e0cc
+def dataset_batches(dataset: Dataset, # item i -> (image, label)
+                    order: Sequence[int], # the items to read, in this order
+                    batch_size: int = 256,
+                    device: str | torch.device = "cpu",
+                    num_workers: int = 0,
+                   ) -> Iterator[tuple[list[int], Tensor]]: # (indices, images on the device)
+    "The items of `order` in batches, with their indices, read lazily (a screening that stops early reads no more)."
+    seen = 0
+    for x, _ in DataLoader(Subset(dataset, order), batch_size=batch_size, num_workers=num_workers):
+        yield list(order[seen:seen + len(x)]), x.to(device)
+        seen += len(x)
+
 # %% ../../nbs/30_base.ipynb #2e33372e
 def ambiguous_items(model: nn.Module, # a classifier of pixels in [0, 1]
                     dataset: Dataset, # item i -> (image (3, H, W) float, label)
@@ -98,27 +185,7 @@ def ambiguous_items(model: nn.Module, # a classifier of pixels in [0, 1]
                     num_workers: int = 0,
                    ) -> list[int]:
     "Sorted indices of dataset items whose rank-th largest probability exceeds threshold (all, or n drawn at random)."
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r} must be a positive int, the k of p_k, e.g. 3 for p3 > threshold")
-    if not 0 <= threshold < 1:
-        raise ValueError(f"threshold={threshold!r} must lie in [0, 1), e.g. 0.1")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"n={n!r} must be None (all qualifying items) or a positive int")
-    if n is None:
-        order = list(range(len(dataset)))
-    else:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    loader = DataLoader(Subset(dataset, order), batch_size=batch_size, num_workers=num_workers)
-    found, seen = [], 0
-    model.eval()
-    with torch.no_grad():
-        for x, _ in loader:
-            p = model(x.to(device)).softmax(1)
-            if p.shape[1] < rank:
-                raise ValueError(f"rank={rank} but the model has only {p.shape[1]} classes: choose rank <= {p.shape[1]}")
-            kth = p.topk(rank, dim=1).values[:, -1].cpu()
-            found += [order[seen + j] for j in (kth > threshold).nonzero()[:, 0].tolist()]
-            seen += len(x)
-            if n is not None and len(found) >= n:
-                break
-    return sorted(found if n is None else found[:n])
+    _check_selection(rank, threshold, n, ("ambiguous",))
+    order = scan_order(len(dataset), None if n is None else seed)
+    chosen = select_items(model, dataset_batches(dataset, order, batch_size, device, num_workers), rank, threshold, n)
+    return [c.index for c in chosen["ambiguous"]]

@@ -14,18 +14,18 @@ from torch import Tensor, nn
 
 from ..data.birds import CLASSES, GROUPS, PART_NAMES, Birds
 from ..metrics.measures import area_share, bootstrap_interval, mask_share, peak_on_part, summarise
-from .base import check_count, resolve_device
+from .base import SourcesExperiment, ambiguity, check_count, resolve_device
 from ..methods import METHODS, Method, make_method
 from ..methods.explain import ActivationMethod
-from ..results import Experiment
-from ..data.sources import model_fingerprint
+from ..data.sources import Source, birds_source
 
 # %% auto #0
 __all__ = ['CLASS_GROUP', 'GROUP_PART', 'EXPLAINED_TARGETS', 'CNN_METHODS', 'VIT_METHODS', 'VARIANTS', 'MEASURES',
-           'CONTRASTED_WITH', 'NOT_CONTRASTIVE', 'SAME_MAP', 'check_bird_classes', 'contrast_parts', 'methods_for',
-           'check_threshold', 'bird_test_split', 'top_two', 'check_bird_model', 'open_bird_model', 'same_group_items',
-           'part_measures', 'measure_rows', 'Localisation', 'measure_summary', 'paired_differences',
-           'contrast_differences', 'contrastive_gains']
+           'CONTRASTED_WITH', 'NOT_CONTRASTIVE', 'SAME_MAP', 'LABELS', 'CONTRASTIVE_LABELS', 'check_bird_classes',
+           'contrast_parts', 'methods_for', 'check_threshold', 'source_birds', 'top_two', 'check_bird_model',
+           'same_group_items', 'part_measures', 'measure_rows', 'Localisation', 'measure_summary', 'paired_differences',
+           'contrast_differences', 'contrastive_gains', 'method_key', 'interval_words', 'count_words', 'estimate_words',
+           'significance_words', 'claim_verdict', 'claim_words', 'paired_words']
 
 # %% ../../nbs/12_localisation.ipynb #7c4a3de5
 CLASS_GROUP = torch.tensor([c.group for c in CLASSES])  # (C,) each class's group
@@ -87,23 +87,16 @@ def check_threshold(threshold: float, # the probability above which the second c
     return float(threshold)
 
 # %% ../../nbs/12_localisation.ipynb #94e13a79
-def bird_test_split(seed: int = 0, # the birds' seed
-                    n_test: int = 4000, # test images to draw (the first 4,000 are the standard test split)
-                    birds: dict | None = None, # `birds_splits(seed)`, when the caller already has them
-                    test: Birds | None = None, # test images to use instead of drawing them
-                    model: str | nn.Module = "small_cnn", # a small model's name needs the birds to train on
-                   ) -> tuple[Birds, dict | None]: # the test images, and the birds' splits where they were needed
-    "The test images Localisation explains, and the birds' splits when the test images or the model need them."
-    from contrastive_explanations.data.birds import birds_splits, generate_birds, split_seed
+def source_birds(source: Source, # a source of generated birds with their part masks
+                ) -> Birds:
+    "The generated birds a source explains: Localisation needs their part masks and how each was made ambiguous."
+    from contrastive_explanations.data.birds import BirdsDataset
 
-    if test is not None and not isinstance(test, Birds):
-        raise ValueError(f"test must be a Birds, got a {type(test).__name__}: pass e.g. generate_birds(100)")
-    if birds is None and (test is None or isinstance(model, str)):
-        birds = birds_splits(seed)
-    if test is None:
-        test = birds["test"] if len(birds["test"]) == n_test else generate_birds(
-            n_test, split_seed(seed, "test"), birds["test"].spec)
-    return test, birds
+    if not isinstance(source.dataset, BirdsDataset) or source.part_mask is None:
+        what = "no part_mask" if isinstance(source.dataset, BirdsDataset) else f"a {type(source.dataset).__name__}"
+        raise ValueError(f"source {source.name!r} has {what}: Localisation needs generated birds and their parts; "
+                         "give its Source a BirdsDataset and a part_mask, as data.sources.birds_source does")
+    return source.dataset.birds
 
 # %% ../../nbs/12_localisation.ipynb #636b4a4e
 def top_two(model: nn.Module,
@@ -121,32 +114,22 @@ def top_two(model: nn.Module,
     return top.values, top.indices
 
 # %% ../../nbs/12_localisation.ipynb #a38bd44c
-def check_bird_model(model: str | nn.Module, # 'small_cnn', 'small_vit', or a module on the birds' images
-                    ) -> str | nn.Module:
-    "The model, checked: a small model's name or a module."
-    if not (isinstance(model, nn.Module) or model in ("small_cnn", "small_vit")):
-        raise ValueError(f"model must be 'small_cnn', 'small_vit' or a torch.nn.Module, got {model!r}")
+def check_bird_model(model: str, # 'small_cnn' or 'small_vit'
+                    ) -> str:
+    "The model, checked: a small model of the training chapter, by name."
+    if not (isinstance(model, str) and model in ("small_cnn", "small_vit")):
+        raise ValueError(f"model must be 'small_cnn' or 'small_vit', got {model!r}: pass e.g. model='small_cnn' "
+                         "(for a network of your own, a subclass's build_sources returns its Source)")
     return model
 
-# %% ../../nbs/12_localisation.ipynb #627a80b6
-def open_bird_model(model: str | nn.Module, # 'small_cnn', 'small_vit', or a module
-                    seed: int = 0, # the small models' seed
-                    birds: dict | None = None, # `birds_splits(seed)`, which a small model is trained on
-                   ) -> tuple[nn.Module, str]: # the network and its name (a module's class name)
-    "The network Localisation explains: a module as it is, or a small model from the training cache."
-    if isinstance(check_bird_model(model), str):
-        from contrastive_explanations.data.training import small_model
-        return small_model(model, seed, birds=birds, log=None)[0], model
-    return model, type(model).__name__
-
 # %% ../../nbs/12_localisation.ipynb #6e4055a9
-def same_group_items(p2: Tensor, # (N,) each image's second probability
+def same_group_items(top: Tensor, # (N, 2) each image's two largest probabilities, p1 and p2
                      t1: Tensor, t2: Tensor, # (N,) its two most probable classes
                      threshold: float = 0.1, # ambiguous: p2 above this
                      max_images: int = 0, # keep at most this many, in order; 0: all
                     ) -> tuple[Tensor, Tensor, int, int]: # parts (N,), ambiguous count, cross-group count, items
     "The ambiguous images whose two top classes share a group, in order, with the part that tells them apart."
-    ambiguous = p2 > threshold
+    ambiguous = ambiguity(top, 2, threshold) > 0  # Eq. eq-ambiguity: p2 above the threshold
     parts = contrast_parts(t1, t2)
     items = torch.nonzero(ambiguous & (parts >= 0))[:, 0]
     return (parts, int(ambiguous.sum()), int((ambiguous & (parts < 0)).sum()),
@@ -178,12 +161,12 @@ def measure_rows(image: dict, # the image's facts, repeated on each of its rows
             for name, (mass, peak) in measures.items() for k in range(2)]
 
 # %% ../../nbs/12_localisation.ipynb #2cc6d911
-class Localisation(Experiment):
+class Localisation(SourcesExperiment):
     "How much of each explanation of an ambiguous bird lies on the part that tells its top two classes apart."
     name = "localisation"  # an instance's name adds its folder: localisation/<model>
 
     def __init__(self,
-                 model: str | nn.Module = "small_cnn", # 'small_cnn', 'small_vit', or a module on the birds' images
+                 model: str = "small_cnn", # 'small_cnn' or 'small_vit'
                  seed: int = 0, # the birds' and the small models' seed
                  n_test: int = 4000, # test images to draw (the first 4,000 are the standard test split)
                  max_images: int | None = 300, # at most this many images, in test order; None or 0: all
@@ -191,45 +174,44 @@ class Localisation(Experiment):
                  layer: str = "3", # the activation methods' layer, for a CNN
                  batch_size: int = 50, # images per call of `rows`
                  device: str = "cpu",
-                 birds: dict | None = None, # `birds_splits(seed)`, when the caller already has them
-                 test: Birds | None = None, # test images to use instead of drawing them (tests, other data)
                 ):
+        self.model_setting = check_bird_model(model)
         self.seed, self.n_test = check_count("seed", seed, 0, "0"), check_count("n_test", n_test, 1, "4000")
         self.max_images = check_count("max_images", 0 if max_images is None else max_images, 0, "300")
         self.threshold, self.layer, self.device = check_threshold(threshold), layer, str(resolve_device(device))
         self.batch_size = check_count("batch_size", batch_size, 1, "50")
-        check_bird_model(model)
-        test, birds = bird_test_split(self.seed, self.n_test, birds, test, model)
-        self.test, self.n_test = test, len(test)
-        model, self.model_name = open_bird_model(model, self.seed, birds)
-        self.name = f"{Localisation.name}/{self.model_name}"  # results/<profile>/localisation/<model>
-        self.model = model.eval().to(self.device)
-        self.methods = methods_for(self.model, layer)
+        self.sources = self.build_sources()
+        self.screen(self.sources[0])
+        self.set_items()
+
+    def build_sources(self) -> list[Source]:
+        "The small model that the `model` setting names, on `n_test` test birds."
+        return [birds_source(self.model_setting, self.seed, None, self.device, self.n_test)]
+
+    def screen(self, source: Source) -> None:
+        "Its methods, and its items: the ambiguous test birds whose top two classes share a group, in test order."
+        self.test, self.model, self.model_name = source_birds(source), source.model.eval().to(self.device), source.model_name
+        self.name, self.n_test = f"{Localisation.name}/{self.model_name}", len(self.test)  # results/<profile>/localisation/<model>
+        self.methods = methods_for(self.model, self.layer)
         (self.p1, self.p2), (self.t1, self.t2) = (t.T for t in top_two(self.model, self.test.images, self.device))
-        self.parts, self.n_ambiguous, self.n_cross_group, self.items = same_group_items(  # in test order
-            self.p2, self.t1, self.t2, self.threshold, self.max_images)
+        self.parts, self.n_ambiguous, self.n_cross_group, items = same_group_items(
+            torch.stack([self.p1, self.p2], 1), self.t1, self.t2, self.threshold, self.max_images)
+        source.items = items.tolist()
 
     @property
     def params(self) -> dict:
         return {"model": self.model_name, "seed": self.seed, "n_test": self.n_test, "max_images": self.max_images,
                 "threshold": self.threshold, "layer": self.layer}
 
-    def fingerprints(self) -> dict:
-        return {"model": model_fingerprint(self.model), "data": self.test.fingerprint()}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def rows(self, indices: Sequence[int]) -> list[dict]:
-        idx = self.items[list(indices)]
-        x = self.test.images[idx].float().div(255).to(self.device)
-        classes = torch.stack([self.t1[idx], self.t2[idx]], 1)
-        part = self.parts[idx]
-        masks = self.test.masks[idx, part]  # (B, H, W): the part that tells t1 from t2
-        area = area_share(masks)
-        measures = part_measures(self.methods, x, classes, masks)
+    def source_rows(self, k: int, items: Sequence[int]) -> list[dict]:
+        "One row per image, method and class of some items of source k."
+        source, idx = self.sources[k], torch.tensor(items)
+        x, _ = source.batch(items)
+        classes, part = torch.stack([self.t1[idx], self.t2[idx]], 1), self.parts[idx]
+        masks = torch.stack([source.part_mask(i, int(self.t1[i])) for i in items])  # (B, H, W): t1's group's part
+        area, measures = area_share(masks), part_measures(self.methods, x.to(self.device), classes, masks)
         out = []
-        for b, i in enumerate(idx.tolist()):
+        for b, i in enumerate(items):
             image = {"image": i, "label": int(self.test.labels[i]), "t1": int(self.t1[i]), "t2": int(self.t2[i]),
                      "p1": float(self.p1[i]), "p2": float(self.p2[i]), "part": PART_NAMES[int(part[b])],
                      "area": float(area[b]), "occluded": float(self.test.occluded_fraction[i]),
@@ -322,3 +304,107 @@ def contrastive_gains(table: pd.DataFrame, # Localisation rows of one model
                      "low": low, "high": high, "n": n, "share_above": float((diff.dropna() > 0).mean())})
     return pd.DataFrame(rows, columns=["methods", "method", "compared_with", "difference", "low", "high", "n",
                                        "share_above"])
+
+# %% ../../nbs/12_localisation.ipynb #030df237
+LABELS = {"gradient": "Gradient", "linear_approximation": "Linear Approximation", "gradcam": "GradCAM",
+          "xgradcam": "XGradCAM", "fullgrad": "FullGrad", "vit_gradcam": "ViT GradCAM",
+          "attention_rollout": "attention rollout (standard)", "attention_rollout_signed": "attention rollout (signed)"}
+CONTRASTIVE_LABELS = {"attention_rollout_signed": "contrastive rollout (signed from $p_t$ against standard from $y_t$)"}
+
+
+def method_key(model: str, method: str) -> str:
+    "Glue-key stem of a method: the CNN's methods as they are, the ViT's prefixed with vit_."
+    return method if model == "small_cnn" else "vit_" + method.removeprefix("vit_")
+
+
+def interval_words(mean: float, low: float, high: float, sign: bool = False) -> tuple[str, str]:
+    "A mean and its interval as printed: '0.412' and '0.380 to 0.445' (signed: '+0.012', '-0.004 to +0.028')."
+    return (f"{mean:+.3f}" if sign else f"{mean:.3f}",
+            f"{low:+.3f} to {high:+.3f}" if sign else f"{low:.3f} to {high:.3f}")
+
+# %% ../../nbs/12_localisation.ipynb #3c8e4ed0
+def count_words(table: pd.DataFrame, # Localisation rows of one model
+                n_test: int, n_ambiguous: int, n_cross_group: int, # the experiment's counts
+               ) -> dict[str, str]: # glue-key stem -> text
+    "How many test images, ambiguous ones and explained ones, the chance level, and the shares occluded and faint."
+    first = table[(table["k"] == 1) & (table["method"] == table["method"].iloc[0])]  # one row per image
+    return {"n_test": f"{n_test:,}", "n_ambiguous": f"{n_ambiguous:,}", "n_cross_group": str(n_cross_group),
+            "share_ambiguous": f"{n_ambiguous / n_test:.0%}", "n_images": f"{first['image'].nunique():,}",
+            "chance_mass": f"{first['area'].mean():.3f}", "occluded_share": f"{(first['occluded'] > 0).mean():.0%}",
+            "faint_share": f"{(first['faint'] > 0).mean():.0%}"}
+
+# %% ../../nbs/12_localisation.ipynb #0a500347
+def estimate_words(model: str, # the run's label: 'small_cnn' or 'small_vit'
+                   summary: pd.DataFrame, differences: pd.DataFrame, # its measure_summary and paired_differences
+                   gains: dict[tuple[str, int], pd.DataFrame], # (measure, k) -> its contrastive_gains
+                  ) -> dict[str, str]: # glue-key stem -> text
+    "Means of t1 and every paired difference with their intervals, and the claim's test per distinct map."
+    words = {}
+    for row in summary[summary["k"] == 1].itertuples():
+        stem = f"{row.measure}_{method_key(model, row.method)}_{row.target}"
+        words[stem], words[stem + "_ci"] = interval_words(row.mean, row.low, row.high)
+    for row in differences.itertuples():
+        stem = f"{row.target}_minus_{row.baseline}_{row.measure}_{method_key(model, row.method)}" + ("" if row.k == 1 else "_t2")
+        words[stem], words[stem + "_ci"] = interval_words(row.difference, row.low, row.high, sign=True)
+        words[stem + "_share"] = f"{row.share_above:.0%}"
+    for row in gains[("mass", 1)].itertuples():
+        stem = f"claim_mass_{method_key(model, row.method)}"
+        words[stem], words[stem + "_ci"] = interval_words(row.difference, row.low, row.high, sign=True)
+    return words
+
+# %% ../../nbs/12_localisation.ipynb #cc5b68cb
+def significance_words(model: str, differences: pd.DataFrame, # its paired_differences
+                       gains: dict[tuple[str, int], pd.DataFrame], # (measure, k) -> its contrastive_gains
+                      ) -> dict[str, str]: # glue-key stem -> 'n of m'
+    "For t1 and each measure: the distinct maps whose gain's interval lies above (below) zero, and the targets above chance."
+    tag, words, d = "" if model == "small_cnn" else "_vit", {}, differences[differences["k"] == 1]
+    for measure in MEASURES:
+        w = gains[(measure, 1)]  # the claim's test: one row per distinct map
+        words[f"weighted_better_{measure}{tag}"] = f"{(w['low'] > 0).sum()} of {len(w)}"
+        words[f"weighted_worse_{measure}{tag}"] = f"{(w['high'] < 0).sum()} of {len(w)}"
+        for target in ("weighted", "original"):
+            c = d[(d["target"] == target) & (d["baseline"] == "chance") & (d["measure"] == measure)]
+            words[f"{target}_above_chance_{measure}{tag}"] = f"{(c['low'] > 0).sum()} of {len(c)}"
+    return words
+
+# %% ../../nbs/12_localisation.ipynb #c24b3d70
+def claim_verdict(better: int, # distinct maps whose gain's interval lies above zero
+                  total: int, # distinct maps
+                 ) -> str:
+    "Claim 2 against the ground truth: holds (every map gains), does not hold (none does), or holds only in part."
+    return "holds" if better == total else "does not hold" if better == 0 else "holds only in part"
+
+
+def claim_words(gains: dict[str, dict], # model -> (measure, k) -> contrastive_gains
+                summaries: dict[str, pd.DataFrame], # model -> measure_summary
+               ) -> dict[str, str]: # glue key -> text
+    "The claim over both models: its verdict, the count, the merged maps, the t2 counts, the ratios to chance, the largest gain."
+    where = lambda model: "CNN" if model == "small_cnn" else "ViT"
+    claim = pd.concat([g[("mass", 1)].assign(model=n) for n, g in gains.items()], ignore_index=True)  # what 18_claims counts
+    second = pd.concat([g[("mass", 2)] for g in gains.values()], ignore_index=True)
+    better, merged = int((claim["low"] > 0).sum()), [
+        f"{' = '.join(LABELS[m] for m in row.methods.split(' = '))} on the {where(row.model)}"
+        for row in claim.itertuples() if " = " in row.methods]
+    ratios = pd.concat(list(summaries.values()), ignore_index=True).query("k == 1 and measure == 'mass'")
+    ratios, best = ratios["mean"] / ratios["chance"], claim.loc[claim["difference"].idxmax()]
+    return {"claim2_verdict": claim_verdict(better, len(claim)), "claim2_better": f"{better} of {len(claim)}",
+            "claim2_merged": ("; ".join(merged) + (" count as one map each" if len(merged) > 1 else " count as one map")
+                              if merged else "no two methods give one map here"),
+            "claim2_better_t2": f"{int((second['low'] > 0).sum())} of {len(second)}",
+            "claim2_worse_t2": f"{int((second['high'] < 0).sum())} of {len(second)}",
+            "claim2_min_ratio": f"{ratios.min():.1f}", "claim2_max_ratio": f"{ratios.max():.1f}",
+            "claim2_max_gain": f"{best['difference']:+.3f}",
+            "claim2_max_gain_method": f"{CONTRASTIVE_LABELS.get(best['method'], LABELS[best['method']])} on the {where(best['model'])}"}
+
+# %% ../../nbs/12_localisation.ipynb #fa368f5c
+def paired_words(table: pd.DataFrame, # Localisation rows of the CNN
+                 seed: int = 0, # the bootstrap's seed
+                 method: str = "gradcam",
+                ) -> dict[str, str]: # glue key -> text
+    "The per-image difference's interval against the two marginal ones (t1, mass share), and the correlation behind it."
+    g = table.query(f"method == '{method}' and k == 1")[["mass_weighted", "mass_original"]].dropna()
+    marginal = [bootstrap_interval(g[c].to_numpy(), "mean", seed=seed) for c in g.columns]
+    paired = bootstrap_interval((g["mass_weighted"] - g["mass_original"]).to_numpy(), "mean", seed=seed)
+    return {"paired_correlation": f"{g['mass_weighted'].corr(g['mass_original']):.2f}",
+            "paired_width": f"{paired[2] - paired[1]:.3f}",
+            "marginal_widths": f"{marginal[0][2] - marginal[0][1]:.3f} and {marginal[1][2] - marginal[1][1]:.3f}"}

@@ -5,11 +5,10 @@
 # %% ../../nbs/08_masking.ipynb #4d5cc4b9
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,18 +22,20 @@ from ..methods.targets import REVIEW_PT_TOLERANCE, review_pt_error
 from ..data.sources import dataset_fingerprint, model_fingerprint
 from ..data.sources import (Source, birds_source, finetuned_source, load_batch, Need,
                                                    checkpoint_need, dataset_need)
-from .base import check_count, resolve_device
+from .base import ambiguity, check_count, resolve_device, scan_order, select_items
 from ..methods import METHODS, make_method
 from ..methods.explain import Method, default_layer
 from ..methods.fullgrad import FullGrad
-from ..results import Experiment
+from ..results import Experiment, full_float32
 
 # %% auto #0
 __all__ = ['FEATURES', 'VARIANTS', 'BASELINES', 'REVIEW_BLUR', 'MASKING_METHODS', 'EXPLANATIONS', 'REVIEW_EXPLANATIONS', 'GROUPS',
-           'MASKING_SOURCES', 'REVIEW_MOVED', 'relative_probability', 'pixel_ranks', 'sign_counts', 'kept_range',
-           'keep_masks', 'blur_settings', 'normalised_zero', 'baseline_images', 'explain_pairs', 'all_keeps',
-           'masking_scores', 'full_precision', 'masking_source', 'Masking', 'review_pt_summary', 'review_pt_wording',
-           'stacked_fullgrad', 'figure_maps']
+           'MASKING_SOURCES', 'REVIEW_MOVED', 'SOURCE_LABELS', 'REVIEW_LABEL', 'relative_probability', 'pixel_ranks',
+           'sign_counts', 'kept_range', 'keep_masks', 'blur_settings', 'normalised_zero', 'baseline_images',
+           'explain_pairs', 'all_keeps', 'masking_scores', 'masking_source', 'Masking', 'review_pt_summary',
+           'review_pt_wording', 'stacked_fullgrad', 'figure_maps', 'setting_texts', 'differences_texts', 'table_facts',
+           'photos_texts', 'direction_counts', 'paired_deltas', 'delta_text', 'excludes_zero', 'direction_verdict',
+           'interval_reading', 'review_pt_texts']
 
 # %% ../../nbs/08_masking.ipynb #4e909f49
 def relative_probability(logits: Tensor, # (..., C) logits
@@ -218,18 +219,7 @@ def masking_scores(model: nn.Module,
     return r, keep[:, :, :, :, 0].flatten(-2).sum(-1)
 
 # %% ../../nbs/08_masking.ipynb #de704c86
-GROUPS = ("ambiguous", "confident")  # p2 above the threshold (Table 1), below it (Table 2)
-
-
-@contextlib.contextmanager
-def full_precision() -> Iterator[None]:
-    "TF32 off for CUDA matrix products and convolutions inside (restored on exit): numbers then do not depend on batching."
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+GROUPS = ("ambiguous", "confident")  # p2 above the threshold (Table 1), below it (Table 2): Eq. eq-ambiguity of 30_base
 
 # %% ../../nbs/08_masking.ipynb #a6f76a10
 MASKING_SOURCES = ("birds", "cub")  # the small CNN on the generated birds; VGG16-bn fine-tuned on CUB-200
@@ -282,20 +272,11 @@ def _select_items(model: nn.Module,
                   seed: int, # the random order's seed
                   step: int, # images per forward pass
                  ) -> list[tuple]: # (index, t1, t2, p1, p2, group), per group sorted by index
-    "n_images of each group, drawn in a random order from `seed`, screening the images in batches until both are full."
-    order = torch.randperm(n_data, generator=torch.Generator().manual_seed(seed)).tolist()
-    found = {g: [] for g in GROUPS}
-    for start in range(0, n_data, step):
-        idx = order[start:start + step]
-        with torch.inference_mode():
-            p = model(load(idx)).double().softmax(1)
-        top = p.topk(2, dim=1)
-        for i, (p1, p2), (t1, t2) in zip(idx, top.values.tolist(), top.indices.tolist()):
-            if p2 != threshold:
-                found[GROUPS[0] if p2 > threshold else GROUPS[1]].append((i, t1, t2, p1, p2))
-        if n_images is not None and all(len(f) >= n_images for f in found.values()):
-            break
-    return [(*item, g) for g in GROUPS for item in sorted(found[g][:n_images])]
+    "n_images of each group (select_items, softmax in float64), in a random order from `seed`, `step` images a batch."
+    order = scan_order(n_data, seed)
+    batches = ((idx, load(idx)) for idx in (order[s:s + step] for s in range(0, n_data, step)))
+    chosen = select_items(model, batches, 2, threshold, n_images, GROUPS, dtype=torch.float64)
+    return [(c.index, *c.classes, *c.probabilities, g) for g in GROUPS for c in chosen[g]]
 
 # %% ../../nbs/08_masking.ipynb #3b7bd6aa
 def _pair_facts(logits: Tensor, # (B, C) clean logits
@@ -412,7 +393,7 @@ class _MaskingSetup(Experiment):
         data = self.source.dataset  # the generated birds: their uint8 pixels at once (exact, and fast)
         self.zero = normalised_zero(self.net, data.birds.images if isinstance(data, BirdsDataset) else data)
         self.blur = blur_settings(int(min(self.load([0]).shape[-2:])))
-        with full_precision():
+        with full_float32():
             self.items = _select_items(self.net, self.load, len(data), self.threshold, self.n_images, self.seed,
                                        self.forward_batch)
 
@@ -455,7 +436,7 @@ class Masking(_MaskingSetup):
 
     def rows(self, indices: Sequence[int]) -> list[dict]:
         "One row per image x method x class x variant x baseline x features: r of the original and weighted masking."
-        with full_precision():
+        with full_float32():
             return _masking_rows(self.net, self.methods, [self.items[i] for i in indices], indices, self.load,
                                  self.zero, self.blur, self.forward_batch)
 
@@ -540,3 +521,144 @@ def figure_maps(model: nn.Module,
     "The maps of Figures 2 and 3: the three activation methods and FullGrad (normalised, signed), original and weighted."
     maps, logits = explain_pairs({name: make_method(name, model, layer) for name in methods}, x, pair)
     return maps | {FullGrad.name: stacked_fullgrad(model, x, pair), "logits": logits}
+
+# %% ../../nbs/08_masking.ipynb #a7c0e002
+SOURCE_LABELS = {"birds": "the small CNN on the generated birds", "cub": "VGG16-bn on CUB-200",
+                 "custom": "the given network"}
+
+
+def setting_texts(source: str, # the experiment's source: 'birds', 'cub' or 'custom'
+                  n_ambiguous: int, n_confident: int, # images in Tables 1 and 2
+                 ) -> dict[str, str]: # model_label, setting_note
+    "The source's label, and how its setting compares with the review's (the numbers of images from the results)."
+    notes = {"birds": "**The settings differ**: the review ran VGG16-bn fine-tuned on CUB-200 (200 bird species, 224-pixel "
+                      "photographs, 14 x 14 maps, its whole test split); here a 12-class CNN on 64-pixel generated birds "
+                      f"(8 x 8 maps) explains {n_ambiguous} ambiguous and {n_confident} confident images. Absolute values "
+                      "are not comparable; the directions are.",
+             "cub": "The setting is the review's (VGG16-bn fine-tuned on CUB-200, its test split), with our fine-tuned "
+                    "checkpoint rather than theirs.",
+             "custom": "A network and images of one's own, not the review's setting."}
+    return {"model_label": SOURCE_LABELS[source], "setting_note": notes[source]}
+
+# %% ../../nbs/08_masking.ipynb #a7c0e004
+def differences_texts(source: str, # the experiment's source: 'birds', 'cub' or 'custom'
+                      n_ambiguous: int, n_confident: int, # images in Tables 1 and 2
+                     ) -> dict[str, str]: # differs_model, differs_zeros
+    "What differs from the review's setting: the model and data, and what the review variant's zeros are."
+    n_groups = f"{n_ambiguous} and {n_confident} images per table"
+    texts = {"birds": ("The embedded profile's 12-class CNN on 64-pixel generated birds stands in for VGG16-bn fine-tuned "
+                       f"on CUB-200; its maps are 8 x 8 rather than 14 x 14, and its images far fewer ({n_groups} against "
+                       "the review's whole test split). The paper profile runs the review's setting with the same code.",
+                       "for our CNN, which has no normalisation, the test split's mean colour"),
+             "cub": ("The review's: VGG16-bn fine-tuned on CUB-200, its last convolution's 14 x 14 maps, "
+                     f"{n_groups} from CUB-200's test split, with our fine-tuned checkpoint rather than the review's.",
+                     "for VGG16-bn the ImageNet mean, which its input normalisation maps to zero"),
+             "custom": (f"A network and images of one's own, not the review's setting ({n_groups}).",
+                        "the given zero colour")}
+    return dict(zip(("differs_model", "differs_zeros"), texts[source]))
+
+# %% ../../nbs/08_masking.ipynb #a7c0e006
+def table_facts(results: pd.DataFrame, # Masking's rows, or its results file
+                blur: tuple[int, float], # the experiment's (kernel, sigma)
+                zero: Tensor, # (3,) the review variant's zero colour
+               ) -> dict[str, str]: # n_ambiguous, n_confident, p1_is_1, blur_kernel, blur_sigma, zero_colour
+    "The numbers the prose quotes of the run: images per group, those with p_t1 = 1, the blur and the zero colour."
+    first = results.drop_duplicates("item")
+    counts = first["group"].value_counts()
+    return {**{f"n_{g}": str(int(counts.get(g, 0))) for g in GROUPS},
+            "p1_is_1": f"{int(first['p1_is_1'].sum())} of {len(first)}",
+            "blur_kernel": str(blur[0]), "blur_sigma": f"{blur[1]:.2f}",
+            "zero_colour": "(" + ", ".join(f"{c:.3f}" for c in zero.tolist()) + ")"}
+
+# %% ../../nbs/08_masking.ipynb #a7c0e008
+def photos_texts(n_shown: int | None, # photographs drawn; None: the settings draw none
+                 n_ambiguous: int = 0, # photographs with p2 > 0.1
+                 n_photos: int = 0, # packaged photographs
+                 model: str = "", # the model's name
+                ) -> dict[str, str]: # n_photos_ambiguous, photos_caption
+    "The photographs' figure caption: how many are ambiguous and drawn, or that these settings draw none."
+    if n_shown is None:
+        return {"n_photos_ambiguous": "none",
+                "photos_caption": "The same on real photographs, drawn where the settings have `photos: true`; "
+                                  "these settings have `photos: false`, so there is no such figure."}
+    name = {"efficientnet_lite0": "EfficientNet-Lite0"}.get(model, model)
+    return {"n_photos_ambiguous": f"{n_ambiguous} of {n_photos}",
+            "photos_caption": f"The same on real photographs (the settings have `photos: true`): {name} on {n_shown} "
+                              f"of the {n_ambiguous} of {n_photos} packaged photographs with $p_2 > 0.1$, chosen at "
+                              "random with the seed; their sources and licences are listed above the figure."}
+
+# %% ../../nbs/08_masking.ipynb #a7c0e00a
+REVIEW_LABEL = "review (VGG16-bn, CUB)"  # the review's column and row in the tables below
+
+
+def direction_counts(means: pd.DataFrame, # ori and wtd, indexed by (..., target, ..., features)
+                    ) -> pd.Series: # per (target, features): 'k of n' settings
+    "In how many settings the weighted map beats the original: a higher r for keep-positive, a lower r for keep-negative."
+    better = pd.Series(np.where(means.index.get_level_values("features") == "pos", means["wtd"] > means["ori"],
+                                means["wtd"] < means["ori"]), index=means.index)
+    return better.groupby(level=["target", "features"]).agg(lambda s: f"{int(s.sum())} of {len(s)}")
+
+# %% ../../nbs/08_masking.ipynb #a7c0e00c
+def paired_deltas(results: pd.DataFrame, # Masking's rows, or its results file
+                  group: str, # 'ambiguous' or 'confident'
+                 ) -> pd.DataFrame: # per (variant, target, features): images, mean Δ, ± 95%, share favouring wtd
+    "Mean over images of wtd - ori (each image's mean over methods and baselines), with 1.96 standard errors."
+    sub = results[results["group"] == group].assign(delta=lambda d: d["wtd"] - d["ori"])
+    per_image = sub.groupby(["variant", "target", "features", "item"])["delta"].mean()
+    g = per_image.groupby(level=["variant", "target", "features"])
+    return pd.DataFrame({"images": g.size(), "mean Δ": g.mean(), "± 95%": 1.96 * g.std(ddof=1) / np.sqrt(g.size()),
+                         "share of images Δ favours wtd": g.apply(lambda s: float(
+                             (np.where(s.index.get_level_values("features") == "pos", s > 0, s < 0)).mean()))})
+
+# %% ../../nbs/08_masking.ipynb #a7c0e00e
+def delta_text(row: pd.Series, # a row of paired_deltas
+              ) -> str:
+    "'+0.012 ± 0.004', or the mean alone where one image gives no interval."
+    if np.isnan(row["± 95%"]):
+        return f"{row['mean Δ']:+.3f} (one image: no interval)"
+    return f"{row['mean Δ']:+.3f} ± {row['± 95%']:.3f}"
+
+
+def excludes_zero(row: pd.Series, # a row of paired_deltas
+                 ) -> bool:
+    "Whether the 95% interval of the mean Δ leaves out zero (never, without an interval)."
+    return not np.isnan(row["± 95%"]) and abs(row["mean Δ"]) > row["± 95%"]
+
+# %% ../../nbs/08_masking.ipynb #a7c0e010
+def _count(cell: str) -> tuple[int, int]:
+    "'k of n' -> (k, n)."
+    k, n = cell.split(" of ")
+    return int(k), int(n)
+
+
+def direction_verdict(comparison: pd.DataFrame, # rows: sources; columns (target, features); cells 'k of n'
+                      ours: str, # the row of ours to read
+                      review: str = REVIEW_LABEL, # the review's row
+                     ) -> str:
+    "Our counts per class and mode, and where the majority points the other way from the review's."
+    cells = comparison.loc[review].dropna().index
+    counts = "; ".join(f"{t}: keep-positive {comparison.loc[ours, (t, 'pos')]}, keep-negative "
+                       f"{comparison.loc[ours, (t, 'neg')]}" for t in dict.fromkeys(t for t, _ in cells))
+    majority = lambda cell: 2 * _count(cell)[0] > _count(cell)[1]
+    other = [f"{t} keep-{'positive' if f == 'pos' else 'negative'}" for t, f in cells
+             if majority(comparison.loc[ours, (t, f)]) != majority(comparison.loc[review, (t, f)])]
+    return counts + (" settings; in all of these the majority points the way the review's does" if not other else
+                     f" settings; the majority points the other way from the review's in {', '.join(other)}")
+
+# %% ../../nbs/08_masking.ipynb #a7c0e012
+def interval_reading(excludes: dict[str, bool], # feature mode -> whether its interval leaves out zero
+                    ) -> str:
+    "Which of the keep-positive and keep-negative intervals leave out zero, in words."
+    if excludes and all(excludes.values()):
+        return "both intervals leave out zero"
+    if not any(excludes.values()):
+        return "neither interval leaves out zero"
+    return f"only keep-{'positive' if excludes.get('pos') else 'negative'}'s interval leaves out zero"
+
+# %% ../../nbs/08_masking.ipynb #a7c0e014
+def review_pt_texts(summary: pd.DataFrame, # review_pt_summary's table
+                   ) -> dict[str, str]: # review_band_count, review_pt_tolerance, review_moved, review_pt_masking
+    "The review's maps beside ours, for the prose: the images in the band, the thresholds, and review_pt_wording."
+    return {"review_band_count": f"{int(summary['in band'].sum())} of {int(summary['images'].sum())}",
+            "review_pt_tolerance": f"{REVIEW_PT_TOLERANCE:.1%}", "review_moved": f"{REVIEW_MOVED:g}",
+            "review_pt_masking": review_pt_wording(summary)}

@@ -5,23 +5,26 @@
 # %% ../../nbs/10_norm_logit.ipynb #2cde35ff
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from ..methods.explain import as_class_matrix, check_images, explaining, input_channels
-from ..data.sources import dataset_fingerprint, model_fingerprint, tensor_fingerprint
+from ..data.sources import Source, birds_source, imagenet_source, load_batch, photos_source
 from ..data.sources import Need, dataset_need, weights_need
-from .base import check_count, resolve_device
-from ..files import output_dir
-from ..results import Experiment
+from .base import SourcesExperiment, check_count, resolve_device
 
 # %% auto #0
-__all__ = ['TOP_RANKS', 'MIDDLE_RANKS', 'BOTTOM_RANKS', 'SPACES', 'DATASETS', 'target_ranks', 'ranked_classes',
-           'input_normalisation', 'output_gradients', 'gradient_norms', 'check_points', 'polyfit_r2', 'open_model',
-           'check_dataset', 'open_images', 'choose_images', 'image_at', 'target_rows', 'norm_logit_needs', 'NormLogit']
+__all__ = ['TOP_RANKS', 'MIDDLE_RANKS', 'BOTTOM_RANKS', 'SPACES', 'DATASETS', 'SMALL_MODELS', 'TREND', 'TERM_CORR', 'TERM_SHARE',
+           'FAR_ABOVE', 'MARGIN', 'TIGHT', 'SUMMARY_COLUMNS', 'SETTING_LABELS', 'target_ranks', 'ranked_classes',
+           'input_normalisation', 'output_gradients', 'gradient_norms', 'check_points', 'polyfit_r2', 'check_settings',
+           'norm_logit_source', 'choose_images', 'target_rows', 'norm_logit_needs', 'NormLogit', 'rules_text',
+           'per_image', 'setting_numbers', 'summary_table', 'fit_reading', 'tightness', 'bound_verdict',
+           'setting_words', 'setting_label', 'comparison_text']
 
 # %% ../../nbs/10_norm_logit.ipynb #df414327
 TOP_RANKS, MIDDLE_RANKS, BOTTOM_RANKS = 50, 45, 50  # the review's 145 targets per image
@@ -145,58 +148,41 @@ def polyfit_r2(x: np.ndarray, # (n,) abscissae, e.g. logits
     return coefficients, 1 - float(((y - np.polyval(coefficients, x)) ** 2).sum()) / ss_tot
 
 # %% ../../nbs/10_norm_logit.ipynb #d445f46a
-def open_model(model: str | nn.Module, # a build_model name, 'small_cnn' / 'small_vit', or a module
-               seed: int = 0, # the small models' seed
-               birds: dict | None = None, # `birds_splits(seed)`, for the small models (None: generated)
-               download: bool = False, # let torchvision download missing weights
-              ) -> tuple[nn.Module, str]: # the network and its name (a module's class name)
-    "The network NormLogit explains: a module as it is, a small model from the training cache, or a build_model name."
-    if isinstance(model, nn.Module):
-        return model, type(model).__name__
-    if model in ("small_cnn", "small_vit"):
-        from contrastive_explanations.data.training import small_model
-        return small_model(model, seed, birds=birds, log=None)[0], model
-    if isinstance(model, str):
-        from contrastive_explanations.data.models import TORCHVISION_IMAGENET, build_model
-        return build_model(model, **({"download": download} if model in TORCHVISION_IMAGENET else {})), model
-    raise ValueError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}: pass e.g. "
-                     "model='efficientnet_lite0'")
-
-# %% ../../nbs/10_norm_logit.ipynb #8fd9dbd2
-DATASETS = ("packaged", "imagenet", "birds")
+DATASETS = ("packaged", "imagenet", "birds")  # the packaged photos, ImageNet val, the birds' test split
+SMALL_MODELS = ("small_cnn", "small_vit")  # the training chapter's networks: they explain the birds, and only they do
 
 
-def check_dataset(dataset: str | Tensor, # one of DATASETS or a tensor of images
-                 ) -> str | Tensor:
-    "The dataset, checked against DATASETS."
-    if not isinstance(dataset, Tensor) and dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {', '.join(DATASETS)} or a tensor of images, got {dataset!r}")
-    return dataset
+def check_settings(model: str, # a build_model name, or one of SMALL_MODELS
+                   dataset: str, # one of DATASETS
+                  ) -> tuple[str, str]:
+    "The model and the dataset, checked: a dataset of DATASETS, with a small model exactly when it is the birds."
+    if not isinstance(dataset, str) or dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}: pass e.g. dataset='packaged'")
+    if not isinstance(model, str):
+        raise ValueError(f"model must be a model name, got a {type(model).__name__}: pass e.g. model='efficientnet_lite0' "
+                         "(for a network of your own, a subclass's build_sources returns its Source)")
+    if (model in SMALL_MODELS) != (dataset == "birds"):
+        raise ValueError(f"model {model!r} does not go with dataset {dataset!r}: the small models are trained on the "
+                         "birds, the others on ImageNet: pass e.g. model='small_cnn' with dataset='birds'")
+    return model, dataset
 
 # %% ../../nbs/10_norm_logit.ipynb #cd52db26
-def open_images(dataset: str | Tensor, # 'packaged', 'imagenet', 'birds' (test split), or images (N, 3, H, W)
-                birds: dict | None = None, # `birds_splits(seed)`, for dataset='birds'
-                data_root: str = "", # the folder holding ImageNet's val/, for dataset='imagenet'
-                output_root: str = "", # where ImageNet's class index parsed from the devkit goes ('' -> <project>/.cache)
-               ) -> dict: # dataset (its name), data (files) or images (a tensor), labels, names, key, count
-    "The images NormLogit explains, opened without a model: a tensor, the birds' test split, ImageNet, or the photos."
-    out = {"data": None, "images": None, "labels": None, "names": None}
-    if isinstance(check_dataset(dataset), Tensor):
-        if dataset.ndim != 4:
-            raise ValueError(f"images must be a (N, C, H, W) tensor, got shape {tuple(dataset.shape)}")
-        out |= {"dataset": "tensor", "images": dataset, "key": tensor_fingerprint(dataset)}
-    elif dataset == "birds":
-        test = birds["test"]
-        out |= {"dataset": "birds", "images": test.images, "labels": test.labels, "key": test.fingerprint()}
+def norm_logit_source(model: str, # a build_model name, or one of SMALL_MODELS with dataset='birds'
+                      dataset: str, # one of DATASETS
+                      seed: int = 0, # the birds' and the small models' seed
+                      data_root: str = "", # the folder holding ImageNet's val/, for dataset='imagenet'
+                      download: bool = False, # let torchvision download missing weights
+                      device: str | torch.device = "cpu",
+                      output_root: str = "", # where ImageNet's class index parsed from the devkit goes ('' -> <project>/.cache)
+                     ) -> Source:
+    "The network and images NormLogit explains: the dataset's source with `model`, named `dataset`."
+    if dataset == "birds":
+        source = birds_source(model, seed, None, device)
     elif dataset == "imagenet":
-        from contrastive_explanations.data.datasets import imagenet
-        data = imagenet(data_root, index_dir=output_dir(output_root, "imagenet"))
-        out |= {"dataset": "imagenet", "data": data, "labels": data.targets, "key": data.fingerprint()}
+        source = imagenet_source(model, data_root, download, device, output_root)  # the folder first, then the weights
     else:
-        from contrastive_explanations.data.datasets import packaged_photos
-        data = packaged_photos()
-        out |= {"dataset": "packaged", "data": data, "names": data.classes, "key": dataset_fingerprint(data)}
-    return out | {"count": len(out["images"]) if out["images"] is not None else len(out["data"])}
+        source = photos_source(device, model, download)
+    return replace(source, name=dataset, item_names=source.item_names if dataset == "packaged" else None)
 
 # %% ../../nbs/10_norm_logit.ipynb #215da115
 def choose_images(count: int, # the images there are
@@ -210,25 +196,14 @@ def choose_images(count: int, # the images there are
                          f"pass n_images <= {count}")
     return np.random.default_rng(seed).permutation(count)[:n_images]
 
-# %% ../../nbs/10_norm_logit.ipynb #403cce3d
-def image_at(images: Tensor | None, # (N, 3, H, W) images, uint8 or in [0, 1]; None: take them from data
-             data, # a dataset of (image, label) pairs, for images=None
-             i: int,
-            ) -> Tensor: # (3, H, W) in [0, 1]
-    "Image i as a float tensor in [0, 1]."
-    if images is not None:
-        x = images[i]
-        return x.float() / 255 if x.dtype == torch.uint8 else x
-    return data[i][0]
-
 # %% ../../nbs/10_norm_logit.ipynb #f6638974
 def target_rows(model: nn.Module,
                 x: Tensor, # (B, 3, H, W) pixels in [0, 1]
                 images: Sequence[int], # (B,) each image's index in its dataset
                 chunk: int = 8, # classes per batched backward pass
                 normalisation: tuple[Tensor, Tensor] | None = None, # (mean, std) from `input_normalisation`
-                names: Sequence[str] | None = None, # each dataset image's name, if any
-                labels: Sequence[int] | Tensor | None = None, # each dataset image's label, if any
+                names: Sequence[str] | None = None, # (B,) each image's name, if any
+                labels: Sequence[int] | Tensor | None = None, # (B,) each image's label (-1: none), if any
                ) -> list[dict]: # one row per image and target
     "One row per image and target of `target_ranks`: its rank, class, logit, probability, norms and gradient term."
     with torch.no_grad():
@@ -242,8 +217,8 @@ def target_rows(model: nn.Module,
     probs = logits.softmax(1)
     out = []
     for b, image in enumerate(images):
-        name = names[image] if names is not None else ""
-        label = int(labels[image]) if labels is not None else -1
+        name = names[b] if names is not None else ""
+        label = int(labels[b]) if labels is not None else -1
         for j, rank in enumerate(ranks):
             c = int(classes[b, j])
             out.append({"image": image, "name": name, "label": label, "rank": int(rank), "class": c,
@@ -252,26 +227,26 @@ def target_rows(model: nn.Module,
     return out
 
 # %% ../../nbs/10_norm_logit.ipynb #57e61c08
-def norm_logit_needs(model: str | nn.Module = "efficientnet_lite0", # NormLogit's settings, as its constructor takes them
-                     dataset: str | Tensor = "packaged",
+def norm_logit_needs(model: str = "efficientnet_lite0", # NormLogit's settings, as its constructor takes them
+                     dataset: str = "packaged",
                      data_root: str = "",
                      download: bool = False,
                      **_) -> list[Need]:
     "ImageNet needs its folder; a torchvision network needs its weights; packaged and generated ones need nothing."
     from contrastive_explanations.data.models import TORCHVISION_IMAGENET
-    needs = [dataset_need("imagenet", data_root)] if isinstance(dataset, str) and dataset == "imagenet" else []
-    if isinstance(model, str) and model in TORCHVISION_IMAGENET:
+    needs = [dataset_need("imagenet", data_root)] if dataset == "imagenet" else []
+    if model in TORCHVISION_IMAGENET:
         needs.append(weights_need(model, download))
     return needs
 
 # %% ../../nbs/10_norm_logit.ipynb #66907e23
-class NormLogit(Experiment):
+class NormLogit(SourcesExperiment):
     "The input-gradient norm and the logit of each image's `target_ranks` classes: one row per image and target."
     name = "norm_logit"  # an instance's name adds its folder: norm_logit/<model>_<dataset>
 
     def __init__(self,
-                 model: str | nn.Module = "efficientnet_lite0", # a build_model name, 'small_cnn' / 'small_vit', or a module
-                 dataset: str | Tensor = "packaged", # 'packaged', 'imagenet', 'birds' (test split), or images (N, 3, H, W)
+                 model: str = "efficientnet_lite0", # a build_model name, or 'small_cnn' / 'small_vit' (with dataset='birds')
+                 dataset: str = "packaged", # 'packaged', 'imagenet' or 'birds' (the test split)
                  n_images: int = 4, # how many images: a seeded random choice
                  data_root: str = "", # the folder holding ImageNet's val/, for dataset='imagenet'
                  seed: int = 0, # chooses the images; the birds' and the small models' seed
@@ -280,32 +255,30 @@ class NormLogit(Experiment):
                  batch_size: int = 1, # images per call of `rows`
                  device: str = "cpu",
                  download: bool = False, # let torchvision download missing weights
-                 birds: dict | None = None, # `birds_splits(seed)`, when the caller already has them
                  output_root: str = "", # where ImageNet's class index parsed from the devkit goes ('' -> <project>/.cache)
                 ):
+        self.settings = check_settings(model, dataset)  # (model, dataset), for build_sources
         self.n_images, self.seed = check_count("n_images", n_images, 1, "100"), check_count("seed", seed, 0, "0")
         self.chunk, self.batch_size = check_count("chunk", chunk, 1, "8"), check_count("batch_size", batch_size, 1, "1")
         input_normalisation(nn.Identity(), space)  # checks the name
-        self.space, self.data_root = space, str(data_root or "")
-        check_dataset(dataset)
-        if birds is None and (dataset == "birds" or model in ("small_cnn", "small_vit")):
-            from contrastive_explanations.data.birds import birds_splits
-            birds = birds_splits(self.seed)
+        self.space = space
+        self.data_root, self.download, self.device = str(data_root or ""), download, str(resolve_device(device))
         self._output_root = output_root  # where files are, not what is computed: not in params
-        opened = open_images(dataset, birds, self.data_root, output_root)  # first: a missing dataset fails before the model loads
-        self.dataset, self._data, self._images, self._labels, self._names, self._data_key, self._count = (
-            opened[k] for k in ("dataset", "data", "images", "labels", "names", "key", "count"))
-        self.device = str(resolve_device(device))  # after the data: a missing dataset is named first
-        self.model, self.model_name = open_model(model, self.seed, birds, download)
-        self.model = self.model.eval().to(self.device)
+        self.sources = self.build_sources()
+        self.prepare(self.sources[0])
+        self.set_items()
+
+    def build_sources(self) -> list[Source]:
+        "The source that the `model` and `dataset` settings name."
+        return [norm_logit_source(*self.settings, self.seed, self.data_root, self.download, self.device,
+                                  self._output_root)]
+
+    def prepare(self, source: Source) -> None:
+        "Its model on the device, its images drawn, and the experiment named after it."
+        self.model, self.model_name, self.dataset = source.model.eval().to(self.device), source.model_name, source.name
         self.name = f"{NormLogit.name}/{self.model_name}_{self.dataset}"
-        if self._data is not None:
-            if not callable(getattr(self.model, "preprocess", None)):
-                raise ValueError(f"dataset {dataset!r} holds image files, and the model {self.model_name} has no "
-                                 "`preprocess` to turn them into tensors: use an ImageClassifier from build_model")
-            self._data.transform = self.model.preprocess
-        self.indices = choose_images(self._count, self.n_images, self.seed, self.dataset)
-        self.normalisation = input_normalisation(self.model, space)
+        source.items = choose_images(len(source.dataset), self.n_images, self.seed, self.dataset).tolist()
+        self.normalisation = input_normalisation(self.model, self.space)
 
     needs = staticmethod(norm_logit_needs)  # the files and folders a run with these settings opens
 
@@ -314,13 +287,134 @@ class NormLogit(Experiment):
         return {"model": self.model_name, "dataset": self.dataset, "n_images": self.n_images, "seed": self.seed,
                 "space": self.space}
 
-    def fingerprints(self) -> dict:
-        return {"model": model_fingerprint(self.model), "data": self._data_key}
+    def source_rows(self, k: int, items: Sequence[int]) -> list[dict]:
+        "One row per image and target of some images of source k."
+        source = self.sources[k]
+        x, labels = load_batch(source, items)
+        names = [source.item_names(i) for i in items] if source.item_names else None
+        return target_rows(source.model, x.to(self.device), items, self.chunk, self.normalisation, names, labels)
 
-    def __len__(self) -> int:
-        return self.n_images
+# %% ../../nbs/10_norm_logit.ipynb #7749f477
+TREND = 0.75  # share of images whose rank correlation is positive from which the norm "grows with the logit"
+TERM_CORR, TERM_SHARE = 0.5, 0.3  # the bound's argument applies when corr(y, gradient term) and its relative size exceed both
+FAR_ABOVE = 10  # median ||grad|| ||z|| / |grad . z| from which the norms sit "far above" the floor
+MARGIN = 0.1  # a within-image R² this much above (below) the pooled one reads as better (worse)
+TIGHT = 0.8  # R² from which the quadratic pins the norm down, pooled and within an image
 
-    def rows(self, indices: Sequence[int]) -> list[dict]:
-        chosen = [int(self.indices[i]) for i in indices]
-        x = torch.stack([image_at(self._images, self._data, i) for i in chosen]).to(self.device)
-        return target_rows(self.model, x, chosen, self.chunk, self.normalisation, self._names, self._labels)
+
+def rules_text() -> str:
+    "The rules that pick the prose's words from the numbers, in words."
+    return (f"The words below come from the numbers: the norm *grows with the logit* when its rank correlation with the "
+            f"logit is positive in at least {TREND:.0%} of the images; the bound's argument *applies* when the median "
+            f"correlation of the logit with the gradient term exceeds {TERM_CORR} and the term's typical size relative "
+            f"to the logit's exceeds {TERM_SHARE}; the norms sit *far above* the floor when the median ratio of the norm "
+            f"to the floor is at least {FAR_ABOVE}; a fit within each image does *better* or *worse* than the pooled fit "
+            f"when its median $R^2$ differs from the pooled $R^2$ by at least {MARGIN}; and the relation is *tight* when "
+            f"the quadratic's $R^2$ is at least {TIGHT} both pooled and within an image, *loose* otherwise.")
+
+# %% ../../nbs/10_norm_logit.ipynb #855d7c2d
+def per_image(table: pd.DataFrame, fn: Callable[[pd.DataFrame], float]) -> pd.Series:
+    "`fn` of each image's rows."
+    return table.groupby("image").apply(fn, include_groups=False)
+
+
+def setting_numbers(table: pd.DataFrame, # NormLogit rows of one setting
+                   ) -> dict[str, float]: # statistic -> value
+    "Counts, the pooled quadratic fit and its R², and medians over images of the within-image statistics."
+    from scipy.stats import spearmanr
+
+    (a, b, c), r2 = polyfit_r2(table["logit"], table["norm"])
+    spearman, images = per_image(table, lambda d: spearmanr(d["logit"], d["norm"]).statistic), table["image"].nunique()
+    return {"images": images, "points": len(table), "targets": len(table) // images, "a": a, "b": b, "c": c, "r2": r2,
+            "r2_within": per_image(table, lambda d: polyfit_r2(d["logit"], d["norm"])[1]).median(),
+            "spearman": spearman.median(), "spearman_positive": (spearman > 0).mean(),
+            "top_ratio": per_image(table, lambda d: d.loc[d["rank"] == 0, "norm"].iloc[0] / d["norm"].median()).median(),
+            "term_corr": per_image(table, lambda d: np.corrcoef(d["logit"], d["gradient_term"])[0, 1]).median(),
+            "term_share": table["gradient_term"].abs().median() / table["logit"].abs().median(),
+            "floor_ratio": (table["norm"] * table["input_norm"] / table["gradient_term"].abs()).median(),  # 1 / |cos|
+            "bound_rho": per_image(table, lambda d: spearmanr(d["gradient_term"].abs(), d["norm"]).statistic).median(),
+            "lowest_logit": table["logit"].min()}
+
+# %% ../../nbs/10_norm_logit.ipynb #330aee0e
+SUMMARY_COLUMNS = {  # a statistic of setting_numbers -> its column in the table
+    "images": "images", "targets": "targets per image", "a": "a (y²)", "b": "b (y)", "c": "c", "r2": "R² pooled",
+    "r2_within": "R² within image (median)", "spearman": "Spearman ρ within image (median)",
+    "top_ratio": "top-1 norm / median norm (median)", "term_corr": "corr(y, ∇y·z) within image (median)",
+    "term_share": "median |∇y·z| / median |y|", "floor_ratio": "‖∇y‖‖z‖ / |∇y·z| (median)",
+    "bound_rho": "Spearman ρ(|∇y·z|, norm) within image (median)"}
+
+
+def summary_table(numbers: dict[str, dict], # run label -> its setting_numbers
+                  settings: dict[str, str], # run label -> the setting in words
+                 ) -> pd.DataFrame: # one row per setting, one column per SUMMARY_COLUMNS
+    "The settings' numbers side by side."
+    return pd.DataFrame([{"setting": settings[role], **{label: n[key] for key, label in SUMMARY_COLUMNS.items()}}
+                         for role, n in numbers.items()]).set_index("setting")
+
+# %% ../../nbs/10_norm_logit.ipynb #a7648037
+def fit_reading(pooled: float, within: float) -> str:
+    "How the within-image fit compares with the pooled one, by MARGIN."
+    pooled, within = round(pooled, 2), round(within, 2)  # as printed
+    if within >= pooled + MARGIN:
+        return (f"fitting each image on its own does better (median $R^2$ {within:.2f}): part of the scatter lies "
+                "between images, which one curve cannot absorb")
+    if within <= pooled - MARGIN:
+        return (f"fitting each image on its own does worse (median $R^2$ {within:.2f}): much of what the pooled "
+                "curve explains lies between images")
+    return f"fitting each image on its own changes little (median $R^2$ {within:.2f})"
+
+
+def tightness(pooled: float, within: float) -> str:
+    "Tight when the quadratic explains at least TIGHT of the norm's variance both pooled and within an image."
+    word = "tight" if min(round(pooled, 2), round(within, 2)) >= TIGHT else "loose"
+    return f"{word} (pooled $R^2$ {pooled:.2f}, within an image {within:.2f})"
+
+
+def bound_verdict(applies: bool, # the gradient term carries the logit (TERM_CORR, TERM_SHARE)
+                  grows: bool, # the norm grows with the logit (TREND)
+                 ) -> str:
+    "Whether the bound of Eq. eq-norm-bound ties the norm to the logit, in words."
+    if applies:
+        return "applies: the large logits are large gradient terms, which by the bound need long gradients"
+    return "does not apply: the logits are carried by the bias terms, not by the gradient term, so " + (
+        "something other than the bound ties the norm to the logit" if grows else "the bound ties nothing here")
+
+# %% ../../nbs/10_norm_logit.ipynb #36f68690
+def setting_words(n: dict[str, float], # setting_numbers of one setting
+                  setting: str, # the setting in words, e.g. "the small CNN on the birds' test split"
+                 ) -> dict[str, str]: # glue-key stem -> its text
+    "One setting's numbers as printed, and the words that the rules pick from them."
+    applies, grows = n["term_corr"] > TERM_CORR and n["term_share"] > TERM_SHARE, n["spearman_positive"] >= TREND
+    return {"setting": setting, "images": str(n["images"]), "points": f"{n['points']:,}", "r2": f"{n['r2']:.2f}",
+            "r2_within": f"{n['r2_within']:.2f}", "spearman": f"{n['spearman']:.2f}",
+            "spearman_positive": f"{n['spearman_positive']:.0%}", "top_ratio": f"{n['top_ratio']:.1f}",
+            "term_corr": f"{n['term_corr']:.2f}", "term_share": f"{n['term_share']:.2f}",
+            "bound_rho": f"{n['bound_rho']:.2f}", "floor_ratio": f"{n['floor_ratio']:.0f}",
+            "floor_words": "far above it" if n["floor_ratio"] >= FAR_ABOVE else "above it",  # >= 1 (Cauchy-Schwarz)
+            "targets": str(n["targets"]), "fit_reading": fit_reading(n["r2"], n["r2_within"]),
+            "tight": tightness(n["r2"], n["r2_within"]), "lowest_logit": f"{n['lowest_logit']:.0f}",
+            "a": f"{n['a']:.3g}", "b": f"{n['b']:.3g}", "c": f"{n['c']:.3g}",
+            "trend": "grows with the logit" if grows else "shows no consistent trend",
+            "verdict": bound_verdict(applies, grows)}
+
+# %% ../../nbs/10_norm_logit.ipynb #8d724db2
+SETTING_LABELS = {"efficientnet_lite0": "EfficientNet-Lite0", "vgg16": "VGG16", "small_cnn": "the small CNN",
+                  "small_vit": "the small ViT", "packaged": "the packaged photos",
+                  "imagenet": "ImageNet's validation images", "birds": "the birds' test split"}
+
+
+def setting_label(params: dict, # a run's params (its provenance's): model and dataset
+                 ) -> str:
+    "The run's model on its dataset, in words."
+    return " on ".join(SETTING_LABELS.get(params[k], params[k]) for k in ("model", "dataset"))
+
+
+def comparison_text(params: dict, # the main run's params
+                   ) -> str:
+    "Whether our main setting is the review's (VGG16 on ImageNet), in words."
+    if params["model"] == "vgg16" and params["dataset"] == "imagenet":
+        return (f"Our main setting is the review's: VGG16 on {params['n_images']:,} ImageNet validation images, so the "
+                "shapes can be set side by side.")
+    return (f"Our numbers come from other networks ({SETTING_LABELS.get(params['model'], params['model'])}, the small "
+            f"CNN) and other images ({SETTING_LABELS.get(params['dataset'], params['dataset'])}, the generated birds) "
+            "than its VGG16 on 1,000 ImageNet images; the paper profile reruns the review's setting.")

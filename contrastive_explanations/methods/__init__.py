@@ -5,8 +5,8 @@ from .cam import GradCAM, LinearApproximation, XGradCAM
 from .explain import ActivationMethod, Explanation, Method
 from .fullgrad import FullGrad
 from .gradient import Gradient
-from .targets import (TARGETS, MaxTarget, MeanTarget, OriginalTarget, Target, WeightedLogTarget, WeightedTarget,
-                      get_target)
+from .targets import (TARGETS, FinerMeanTarget, FinerWeightedTarget, MaxTarget, MeanTarget,
+                      OriginalTarget, ReSTTarget, Target, VersusTarget, WeightedLogTarget, WeightedTarget, get_target)
 from .vit import AttentionRollout, ViTGradCAM
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
@@ -42,4 +42,5 @@ def make_method(name: str, # a key of METHODS, e.g. 'gradcam'
 
 __all__ = ["METHODS", "make_method", "TARGETS", "Method", "Explanation", "Target", "get_target", "Gradient", "LinearApproximation",
            "GradCAM", "XGradCAM", "FullGrad", "ViTGradCAM", "AttentionRollout", "OriginalTarget", "MeanTarget",
-           "MaxTarget", "WeightedTarget", "WeightedLogTarget"]
+           "MaxTarget", "WeightedTarget", "WeightedLogTarget", "VersusTarget", "FinerWeightedTarget",
+           "FinerMeanTarget", "ReSTTarget"]

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['TARGETS', 'REVIEW_TARGETS', 'REVIEW_PT_TOLERANCE', 'check_later', 'deferred_checks', 'as_classes',
+__all__ = ['TARGETS', 'REVIEW_TARGETS', 'REVIEW_PT_TOLERANCE', 'PEER_TARGETS', 'check_later', 'deferred_checks', 'as_classes',
            'other_class_weights', 'Target', 'LinearTarget', 'OriginalTarget', 'MeanTarget', 'MaxTarget', 'rival_margin',
            'WeightedTarget', 'WeightedLogTarget', 'get_target', 'explicit_contrast', 'SoftmaxIndexTarget',
-           'review_pt_error']
+           'review_pt_error', 'nearest_classes', 'comparison_classes', 'VersusTarget', 'FinerWeightedTarget',
+           'FinerMeanTarget', 'ReSTTarget']
 
 # %% ../../nbs/01_targets.ipynb #0173733f
 class _Verdicts(list):
@@ -221,8 +222,8 @@ def get_target(name: str | Target) -> Target:
     """The target called `name` (one of `TARGETS`); a `Target` passes through.
 
     Parameters:
-        name: 'original', 'mean', 'max', 'weighted' (the methods' default), 'weighted_log', the review's variants, or
-            a Target
+        name: 'original', 'mean', 'max', 'weighted' (the methods' default), 'weighted_log', the review's variants,
+            the field's 'rest', 'finer_weighted', 'finer_mean' or 'versus:CLASS' (e.g. 'versus:207'), or a Target
     Returns:
         Target: the target object
     """
@@ -233,10 +234,13 @@ def get_target(name: str | Target) -> Target:
                         "to back-propagate from your own objective, subclass Target")
     if name in TARGETS:
         return TARGETS[name]
-    if name in REVIEW_TARGETS:  # the review's variants, asked for by name (defined below)
-        return REVIEW_TARGETS[name]
+    if name.partition(":")[0] == "versus":  # versus:CLASS, the rival named (defined below)
+        return VersusTarget.parse(name)
+    for registry in (REVIEW_TARGETS, PEER_TARGETS):  # the review's and the field's targets, defined below
+        if name in registry:
+            return registry[name]
     raise ValueError(f"unknown target {name!r}: choose one of {', '.join(TARGETS)} (or the review's "
-                     f"{', '.join(REVIEW_TARGETS)})")
+                     f"{', '.join(REVIEW_TARGETS)}; the field's {', '.join(PEER_TARGETS)}, versus:CLASS)")
 
 # %% ../../nbs/01_targets.ipynb #ceb8c476
 def explicit_contrast(phi: Tensor, # (B, C, ...) one explanation per class
@@ -287,3 +291,179 @@ def review_pt_error(logits: Tensor, # (B, C) logits, in the precision the review
     log_p = logits.detach().double().log_softmax(1)
     log_exact = log_p.gather(1, t)[:, 0] + log_p.scatter(1, t, -math.inf).logsumexp(1)  # log p_t + log(1 - p_t)
     return torch.expm1(review.log() - log_exact)  # log(0) = -inf gives -1 exactly
+
+# %% ../../nbs/01_targets.ipynb #152aa7d9
+def nearest_classes(logits: Tensor, # (B, C)
+                    t: Tensor, # (B,) the explained classes
+                    k: int = 3, # how many; at most C - 1 are returned
+                   ) -> Tensor: # (B, min(k, C - 1)) int64, nearest first
+    "The k classes whose logits lie nearest to y_t, |y_s - y_t| smallest, t itself excluded."
+    y = logits.detach()
+    distance = (y - y.gather(1, t[:, None])).abs().scatter(1, t[:, None], float("inf"))
+    return distance.topk(min(k, y.shape[1] - 1), dim=1, largest=False).indices
+
+# %% ../../nbs/01_targets.ipynb #ad03f6a6
+def _check_classes(S: Tensor, logits: Tensor, t: Tensor, what: str) -> Tensor:
+    "Refuse classes out of range, equal to t, or repeated in a row (read later inside deferred_checks); (B, k) int64."
+    C = logits.shape[1]
+    if S.numel() and check_later(((S >= 0) & (S < C)).all(), lambda: ValueError(
+            f"{what} classes must lie in [0, {C}), got values from {int(S.min())} to {int(S.max())}: pass class "
+            "indices of this model")):
+        S = S.clamp(0, C - 1)  # read later: keep the indices in bounds until then
+    same = S == t[:, None]
+    check_later(~same.any(), lambda: ValueError(
+        f"a {what} class is the explained class itself (sample {int(same.any(1).nonzero()[0])}, class "
+        f"{int(S[same][0])}): y_t - y_t is zero; name a class other than the one explained"))
+    ordered = S.sort(1).values
+    check_later((ordered[:, 1:] != ordered[:, :-1]).all(), lambda: ValueError(
+        f"{what} classes repeat within a sample: name each class once"))
+    return S.long()
+
+
+def comparison_classes(comparison: Tensor | int | list[int] | None, # (k,) or an int: for all samples; (B, k): per sample; None: the k nearest
+                       logits: Tensor, # (B, C)
+                       t: Tensor | int, # (B,) the explained classes, or one int
+                       k: int = 3, # how many nearest classes when `comparison` is None
+                       what: str = "comparison", # what the classes are called in an error
+                      ) -> Tensor: # (B, k) int64
+    "The classes S to compare t with: those given, checked, or the k nearest by |y_s - y_t|."
+    t = as_classes(t, logits)
+    if comparison is None:
+        return nearest_classes(logits, t, k)
+    S = torch.as_tensor(comparison, device=logits.device)
+    if S.is_floating_point() or S.is_complex() or S.dtype == torch.bool:
+        raise TypeError(f"{what} classes must be integers, got dtype {S.dtype}: pass class indices")
+    B = logits.shape[0]
+    S = S.reshape(1, -1).expand(B, -1) if S.ndim <= 1 else S
+    if S.ndim != 2 or S.shape[0] != B or S.shape[1] == 0:
+        raise ValueError(f"{what} classes must be one list for all samples or one row per sample, shape ({B}, k), "
+                         f"got {tuple(S.shape)}: pass e.g. [207, 208] or a ({B}, k) tensor")
+    return _check_classes(S, logits, t, what)
+
+# %% ../../nbs/01_targets.ipynb #5a182362
+class VersusTarget(LinearTarget):
+    """y_t - y_s for a rival s that the user names: why t and not s.
+
+    Parameters:
+        rival: the rival class s: one int for every sample, or a (B,) tensor, one per sample; never the explained class
+    """
+    name = "versus"
+
+    def __init__(self, rival: int | Tensor, # the rival class: one int for every sample, or (B,) one per sample
+                ):
+        if isinstance(rival, bool) or not isinstance(rival, int | Tensor):
+            raise TypeError(f"the rival is a class index (an int, or a tensor of one per sample), got "
+                            f"{type(rival).__name__}: pass e.g. VersusTarget(207)")
+        if isinstance(rival, Tensor) and (rival.ndim > 1 or rival.is_floating_point()):
+            raise ValueError(f"the rival is one integer class per sample, shape (B,), got {rival.dtype} "
+                             f"{tuple(rival.shape)}: pass an int or a 1-D integer tensor")
+        self.rival = rival
+        if isinstance(rival, int):
+            self.name = f"versus:{rival}"  # the instance's name, found again by get_target
+
+    def weights(self, logits, t):
+        t = as_classes(t, logits)
+        s = torch.as_tensor(self.rival, device=logits.device)
+        if s.ndim == 1 and s.shape != t.shape:
+            raise ValueError(f"expected one rival per sample, shape ({len(t)},), got {tuple(s.shape)}: pass an int "
+                             "for all samples, or a 1-D tensor with one class per row of logits")
+        s = comparison_classes(s if s.ndim == 0 else s[:, None], logits, t, what="rival")[:, 0]
+        return _one_hot(logits, t) - _one_hot(logits, s)
+
+    @classmethod
+    def parse(cls, name: str) -> VersusTarget:
+        "The target 'versus:CLASS' names, e.g. 'versus:207'."
+        index = name.partition(":")[2]
+        if not index.isdigit():
+            raise ValueError(f"{name!r} names no rival class: write versus:CLASS with a class index, e.g. 'versus:207'")
+        return cls(int(index))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.rival!r})"
+
+# %% ../../nbs/01_targets.ipynb #1260f2a3
+def _check_count(k: int, what: str) -> int:
+    "A count of nearest classes: an int >= 1."
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{what} must be a whole number of classes, at least 1, got {k!r}: pass e.g. k=3")
+    return k
+
+
+class FinerWeightedTarget(Target):
+    """pytorch-grad-cam's Finer-CAM objective: sum_S p_s (y_t - alpha y_s) / sum_S p_s, its softmax weights differentiated.
+
+    Parameters:
+        alpha: the comparison strength (pytorch-grad-cam's FinerCAM default: 1)
+        comparison: the comparison classes S: (k,) for all samples, (B, k) per sample; None: the k nearest to y_t
+        k: how many nearest classes when `comparison` is None (default 3)
+    """
+    name = "finer_weighted"
+
+    def __init__(self, alpha: float = 1.0, # the comparison strength (pytorch-grad-cam's FinerCAM default: 1)
+                 comparison: Tensor | list[int] | None = None, # the classes S: (k,) for all samples, (B, k) per sample; None: the k nearest
+                 k: int = 3, # how many nearest classes when `comparison` is None
+                ):
+        self.alpha, self.comparison, self.k = float(alpha), comparison, _check_count(k, "k")
+
+    def _classes(self, logits: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor]:
+        t = as_classes(t, logits)
+        return t, comparison_classes(self.comparison, logits, t, self.k)
+
+    def __call__(self, logits, t):
+        t, S = self._classes(logits, t)
+        y_S = logits.gather(1, S)
+        return logits.gather(1, t[:, None])[:, 0] - self.alpha * (y_S.softmax(1) * y_S).sum(1)
+
+    def weights(self, logits, t):
+        t, S = self._classes(logits, t)
+        y_S = logits.detach().gather(1, S)
+        q = y_S.softmax(1)
+        mean = (q * y_S).sum(1, keepdim=True)  # y-bar of eq-finer-weighted-grad
+        return _one_hot(logits, t).scatter_add(1, S, -self.alpha * q * (1 + y_S - mean))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alpha={self.alpha}, comparison={self.comparison!r}, k={self.k})"
+
+# %% ../../nbs/01_targets.ipynb #35aff109
+class FinerMeanTarget(LinearTarget):
+    """torchcam's Finer-CAM objective: y_t - gamma * the mean logit of the comparison classes.
+
+    Parameters:
+        gamma: the comparison strength (torchcam's default: 0.6)
+        comparison: the comparison classes S: (k,) for all samples, (B, k) per sample; None: the k nearest to y_t
+        k: how many nearest classes when `comparison` is None (torchcam's num_references, default 3)
+    """
+    name = "finer_mean"
+
+    def __init__(self, gamma: float = 0.6, # the comparison strength (torchcam's default: 0.6)
+                 comparison: Tensor | list[int] | None = None, # the classes S: (k,) for all samples, (B, k) per sample; None: the k nearest
+                 k: int = 3, # how many nearest classes when `comparison` is None (torchcam's num_references)
+                ):
+        self.gamma, self.comparison, self.k = float(gamma), comparison, _check_count(k, "k")
+
+    def weights(self, logits, t):
+        t = as_classes(t, logits)
+        S = comparison_classes(self.comparison, logits, t, self.k)
+        share = torch.full(S.shape, -self.gamma / S.shape[1], dtype=logits.dtype, device=logits.device)
+        return _one_hot(logits, t).scatter_add(1, S, share)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(gamma={self.gamma}, comparison={self.comparison!r}, k={self.k})"
+
+# %% ../../nbs/01_targets.ipynb #4d1c47ac
+class ReSTTarget(Target):
+    "pytorch-grad-cam's ReST objective: y_t minus the cross-entropy loss, y_t + log p_t; the original plus weighted_log."
+    name = "rest"
+
+    def __call__(self, logits, t):
+        t = as_classes(t, logits)
+        return logits.gather(1, t[:, None])[:, 0] - F.softplus(rival_margin(logits, t))
+
+    def weights(self, logits, t):
+        t = as_classes(t, logits)
+        e_t = _one_hot(logits, t)
+        rest = torch.exp(rival_margin(logits.detach(), t) - F.softplus(rival_margin(logits.detach(), t)))  # 1 - p_t
+        return e_t + rest[:, None] * (e_t - other_class_weights(logits, t))  # (2 - p_t) e_t - sum_s p_s e_s
+
+# %% ../../nbs/01_targets.ipynb #caed0664
+PEER_TARGETS: dict[str, Target] = {T.name: T() for T in (ReSTTarget, FinerWeightedTarget, FinerMeanTarget)}  # named, not in TARGETS
