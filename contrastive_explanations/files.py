@@ -5,16 +5,18 @@
 # %% ../nbs/26_files.ipynb #7c99ccb1
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['current_umask', 'write_atomic', 'write_json', 'write_arrays', 'read_arrays', 'project_root', 'output_dir']
+__all__ = ['current_umask', 'write_atomic', 'write_json', 'write_arrays', 'read_arrays', 'digest', 'project_root', 'output_dir']
 
 # %% ../nbs/26_files.ipynb #8d7e1049
 def current_umask() -> int:
@@ -80,6 +82,16 @@ def read_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     with np.load(path, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files if k != "__provenance__"}
         return arrays, json.loads(str(f["__provenance__"]))
+
+# %% ../nbs/26_files.ipynb #9e03791a
+def digest(parts: Iterable[bytes | str], # what the fingerprint covers, fed in this order
+           length: int | None = 16, # hex characters kept; None: all 64
+          ) -> str:
+    "The sha256 of the parts in order (str as UTF-8), as hex cut to `length`: every cache key of the package."
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()[:length]
 
 # %% ../nbs/26_files.ipynb #44f1160e
 def project_root(start: str | os.PathLike | None = None) -> Path | None:

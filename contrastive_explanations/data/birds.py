@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import zlib
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from ..files import digest
 
 # %% auto #0
 __all__ = ['PART_NAMES', 'PATTERNS', 'COLOURS', 'GROUPS', 'CLASSES', 'SCENERY', 'LEAVES', 'LOOKALIKES', 'CHUNK', 'SPLITS',
@@ -485,13 +486,10 @@ class Birds:
 
     def fingerprint(self) -> str:
         "sha256 of the names and every array: cache what is trained on this data under it."
-        h = hashlib.sha256()
-        for name in (*self.part_names, *self.class_names):
-            h.update(name.encode() + b"\0")
-        for t in (self.images, self.labels, self.masks, self.occluders, self.occluded_fraction, self.faint):
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.contiguous().numpy().tobytes())
-        return h.hexdigest()
+        arrays = (self.images, self.labels, self.masks, self.occluders, self.occluded_fraction, self.faint)
+        return digest([*(name + "\0" for name in (*self.part_names, *self.class_names)),
+                       *(part for t in arrays for part in (f"{t.dtype}{tuple(t.shape)}", t.contiguous().numpy().tobytes()))],
+                      length=None)
 
     def __repr__(self) -> str:
         S = self.images.shape[-1]

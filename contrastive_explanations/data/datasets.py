@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .models import imagenet_categories
+from ..files import digest
 
 # %% auto #0
 __all__ = ['IMAGENET_DEVKIT', 'IMAGENET_TREE', 'CUB_TREE', 'FOOD101_TREE', 'PHOTOS', 'DATASETS', 'ImageReadError', 'to_rgb',
@@ -184,11 +184,9 @@ def _readable(where: str, samples: list[tuple[Path, int]]) -> tuple[list[tuple[P
 def _index_hash(name: str, split: str | None, classes: list[str], samples: list[tuple[Path, int]],
                 root: Path | None) -> str:
     "A short hash of a dataset's index (file names relative to `root`, labels, class names), not of the pixels."
-    h = hashlib.sha256(json.dumps([name, split, classes]).encode())
-    for path, label in samples:
-        rel = path.relative_to(root) if root and path.is_relative_to(root) else path
-        h.update(f"{rel.as_posix()}\t{label}\n".encode())
-    return h.hexdigest()[:16]
+    rel = [path.relative_to(root) if root and path.is_relative_to(root) else path for path, _ in samples]
+    return digest([json.dumps([name, split, classes]),
+                   *(f"{r.as_posix()}\t{label}\n" for r, (_, label) in zip(rel, samples))])
 
 # %% ../../nbs/24_datasets.ipynb #54fa77f9
 class ImageDataset(Dataset):
@@ -298,7 +296,7 @@ def _imagenet_meta(root: Path, index_dir: Path) -> dict[str, tuple[str, ...]]:
     "WordNet id -> class names from torchvision's meta.bin: <root>'s own, else one parsed from the devkit into index_dir."
     meta, devkit = root / "meta.bin", root / IMAGENET_DEVKIT
     if not meta.is_file() and devkit.is_file():  # never written under root, which may be read-only or shared
-        meta = index_dir / f"meta-{hashlib.sha256(devkit.read_bytes()).hexdigest()[:16]}.bin"  # this devkit's parse
+        meta = index_dir / f"meta-{digest([devkit.read_bytes()])}.bin"  # this devkit's parse
     if not meta.is_file():
         if not devkit.is_file():
             raise DatasetNotFoundError(_tree_message("ImageNet (torchvision layout)", root,

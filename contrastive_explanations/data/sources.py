@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .models import FINETUNED_NETWORKS
-from ..files import output_dir
+from ..files import digest, output_dir
 
 # %% auto #0
 __all__ = ['FINETUNED', 'DATASET_LOADERS', 'FINETUNE_BASES', 'tensor_fingerprint', 'model_fingerprint', 'dataset_fingerprint',
@@ -28,20 +27,14 @@ __all__ = ['FINETUNED', 'DATASET_LOADERS', 'FINETUNE_BASES', 'tensor_fingerprint
 # %% ../../nbs/28_sources.ipynb #41f0b5df
 def tensor_fingerprint(*tensors: Tensor) -> str:
     "A short sha256 of tensors' dtypes, shapes and bytes."
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+    flat = [t.detach().cpu().contiguous() for t in tensors]
+    return digest(part for t in flat for part in (f"{t.dtype}{tuple(t.shape)}",
+                                                  t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""))
 
 # %% ../../nbs/28_sources.ipynb #2b6a76ca
 def model_fingerprint(model: nn.Module) -> str:
     "A short sha256 of a model's state dict (names and values)."
-    h = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        h.update(name.encode() + b"\0" + tensor_fingerprint(value).encode())
-    return h.hexdigest()[:16]
+    return digest(f"{name}\0{tensor_fingerprint(value)}" for name, value in model.state_dict().items())
 
 # %% ../../nbs/28_sources.ipynb #bf8f2438
 def dataset_fingerprint(dataset: Dataset) -> str:
@@ -52,10 +45,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     if isinstance(dataset, BirdsDataset):
         return dataset.birds.fingerprint()[:16]
     if isinstance(dataset, PackagedPhotos):
-        h = hashlib.sha256()
-        for photo in dataset.photos:
-            h.update(photo.name.encode() + b"\0" + photo.path.read_bytes())
-        return h.hexdigest()[:16]
+        return digest(part for photo in dataset.photos for part in (photo.name + "\0", photo.path.read_bytes()))
     if callable(getattr(dataset, "fingerprint", None)):
         return str(dataset.fingerprint())[:16]
     if hasattr(dataset, "tensors"):

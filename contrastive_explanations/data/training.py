@@ -5,19 +5,20 @@
 # %% ../../nbs/25_training.ipynb #5c8a9cbf
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
+
+from ..files import digest
 
 # %% auto #0
 __all__ = ['EMBEDDED_EPOCHS', 'SMALL_MODELS', 'CUB_FINETUNE', 'FOOD101_FINETUNE', 'small_cnn', 'small_vit', 'TrainConfig',
@@ -123,11 +124,8 @@ def cache_dir() -> Path:
 # %% ../../nbs/25_training.ipynb #7a98a9c3
 def fingerprint(*parts) -> str:
     "A short sha256 of functions' source code and JSON-able values."
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(inspect.getsource(part).encode() if callable(part) else json.dumps(part, sort_keys=True,
-                                                                                  default=str).encode())
-    return h.hexdigest()[:16]
+    return digest(inspect.getsource(part) if callable(part) else json.dumps(part, sort_keys=True, default=str)
+                  for part in parts)
 
 # %% ../../nbs/25_training.ipynb #e15b6654
 def cached_training(name: str, make: Callable[[], nn.Module], fit: Callable[[nn.Module], dict], key: str,
