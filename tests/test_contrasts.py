@@ -366,3 +366,30 @@ def test_sharded_and_resumed_run_equals_a_single_run(tmp_path):
     pd.testing.assert_frame_equal(one, resumed, check_exact=False, rtol=1e-6)
     table, prov = load_results(tmp_path / "sharded")
     assert prov["experiment"] == "contrasts" and prov["shards"] == 3 and len(table) == 60
+
+
+# --- the words of the prose: each verdict follows its numbers across the stated thresholds ---
+
+def test_contrast_words_follow_the_thresholds():
+    from contrastive_explanations.experiments.contrasts import CLOSE, FAR, SHARES, nearness, share_word
+    assert (nearness(CLOSE), nearness(CLOSE - 1e-9), nearness(FAR), nearness(FAR - 1e-9)) == (
+        "close to", "neither close to nor far from", "neither close to nor far from", "far from")
+    bars = [bar for bar, _ in SHARES[:-1]]
+    assert [share_word(b) for b in bars] == [w for _, w in SHARES[:-1]]
+    assert [share_word(b - 1e-9) for b in bars] == [w for _, w in SHARES[1:]]  # just below a bar: the next word
+
+
+def test_contrast_sentences_follow_the_medians():
+    from contrastive_explanations.experiments.contrasts import (CLOSE, FAR, RELATED, lede_text, observed, rival_reading,
+                                                                wording_text)
+    both_close = observed({"photos": CLOSE, "birds": 0.99}, "A", "B")
+    assert both_close == "A is close to B (median cosine 0.90 on the packaged photographs and 0.99 on the generated birds)"
+    split = observed({"photos": CLOSE, "birds": FAR - 0.01}, "A", "B")
+    assert "close to B on the packaged photographs (0.90)" in split and "far from B on the generated birds (0.59)" in split
+    assert "the weighted contrast is far from the max contrast" in lede_text({"birds": 0.95}, {"birds": 0.1})
+    assert "the weighted contrast is close to the max contrast" in lede_text({"birds": 0.95}, {"birds": 0.95})
+    assert rival_reading({"birds": RELATED}).startswith("the weighted map comes closer")
+    assert rival_reading({"birds": -RELATED}).startswith("the weighted map moves away")
+    mixed = rival_reading({"photos": RELATED - 0.01, "birds": RELATED})
+    assert mixed.startswith("on the packaged photographs the similarity shows no") and "on the generated birds the weighted map comes closer" in mixed
+    assert f"at least {CLOSE} is close, one below {FAR} far" in wording_text()

@@ -339,3 +339,24 @@ def test_the_profiles_settings_are_the_constructors(tiny):
                                 for label, kwargs in settings.items())
     paper = load_profile("paper", {"data_root": "/data"}).run_settings("perturbation")
     assert all(kwargs["download"] is True and kwargs["n_images"] is None for kwargs in paper.values())
+
+
+# --- the words of the prose: counts and verdicts follow the numbers across the stated thresholds ---
+
+def test_perturbation_sentences_follow_the_numbers():
+    from contrastive_explanations.experiments.perturbation import (band_text, differ_verdict, picture_text,
+                                                                   saturated_text, settings_text)
+    firsts = {"small_cnn": pd.DataFrame({"review_pt_error": [0.0, 0.02, -0.05, 0.5], "clean_pt": [0.3, 0.9, 1.0, 1.0]}),
+              "resnet18": pd.DataFrame({"review_pt_error": [0.0, 0.0], "clean_pt": [0.5, 0.5]})}
+    assert band_text(firsts, 0.01) == ("3 of the 4 generated birds under the small CNN, "
+                                       "0 of the 2 ImageNet validation images under ResNet-18")
+    assert band_text(firsts, 0.1).startswith("1 of the 4")  # a larger tolerance: fewer images in the band
+    assert band_text(firsts, 0.01) != band_text(firsts, 0.1)
+    assert saturated_text(firsts).startswith("50.0% of the 4 generated birds")
+    assert settings_text(firsts) == "4 generated birds under the small CNN; 2 ImageNet validation images under ResNet-18"
+    assert picture_text("small_cnn").startswith("One bird") and picture_text("resnet18").startswith("One of the ImageNet")
+    none, one, two = (pd.Series(v) for v in ([False, False], [True, False], [True, True]))
+    inside = pd.Series([True, False])  # the first image is in the band
+    assert differ_verdict(none, inside, 1e-4).startswith("by more than 0.0001 in $\\Delta p_t$ on none:")
+    assert "on 1 image (0 of them outside the band): the two steps differ" in differ_verdict(one, inside, 1e-4)
+    assert "on 2 images (1 of them outside the band)" in differ_verdict(two, inside, 1e-4)

@@ -254,3 +254,40 @@ def test_the_defects_kept_are_the_reviews_settings_with_vit_explains_two_defects
         assert (kept.defects, fixed.defects) == (True, False)
         assert (kept.variant, kept.gradient, kept.discard_ratio) == (fixed.variant, fixed.gradient, fixed.discard_ratio)
     assert not any(m.defects for k, m in methods.items() if k.startswith("rollout") and k not in dict(DEFECT_ROLLOUTS))
+
+
+# --- the words of the prose: each verdict follows its numbers across the stated thresholds ---
+
+def test_vit_words_follow_the_intervals_and_medians():
+    from contrastive_explanations.experiments.vit_maps import (change_word, difference_word, likeness, part_word,
+                                                               sign_word, versus_chance)
+    assert [versus_chance(lo, hi) for lo, hi in ((0.001, 0.2), (-0.2, -0.001), (-0.001, 0.2))] == [
+        "above chance", "below chance", "not told apart from chance"]  # the interval crosses 0: no verdict
+    assert [difference_word(lo, hi) for lo, hi in ((0.001, 0.2), (-0.2, -0.001), (0.0, 0.2))] == [
+        "higher", "lower", "not told apart"]
+    assert (sign_word(0.39), sign_word(0.4), sign_word(0.6), sign_word(0.61)) == (
+        "mostly negative", "about as positive as negative", "about as positive as negative", "mostly positive")
+    assert (part_word(0.51), part_word(0.49)) == ("mostly on the part", "mostly off the part")
+    cosines = (0.8, 0.79, 0.3, 0.29, -0.29, -0.3, -0.79, -0.8)
+    assert [likeness(c) for c in cosines] == ["nearly the same", "similar", "similar", "nearly unrelated",
+                                              "nearly unrelated", "opposed", "opposed", "nearly opposite"]
+    assert (change_word(0.5, 0.39), change_word(0.5, 0.45), change_word(0.5, 0.61)) == (
+        "part", "stay about as alike", "grow more alike")
+
+
+def test_vit_sentences_follow_their_inputs():
+    from contrastive_explanations.experiments.vit_maps import (blocks_text, pair_text, source_texts, variants_text)
+    assert blocks_text((8, 10)).startswith("The review's") and blocks_text((7, 10)).startswith("Blocks 7")
+    with_masks, without = source_texts("small_vit", "birds", 12, True), source_texts("small_vit", "birds", 12, False)
+    assert set(with_masks) == set(without) == {"vit_source_text", "scores_intro", "figure_image_column"}
+    assert "over the 12 images" in with_masks["scores_intro"] and "no part masks" in without["scores_intro"]
+    assert "outlined" in with_masks["figure_image_column"] and "no part masks" in without["figure_image_column"]
+    assert "(higher; larger on 75% of 8 images)" in pair_text((0.1, 0.05, 0.2, 8, 0.75))
+    assert "(lower;" in pair_text((-0.1, -0.2, -0.05, 8, 0.25))
+    assert "(not told apart;" in pair_text((0.0, -0.1, 0.2, 8, 0.5))  # the interval holds 0
+    moved = {(k, t, r): (r, 5, 0.5) for k, t in (("rollout_signed_dA", "weighted"), ("rollout_standard_dA", "original"),
+                                                 ("rollout_standard_d90", "original")) for r in (1, 2)}
+    up, down = {r: (0.1, 0.05, 0.2, 5, 1.0) for r in (1, 2)}, {r: (-0.1, -0.2, -0.05, 5, 0.0) for r in (1, 2)}
+    text = variants_text(moved, up, down, True)
+    assert text.count("3 of 10 maps move") == 3 and "(higher;" in text and "(lower;" in text
+    assert "not measured" in variants_text(moved, up, down, False) and "(higher" not in variants_text(moved, up, down, False)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,13 +16,16 @@ from ..metrics.measures import cosine, positive_share
 from ..data.sources import (Source, birds_source, finetuned_source, photos_source, Need,
                                                    checkpoint_need, dataset_need)
 from .base import SourcesExperiment, ambiguous_items, check_count, resolve_device
-from ..methods import METHODS, make_method
-from ..methods.explain import ActivationMethod, Method
+from ..methods import make_method
+from ..methods.explain import Method
 from ..methods.targets import LinearTarget, as_classes, get_target, other_class_weights
 
 # %% auto #0
-__all__ = ['CONTRAST_METHODS', 'CONTRAST_SOURCES', 'CONTRASTS', 'PAIRS', 'MeanVariantTarget', 'head_mean_ratio', 'check_methods',
-           'source_method', 'check_sources', 'build_source', 'contrast_measures', 'Contrasts']
+__all__ = ['CONTRAST_METHODS', 'CONTRAST_SOURCES', 'CONTRASTS', 'PAIRS', 'CLOSE', 'FAR', 'UNCHANGED', 'SHARES', 'NEARLY_ALL',
+           'HEAD_SMALL', 'SOURCE_WORDS', 'MODEL_WORDS', 'HEAD_NOTES', 'RELATED', 'MeanVariantTarget', 'head_mean_ratio',
+           'check_methods', 'source_method', 'check_sources', 'build_source', 'contrast_measures', 'Contrasts',
+           'nearness', 'share_word', 'wording_text', 'source_text', 'model_text', 'listing', 'observed', 'lede_text',
+           'rival_relation', 'rival_reading', 'run_sources_text']
 
 # %% ../../nbs/09_contrasts.ipynb #dbfe6cd5
 def _check_factor(factor: str | float) -> str | float:
@@ -259,3 +262,97 @@ class Contrasts(_ContrastsSetup):
                 "class_names": np.array([[str(self.sources[k].categories[c]) for c in row] for row in e["classes"].tolist()]),
                 "names": np.array([self.sources[k].name_of(i) for i in items]), "items": np.array(items),
                 "targets": np.array(list(targets)), "method": np.array(method)}
+
+# %% ../../nbs/09_contrasts.ipynb #85a24c94
+CLOSE, FAR = 0.9, 0.6  # a median cosine of at least CLOSE is close, one below FAR far
+UNCHANGED = 0.99  # a cosine with our mean contrast of at least this changes nothing visible
+SHARES = ((0.85, "almost entirely positive"), (0.65, "mostly positive"), (0.35, "close to half positive"),
+          (-1.0, "mostly negative"))  # a median positive share of at least the bar, from the top
+NEARLY_ALL = 0.9  # the median share of the probability from which the explained classes hold nearly all of it
+HEAD_SMALL = 0.05  # a head's ||mean W_s|| / mean ||W_s|| below this: its class vectors nearly sum to zero
+
+
+def nearness(c: float) -> str:
+    "A median cosine in words: close to (at least CLOSE), far from (below FAR), or neither."
+    return "close to" if c >= CLOSE else "far from" if c < FAR else "neither close to nor far from"
+
+
+def share_word(s: float) -> str:
+    "A median positive share in words: the first bar of SHARES that it reaches."
+    return next(w for bar, w in SHARES if s >= bar)
+
+# %% ../../nbs/09_contrasts.ipynb #07b9a446
+def wording_text() -> str:
+    "The thresholds that pick the words, as the chapter states them."
+    return (f"The words of the sentences below and of the figures' captions come from the medians: a cosine of at least "
+            f"{CLOSE} is close, one below {FAR} far, and one of at least {UNCHANGED} between two mean contrasts changes "
+            f"nothing visible; a positive share of at least {SHARES[0][0]} is almost entirely positive, one of at least "
+            f"{SHARES[1][0]} mostly positive, one of at least {SHARES[2][0]} close to half positive, a lower one mostly "
+            f"negative; the explained classes hold nearly all the probability from a share of {NEARLY_ALL}; a head's "
+            f"class vectors nearly sum to zero when the norm of their mean is below {HEAD_SMALL} of their mean norm.")
+
+# %% ../../nbs/09_contrasts.ipynb #e3fbc05f
+SOURCE_WORDS = {"photos": "the packaged photographs", "birds": "the generated birds", "cub": "CUB-200's test images"}
+MODEL_WORDS = {"efficientnet_lite0": "EfficientNet-Lite0", "small_cnn": "the small CNN",
+               "vgg16_bn_cub": "the fine-tuned VGG16-bn"}
+HEAD_NOTES = {"small_cnn": " (trained with AdamW, whose per-weight steps break the exact cancellation)"}  # model -> note
+
+
+def source_text(source: str) -> str:
+    "A source's images in words."
+    return SOURCE_WORDS.get(source, f"source `{source}`")
+
+
+def model_text(model: str) -> str:
+    "A model in words."
+    return MODEL_WORDS.get(model, f"`{model}`")
+
+
+def listing(parts: Iterable[str]) -> str:
+    "'a', 'a and b', 'a, b and c'."
+    parts = list(parts)
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+# %% ../../nbs/09_contrasts.ipynb #1f200a52
+def observed(values: dict[str, float], # source -> a median cosine between two contrasts
+             subject: str, other: str, # the two contrasts, in words
+            ) -> str:
+    "'<subject> is close to <other> (median cosine ...)', source by source where the words differ."
+    w = {s: nearness(v) for s, v in values.items()}
+    if len(set(w.values())) == 1:
+        return (f"{subject} is {next(iter(w.values()))} {other} (median cosine "
+                + listing(f"{v:.2f} on {source_text(s)}" for s, v in values.items()) + ")")
+    return f"{subject} is " + listing(f"{w[s]} {other} on {source_text(s)} ({v:.2f})" for s, v in values.items())
+
+
+def lede_text(mean_vs_original: dict[str, float], weighted_vs_max: dict[str, float]) -> str:
+    "The chapter's lede: the two observations of the review, as this run's medians say them."
+    return (f"by the rule that a median GradCAM cosine of at least {CLOSE} is close and one below {FAR} far, in this "
+            f"build {observed(mean_vs_original, 'the mean contrast', 'the original')} and "
+            f"{observed(weighted_vs_max, 'the weighted contrast', 'the max contrast')}")
+
+# %% ../../nbs/09_contrasts.ipynb #bbc884b6
+RELATED = 0.3  # a Spearman correlation of at least this size, either sign, counts as a relation
+
+
+def rival_relation(r: float) -> str:
+    "What a Spearman correlation r between the strongest rival's weight and cos(weighted, max) says, by RELATED."
+    return ("the weighted map comes closer to the max map as the strongest rival's weight grows" if r >= RELATED
+            else "the weighted map moves away from the max map as the strongest rival's weight grows" if r <= -RELATED
+            else "the similarity shows no clear monotone relation to the strongest rival's weight")
+
+
+def rival_reading(rho: dict[str, float]) -> str:
+    "The relation, source by source where it differs, with its rule."
+    reading = {s: rival_relation(r) for s, r in rho.items()}
+    return ((next(iter(reading.values())) if len(set(reading.values())) == 1
+             else "; ".join(f"on {source_text(s)} {reading[s]}" for s in reading))
+            + f" (a correlation of at least {RELATED} in size counts as a relation)")
+
+# %% ../../nbs/09_contrasts.ipynb #b6a37880
+def run_sources_text(counts, # a DataFrame, per source: images, classes
+                     models: dict[str, str], # source -> its model's name
+                    ) -> str:
+    "What the run explained: each model on how many of which images, with its number of classes."
+    return listing(f"{model_text(models[s])} on {int(counts.loc[s, 'images'])} of {source_text(s)} "
+                   f"({int(counts.loc[s, 'classes']):,} classes)" for s in models)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -25,9 +26,11 @@ from ..methods.targets import (REVIEW_PT_TOLERANCE, REVIEW_TARGETS, TARGETS, Tar
 from ..results import Experiment
 
 # %% auto #0
-__all__ = ['SOURCES', 'REVIEW_SOURCE', 'RUN_SOURCES', 'EPSILONS', 'N_TOTS', 'SIGN_OBJECTIVES', 'NETWORKS', 'check_eps',
-           'check_n_tot', 'check_epsilons', 'check_n_tots', 'perturbation_bounds', 'step_size', 'perturbation_step',
-           'sign_targets', 'perturb', 'image_subset', 'perturbed_rows', 'Perturbation']
+__all__ = ['SOURCES', 'REVIEW_SOURCE', 'RUN_SOURCES', 'EPSILONS', 'N_TOTS', 'SIGN_OBJECTIVES', 'NETWORKS', 'NETWORK_LABELS',
+           'NETWORK_IMAGES', 'check_eps', 'check_n_tot', 'check_epsilons', 'check_n_tots', 'perturbation_bounds',
+           'step_size', 'perturbation_step', 'sign_targets', 'perturb', 'image_subset', 'perturbed_rows',
+           'Perturbation', 'network_label', 'network_name', 'network_images', 'picture_text', 'band_text',
+           'saturated_text', 'settings_text', 'differ_verdict']
 
 # %% ../../nbs/07_perturbation.ipynb #502c9ac3
 SOURCES = ("original", "mean", "max", "weighted")  # the review's four explanations, in its order
@@ -313,3 +316,66 @@ class Perturbation(Experiment):
         return [{"item": int(i), "image": self.source.name_of(int(i)), "t": int(t[b]),
                  **{f"clean_{k}": v for k, v in clean[b].items()}, "review_pt_error": error[b], **row}
                 for b, i in enumerate(items) for row in out[b]]
+
+# %% ../../nbs/07_perturbation.ipynb #daa34cd2
+NETWORK_LABELS: dict[str, str] = {  # model -> its label in figures and tables
+    "efficientnet_lite0": "EfficientNet-Lite0 (photos)", "small_cnn": "small CNN (birds)", "resnet18": "ResNet-18",
+    "alexnet": "AlexNet", "googlenet": "GoogLeNet", "vgg16": "VGG16", "mobilenet_v3_small": "MobileNetV3-Small",
+    "mobilenet_v3_large": "MobileNetV3-Large", "mnasnet1_0": "MnasNet 1.0", "efficientnet_b1": "EfficientNet-B1",
+    "densenet161": "DenseNet-161"}
+NETWORK_IMAGES: dict[str, str] = {"efficientnet_lite0": "packaged photographs", "small_cnn": "generated birds"}
+
+
+def network_label(model: str) -> str:
+    "A network's label in figures: its name and, for the embedded ones, its images."
+    return NETWORK_LABELS.get(model, model)
+
+
+def network_name(model: str) -> str:
+    "A network's name in sentences."
+    return "the small CNN" if model == "small_cnn" else network_label(model).split(" (")[0]
+
+
+def network_images(model: str) -> str:
+    "The images a network is perturbed on, in words: ImageNet validation unless it is an embedded network."
+    return NETWORK_IMAGES.get(model, "ImageNet validation images")
+
+# %% ../../nbs/07_perturbation.ipynb #d6fd747f
+def picture_text(model: str) -> str:
+    "What the picture of a perturbation shows: a bird of the test split, or one of the network's images."
+    one = "One bird of the test split" if model == "small_cnn" else f"One of the {network_images(model)}"
+    return f"{one}, under {network_name(model)},"
+
+
+def band_text(firsts: dict[str, pd.DataFrame], # model -> one row per image, with `review_pt_error`
+              tolerance: float = REVIEW_PT_TOLERANCE, # an image whose |review_pt_error| exceeds this is in the band
+             ) -> str:
+    "Per network, how many of its images are in the band of the review's coefficient."
+    return ", ".join(f"{int((f['review_pt_error'].abs() > tolerance).sum())} of the {len(f)} {network_images(m)} under "
+                     f"{network_name(m)}" for m, f in firsts.items())
+
+
+def saturated_text(firsts: dict[str, pd.DataFrame], # model -> one row per image, with `clean_pt`
+                  ) -> str:
+    "Per network, the share of its images whose clean p_t is exactly 1 in float32."
+    return ", ".join(f"{(f['clean_pt'] >= 1.0).mean():.1%} of the {len(f)} {network_images(m)} under {network_name(m)}"
+                     for m, f in firsts.items())
+
+
+def settings_text(firsts: dict[str, pd.DataFrame]) -> str:
+    "What this run perturbs: per network, how many of which images."
+    return "; ".join(f"{len(f)} {network_images(m)} under {network_name(m)}"
+                     + (" (with t the prediction)" if m == "efficientnet_lite0" else "") for m, f in firsts.items())
+
+# %% ../../nbs/07_perturbation.ipynb #49857e14
+def differ_verdict(differ: pd.Series, # per image: whether the two sources' Δp_t differ by more than same_change
+                   band: pd.Series, # per image: whether it is in the band
+                   same_change: float, # the threshold that `differ` used
+                  ) -> str:
+    "On how many images the two sources' Δp_t differ by more than same_change, and what that makes of them."
+    if not differ.any():
+        return (f"by more than {same_change:g} in $\\Delta p_t$ on none: the review's gradient is not the book's up "
+                "to rounding in the band, but the changes it gives here are")
+    n = int(differ.sum())
+    return (f"by more than {same_change:g} in $\\Delta p_t$ on {n} image{'' if n == 1 else 's'} "
+            f"({int((differ & ~band).sum())} of them outside the band): the two steps differ here")

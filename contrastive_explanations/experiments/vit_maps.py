@@ -13,20 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics.measures import cosine, mask_share, positive_share
+from ..data.models import FINETUNED_NETWORKS
+from ..metrics.measures import cosine, interval_text, mask_share, positive_share
 from ..data.sources import (Source, birds_source, finetuned_source, Need, checkpoint_need,
                                                    dataset_need)
 from .base import SourcesExperiment, ambiguous_items, check_count, resolve_device
-from ..methods import METHODS, make_method
+from ..methods import make_method
 from ..methods.explain import Method
 from ..methods.vit import check_rollout_options, encoder_blocks, find_vit
 
 # %% auto #0
 __all__ = ['REVIEW_BLOCKS', 'REVIEW_DEPTH', 'VIT_EXPLAIN_DISCARD', 'ROLLOUT_KINDS', 'METHOD_KINDS', 'RELU_KINDS', 'MAP_KINDS',
            'REFERENCE_KIND', 'VIT_TARGETS', 'CONTRASTIVE_ROLLOUT', 'STANDARD_ROLLOUT', 'BOOK_ROLLOUTS',
-           'DEFECT_ROLLOUTS', 'VIT_SOURCES', 'map_block', 'stand_in_blocks', 'vit_methods', 'map_measures',
-           'check_vit_source', 'build_vit_source', 'check_blocks', 'prepare_source', 'explained_maps', 'vit_rows',
-           'figure_data', 'vit_maps_needs', 'ViTMaps']
+           'DEFECT_ROLLOUTS', 'VIT_SOURCES', 'COSINE_RULES', 'MODEL_TEXT', 'IMAGES_TEXT', 'map_block',
+           'stand_in_blocks', 'vit_methods', 'map_measures', 'check_vit_source', 'build_vit_source', 'check_blocks',
+           'prepare_source', 'explained_maps', 'vit_rows', 'figure_data', 'vit_maps_needs', 'ViTMaps', 'versus_chance',
+           'difference_word', 'pair_text', 'sign_word', 'part_word', 'shared_word', 'likeness', 'change_word', 'agreed',
+           'blocks_text', 'source_texts', 'moved_text', 'variants_text']
 
 # %% ../../nbs/11_vit_maps.ipynb #9069fe16
 REVIEW_BLOCKS: tuple[int, ...] = (8, 10)  # the review's blocks of vit_b_16, 0-based
@@ -314,3 +317,116 @@ class ViTMaps(SourcesExperiment):
         "What Figure 5 needs: images uint8, part masks, maps (n, rank, kinds, 2, h, w), classes, probabilities, names."
         items = self.sources[0].items[:count]
         return figure_data(self.sources[0], items, self.explain(0, items), self.model_blocks[0])
+
+# %% ../../nbs/11_vit_maps.ipynb #d7f07f65
+def versus_chance(low: float, high: float) -> str:
+    "The 95% interval [low, high] of the per-image share minus that image's chance level: above 0, below 0, or neither."
+    return "above chance" if low > 0 else "below chance" if high < 0 else "not told apart from chance"
+
+
+def difference_word(low: float, high: float) -> str:
+    "The 95% interval [low, high] of per-image differences a - b: above 0, below 0, or neither."
+    return "higher" if low > 0 else "lower" if high < 0 else "not told apart"
+
+
+def pair_text(d: tuple[float, float, float, int, float], # per-image a - b: median, low, high, count, share with a > b
+             ) -> str:
+    "A per-image difference with its interval, its word and how often it is positive."
+    m, lo, hi, n, up = d
+    return f"{interval_text(m, lo, hi, 3)} ({difference_word(lo, hi)}; larger on {up:.0%} of {n} images)"
+
+# %% ../../nbs/11_vit_maps.ipynb #75ab1bc8
+def sign_word(positive: float) -> str:
+    "A median positive share: below 0.4, above 0.6, or in between."
+    return "mostly negative" if positive < 0.4 else "mostly positive" if positive > 0.6 else "about as positive as negative"
+
+
+def part_word(share: float) -> str:
+    "A median share of the positive mass on the part: at least 0.5, or less."
+    return "mostly on the part" if share >= 0.5 else "mostly off the part"
+
+
+def shared_word(held: float) -> str:
+    "The share of a map's squared norm in its mean over the patches: above 0.5 that shared component dominates."
+    return "dominated" if held > 0.5 else "not dominated"
+
+# %% ../../nbs/11_vit_maps.ipynb #3e326115
+COSINE_RULES = ("words for a median cosine: nearly the same from 0.8, similar from 0.3, nearly unrelated above -0.3, "
+                "opposed above -0.8, nearly opposite below; maps part, or grow more alike, when it moves by 0.1 or more")
+
+
+def likeness(cos: float) -> str:
+    "A median cosine: 0.8 or more, 0.3 or more, above -0.3, above -0.8, or lower."
+    return ("nearly the same" if cos >= 0.8 else "similar" if cos >= 0.3 else "nearly unrelated" if cos > -0.3
+            else "opposed" if cos > -0.8 else "nearly opposite")
+
+
+def change_word(before: float, after: float) -> str:
+    "How a median cosine moves: down by 0.1 or more, up by 0.1 or more, or less."
+    return "part" if after <= before - 0.1 else "grow more alike" if after >= before + 0.1 else "stay about as alike"
+
+
+def agreed(words: Sequence[str], where: Sequence[str], alike: str = "") -> str:
+    "The word, with `alike` appended, when all agree; else each word with its place."
+    return words[0] + alike if len(set(words)) == 1 else ", ".join(f"{w} {p}" for w, p in zip(words, where))
+
+# %% ../../nbs/11_vit_maps.ipynb #6c31aee2
+MODEL_TEXT: dict[str, str] = {"small_vit": "the small ViT",
+                              **{n.name: n.description for n in FINETUNED_NETWORKS.values()}}  # model -> prose
+IMAGES_TEXT: dict[str, str] = {"birds": "the generated birds", "food101": "the Food-101 test images"}  # source -> prose
+
+
+def blocks_text(blocks: Sequence[int]) -> str:
+    "The `blocks` setting in words: the review's blocks when it is REVIEW_BLOCKS."
+    named = "The review's blocks" if tuple(blocks) == REVIEW_BLOCKS else "Blocks"
+    return f"{named} {blocks[0]} and {blocks[1]}"
+
+# %% ../../nbs/11_vit_maps.ipynb #ca094534
+def source_texts(model: str, source: str, # the run's model and source names
+                 images: int, # how many images were explained
+                 has_masks: bool, # whether the images have part masks
+                ) -> dict[str, str]: # glue key -> text: vit_source_text, scores_intro, figure_image_column
+    "What the chapter says of its source: scored on the parts where it has part masks, else only shown."
+    model_text, images_text = MODEL_TEXT.get(model, f"`{model}`"), IMAGES_TEXT.get(source, f"`{source}`")
+    if not has_masks:
+        return {"vit_source_text": f"{model_text}, on {images_text}. These have no part masks, so the maps are shown and "
+                "compared but not scored on a part; the embedded profile's generated birds have them, and there each "
+                "kind of map is scored.",
+                "scores_intro": "This source has no part masks, so the share of each map's positive mass on the class's "
+                "discriminating part, and its chance level, are not measured here and the table of scores is left out; "
+                "the embedded profile's generated birds have part masks.",
+                "figure_image_column": "the image (the source has no part masks to outline)"}
+    return {"vit_source_text": f"{model_text} on {images_text}, whose ground-truth part masks say where the evidence that "
+            "separates a class from its look-alikes lies, so that each kind of map can be scored.",
+            "scores_intro": f"Per kind of map, target and class, over the {images} images, $t_1$ (the top class, whose score "
+            "the prose rests on) and $t_2$ apart: the median share of the positive mass on the class's discriminating "
+            "part, with its 95% bootstrap interval; per image, the share minus that image's chance level (its part's "
+            "area), median and 95% bootstrap interval; the median chance level; per image, the share of the map from "
+            "$p_t$ minus that of the map from $y_t$ (median and interval) and how often it is larger; and how many maps "
+            "have no positive mass at all.",
+            "figure_image_column": "the image with the class's discriminating part outlined"}
+
+# %% ../../nbs/11_vit_maps.ipynb #3552c549
+def moved_text(t1: tuple[int, int, float], t2: tuple[int, int, float], # per class: maps moved, maps, median cosine
+              ) -> str:
+    "How many maps of both classes move, and their median cosines for t1 and t2."
+    (m1, n1, c1), (m2, n2, c2) = t1, t2
+    return f"{m1 + m2} of {n1 + n2} maps move (median cosine {c1:.3f} for $t_1$, {c2:.3f} for $t_2$)"
+
+
+def variants_text(moved: dict[tuple[str, str, int], tuple[int, int, float]], # (kind, target, rank) -> moved, maps, cosine
+                  review_pair: dict[int, tuple], book_pair: dict[int, tuple], # rank -> contrastive minus standard rollout
+                  has_masks: bool, # without part masks the pairs' shares are not measured
+                 ) -> str:
+    "The rollout variants against the review's maps, and, with part masks, which pair scores higher on the part."
+    def of(kind: str, target: str) -> str:
+        return moved_text(moved[kind, target, 1], moved[kind, target, 2])
+    text = ("With the gradient with respect to the attention weights, the contrastive rollout (without ReLU, from "
+            f"$p_t$): {of('rollout_signed_dA', 'weighted')}; the standard rollout from $y_t$: "
+            f"{of('rollout_standard_dA', 'original')}. Discarding 90% of the standard rollout from $y_t$: "
+            f"{of('rollout_standard_d90', 'original')}. ")
+    if not has_masks:
+        return text + "Without part masks, which pair scores higher on the part is not measured."
+    return text + (f"For $t_1$, per image, the contrastive rollout's share minus the standard one's is "
+                   f"{pair_text(review_pair[1])} with the settings inferred as the review's and {pair_text(book_pair[1])} "
+                   f"with the book's; for $t_2$, {pair_text(review_pair[2])} and {pair_text(book_pair[2])}.")
