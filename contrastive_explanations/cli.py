@@ -18,14 +18,16 @@ from pathlib import Path
 from . import __version__
 
 # %% auto #0
-__all__ = ['TORCHVISION_MODELS', 'FINETUNED_MODELS', 'MODEL_NAMES', 'METHOD_NAMES', 'TARGET_NAMES', 'DEFAULT_TARGETS', 'WRITER',
-           'SUFFIX', 'UsageError', 'output_stems', 'output_paths', 'written_here', 'check_outputs', 'check_image',
-           'check_out_dir', 'make_out_dir', 'remove_folders', 'check_arguments', 'resolve_device', 'load_model',
-           'method_for', 'rival_for', 'read_image', 'explain_image', 'top_classes', 'explain_one', 'main']
+__all__ = ['TORCHVISION_MODELS', 'FINETUNED_MODELS', 'MODEL_NAMES', 'METHOD_NAMES', 'TARGET_NAMES', 'DEFAULT_TARGETS',
+           'EVALUATION_METRICS', 'WRITER', 'SUFFIX', 'UsageError', 'output_stems', 'output_paths', 'written_here',
+           'check_outputs', 'check_image', 'check_out_dir', 'make_out_dir', 'remove_folders', 'check_arguments',
+           'resolve_device', 'load_model', 'method_for', 'rival_for', 'read_image', 'explain_image', 'evaluate_image',
+           'top_classes', 'explain_one', 'main']
 
 # %% ../nbs/20_cli.ipynb #3c125c7f
 #: The registries' names, here so that `--help` needs no torch (tests/test_cli.py checks them against
-#: `data.models.MODELS` and `FINETUNED_NETWORKS`, `methods.METHODS` and `methods.TARGETS`).
+#: `data.models.MODELS` and `FINETUNED_NETWORKS`, `methods.METHODS` and `methods.TARGETS`, and
+#: the metrics of `metrics.evaluate.METRICS` that need no ground-truth masks).
 TORCHVISION_MODELS = ("resnet18", "alexnet", "googlenet", "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet1_0",
                       "vgg16", "efficientnet_b1", "densenet161")  # ImageNet weights from torchvision (TORCH_HOME)
 FINETUNED_MODELS = ("vgg16_bn_cub", "vit_b_16_food101")  # heads trained by the book: they need --checkpoint
@@ -34,6 +36,9 @@ METHOD_NAMES = ("gradient", "linear_approximation", "gradcam", "xgradcam", "full
                 "attention_rollout")
 TARGET_NAMES = ("original", "mean", "max", "weighted", "weighted_log")
 DEFAULT_TARGETS = ("original", "weighted", "mean", "max")
+EVALUATION_METRICS = ("deletion", "deletion_logit", "deletion_relative", "insertion", "insertion_logit",
+                      "insertion_relative", "road_morf", "road_morf_logit", "road_morf_relative", "road_lerf",
+                      "road_lerf_logit", "road_lerf_relative", "random_logit", "mprt", "efficient_mprt")  # no masks needed
 WRITER = "contrastive-explain"  # the mark in every file the command writes: its PNG's Software, its JSON's written_by
 SUFFIX = ".explained"  # NAME.png is explained as NAME.explained.png, never over the image itself
 
@@ -68,7 +73,8 @@ def _count(text: str) -> int:
 def _epilog() -> str:
     "The closing paragraph of --help: the outputs, the refusals, an example and the models."
     return (f"Outputs: OUT-DIR/NAME{SUFFIX}.png (the figure), NAME{SUFFIX}.json (the top classes) and, with "
-            f"--save-maps, NAME{SUFFIX}.npz, where NAME is the image's file name without its extension (-2, -3, "
+            f"--save-maps, NAME{SUFFIX}.npz (with --evaluate, the report also holds the metrics' table under "
+            "'evaluation'), where NAME is the image's file name without its extension (-2, -3, "
             "... for later images of the same name). An existing output file is replaced only if this command "
             "wrote it; if any other file is in the way, or an output would land on an input image, nothing is "
             "written and the command says which file: move it, or pass another --out-dir. Every image and "
@@ -113,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true",
                    help=f"also write NAME{SUFFIX}.npz: the signed maps (classes x targets x h x w), the classes, "
                         "the targets and the classes' probabilities")
+    p.add_argument("--evaluate", nargs="+", choices=EVALUATION_METRICS, metavar="METRIC",
+                   help="also score the maps with the field's metrics, into NAME.explained.json under 'evaluation' "
+                        f"(one row per class, target and metric): {', '.join(EVALUATION_METRICS)}; the suffix "
+                        "picks the output the curve scores (none: the probability); road_* take minutes per image")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.set_defaults(rival=None)  # the --versus class as an index of the model's classes, once the model is loaded
     return p
@@ -442,7 +452,21 @@ def explain_image(model, # an ImageClassifier (with .preprocess and .categories)
             scores[:, skip] = -torch.inf
         classes = scores.topk(k, dim=1).indices[0].tolist()
     e = method(x, torch.tensor([list(classes)], device=device), list(targets))
-    return x[0].cpu(), Explanation(e.maps.cpu(), e.logits.cpu(), e.classes.cpu(), e.targets)
+    return x[0].cpu(), Explanation(e.maps.cpu(), e.logits.cpu(), e.classes.cpu(), e.targets, method=e.method)
+
+# %% ../nbs/20_cli.ipynb #bc4acbc2
+def evaluate_image(x, # (3, H, W) the preprocessed image, as explain_image returns it
+                   e, # its Explanation
+                   model, method, # the model and the method that explained it
+                   metrics: Sequence[str], # names in EVALUATION_METRICS
+                  ) -> tuple[list[dict], str]:
+    "Score one explained image with metrics.evaluate: the table's rows (for the report) and a summary, each metric's mean per target."
+    from contrastive_explanations.metrics.evaluate import evaluate
+    device = next(model.parameters()).device
+    table = evaluate(e, model, x[None].to(device), list(metrics), explain=method)
+    K, means = e.classes.shape[1], table.groupby(["metric", "target"], sort=False).value.mean()
+    parts = [f"{m} " + ", ".join(f"{t} {v:.3g}" for t, v in means[m].items()) for m in dict.fromkeys(table.metric)]
+    return json.loads(table.to_json(orient="records")), f"{'; '.join(parts)} (mean over {K} class{'es' if K > 1 else ''})"
 
 # %% ../nbs/20_cli.ipynb #287d91b6
 def top_classes(explanation, # an Explanation of one image
@@ -491,12 +515,15 @@ def explain_one(path: Path, outputs: dict[str, Path], model, method, args: argpa
     report = {"image": str(path), "model": args.model, "method": args.method, "targets": targets,
               "explained": e.classes[0].tolist(), "top": top_classes(e, model.categories),
               "written_by": f"{WRITER} {__version__}"}
+    if args.evaluate:  # before anything of this image is written: a failure leaves none of its files
+        report["evaluation"], scores = evaluate_image(x, e, model, method, args.evaluate)
     write_atomic(outputs["png"], png)
     write_atomic(outputs["json"], (json.dumps(report, indent=1) + "\n").encode())
     if "npz" in outputs:
         write_atomic(outputs["npz"], _maps_npz(e, report))
     top = report["top"][0]
-    return f"{path}: {top['name']} ({top['probability']:.2f}) -> {outputs['png']}"
+    line = f"{path}: {top['name']} ({top['probability']:.2f}) -> {outputs['png']}"
+    return f"{line}\n  {scores}" if args.evaluate else line
 
 # %% ../nbs/20_cli.ipynb #54185cc1
 def main(argv: Sequence[str] | None = None) -> int:

@@ -149,6 +149,9 @@ BAD = [
     ("fine-tuned model without checkpoint", ["good.png", "--model", "vgg16_bn_cub"], "--checkpoint", None),
     ("missing checkpoint", ["good.png", "--model", "vgg16_bn_cub", "--checkpoint", "gone.pt"], "gone.pt", None),
     ("download for a packaged model", ["good.png", "--download"], "--download", None),
+    ("unknown metric", ["good.png", "--evaluate", "deletion", "delition"], "--evaluate", None),
+    ("metric that needs masks", ["good.png", "--evaluate", "pointing"], "--evaluate", None),
+    ("evaluate without a metric", ["good.png", "--evaluate"], "--evaluate", None),
     # the images
     ("missing image", ["good.png", "nope.jpg"], "nope.jpg", None),
     ("text file", ["good.png", "notes.txt"], "notes.txt", None),
@@ -173,6 +176,8 @@ BAD = [
     ("foreign figure", ["good.png"], f"good{SUFFIX}.png",
      lambda ws, mp: picture(ws / f"good{SUFFIX}.png", seed=4)),
     ("foreign report", ["good.png"], f"good{SUFFIX}.json", own_figure_and_foreign_report),
+    ("foreign report with --evaluate", ["good.png", "--evaluate", "deletion"], f"good{SUFFIX}.json",
+     own_figure_and_foreign_report),
     ("foreign maps", ["good.png", "--save-maps"], f"good{SUFFIX}.npz", foreign(f"good{SUFFIX}.npz")),
     ("folder at an output path", ["good.png"], f"good{SUFFIX}.json",
      lambda ws, mp: (ws / f"good{SUFFIX}.json").mkdir()),
@@ -294,6 +299,8 @@ def test_the_names_are_the_registries():
     assert list(cli.FINETUNED_MODELS) == list(FINETUNED_NETWORKS)  # the names that need --checkpoint: the table's
     assert list(cli.METHOD_NAMES) == list(METHODS) and list(cli.TARGET_NAMES) == list(TARGETS)
     assert list(cli.DEFAULT_TARGETS) == list(COMPARED_TARGETS)
+    from contrastive_explanations.metrics.evaluate import METRICS
+    assert list(cli.EVALUATION_METRICS) == [name for name, m in METRICS.items() if m.needs != "masks"]
 
 
 def test_images_are_decoded_one_at_a_time(workspace, monkeypatch, capsys):
@@ -369,6 +376,55 @@ def test_versus_adds_the_contrast_with_the_rival(tmp_path):
                  str(out / "top")]) == 0
     explained = json.loads((out / "top" / f"p{SUFFIX}.json").read_text())["explained"]
     assert explained == [report["top"][1]["class"]] and top not in explained
+
+
+def test_evaluate_adds_the_metrics_table_to_the_report(tmp_path, capsys):
+    "--evaluate: one row per class, target and metric in the report, the numbers of the metric functions themselves."
+    import torch
+
+    from contrastive_explanations.data.datasets import read_rgb
+    from contrastive_explanations.data.models import build_model
+    from contrastive_explanations.methods import make_method
+    from contrastive_explanations.metrics.faithfulness import deletion
+    photo = picture(tmp_path / "p.png")
+    assert main([str(photo), "--top-k", "1", "--targets", "original", "weighted", "--evaluate", "deletion", "mprt",
+                 "deletion", "--out-dir", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / f"p{SUFFIX}.json").read_text())
+    rows = report["evaluation"]
+    assert [(r["metric"], r["target"]) for r in rows] == [(m, t) for m in ("deletion", "mprt")
+                                                          for t in ("original", "weighted")]
+    assert {r["class"] for r in rows} == set(report["explained"]) and {r["method"] for r in rows} == {"gradcam"}
+    assert all(np.isfinite(r["value"]) for r in rows)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].strip().startswith("deletion original ") and "mprt" in out[1]
+    model = build_model("efficientnet_lite0")  # the oracle: the metric function on the image, called directly
+    x = model.preprocess(read_rgb(photo))[None]
+    classes = torch.tensor([report["explained"]])
+    maps = make_method("gradcam", model)(x, classes, ["original", "weighted"]).upsampled(x.shape[-2:])
+    auc = deletion(model, x, maps, classes).auc("probability").reshape(-1).tolist()
+    np.testing.assert_allclose([r["value"] for r in rows[:2]], auc, rtol=1e-6)
+
+
+def test_a_failed_evaluation_writes_nothing_of_its_image(tmp_path, monkeypatch, capsys):
+    "The metrics run before the image's files are written: when they fail, none of its files is there."
+    def failing(*args, **kwargs):
+        raise ValueError("the metric failed")
+
+    monkeypatch.setattr(cli, "evaluate_image", failing)
+    photo = picture(tmp_path / "p.png")
+    assert main([str(photo), "--evaluate", "mprt", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "the metric failed" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_metrics_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import contrastive_explanations.data.models as models
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    photo = picture(tmp_path / "p.png")
+    assert main([str(photo), "--evaluate", "deletion", "pointing"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "'pointing'" in err and "random_logit" in err, err
 
 
 def test_a_cat_is_a_cat(tmp_path):
