@@ -31,9 +31,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-BENCHMARKS = ["methods", "capture", "peers", "targets", "perturbation", "masking", "cli"]
+BENCHMARKS = ["methods", "capture", "peers", "targets", "perturbation", "masking", "metrics", "cli"]
 QUICK = ["--models", "tiny_cnn", "--size", "32", "--batch", "2", "--reps", "1", "--no-memory"]
-QUICK_EXTRA = {"methods": ["--explicit-sample", "2"], "targets": ["--sample", "2"], "perturbation": ["--n-tot", "2"]}
+QUICK_EXTRA = {"methods": ["--explicit-sample", "2"], "targets": ["--sample", "2"], "perturbation": ["--n-tot", "2"],
+               "metrics": ["--steps", "2"]}
 
 
 def bench_args(name: str, args) -> list[str]:

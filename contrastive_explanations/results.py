@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import hashlib
 import inspect
 import json
 import os
@@ -23,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .files import _jsonable, project_root, write_atomic, write_json
+from .files import _jsonable, digest, project_root, write_atomic, write_json
 
 # %% auto #0
 __all__ = ['PACKAGES', 'CONSOLE_PROGRESS', 'EXPERIMENTS', 'RENAMED', 'git_commit', 'package_versions', 'imported_files',
@@ -132,11 +131,9 @@ def code_version(module: str | None = None, # a module's dotted name; None: the 
                 ) -> str:
     "A short sha256 of the code `module` runs (`code_files`), read without comments, layout or docstrings."
     package = Path(package) if package else installed_package()
-    h = hashlib.sha256()
-    for path in sorted(code_files(module, package)):
-        name = path.relative_to(package).as_posix() if path.is_relative_to(package) else path.name
-        h.update(name.encode() + b"\0" + _without_docstrings(path.read_text(encoding="utf-8")).encode() + b"\0")
-    return h.hexdigest()[:16]
+    paths = sorted(code_files(module, package))
+    names = [p.relative_to(package).as_posix() if p.is_relative_to(package) else p.name for p in paths]
+    return digest(f"{name}\0{_without_docstrings(p.read_text(encoding='utf-8'))}\0" for name, p in zip(names, paths))
 
 # %% ../nbs/27_results.ipynb #b8b691ee
 def device_name(device: str | torch.device = "cpu") -> str:
@@ -157,8 +154,8 @@ def provenance(experiment: str, # the experiment's name
     fingerprints = dict(fingerprints or {})
     code = code or code_version()
     tf32 = uses_tf32(device)  # shards computed with and without TF32 must not merge
-    key = hashlib.sha256(json.dumps([experiment, params, fingerprints, code] + [tf32] * tf32, sort_keys=True,
-                                    default=_jsonable).encode()).hexdigest()[:16]
+    key = digest([json.dumps([experiment, params, fingerprints, code] + [tf32] * tf32, sort_keys=True,
+                             default=_jsonable)])
     return {"experiment": experiment, "key": key, "code_version": code, "git_commit": git_commit(),
             "packages": package_versions(), "params": params, "fingerprints": fingerprints,
             "device": device_name(device), "tf32": tf32,
@@ -382,6 +379,7 @@ EXPERIMENTS: dict[str, str] = {  # name -> "module:Class", one per experiment ch
     "perturbation": "contrastive_explanations.experiments.perturbation:Perturbation",
     "masking": "contrastive_explanations.experiments.masking:Masking",
     "contrasts": "contrastive_explanations.experiments.contrasts:Contrasts",
+    "field_tests": "contrastive_explanations.experiments.field_tests:FieldTests",
     "vit_maps": "contrastive_explanations.experiments.vit_maps:ViTMaps",
     "norm_logit": "contrastive_explanations.experiments.norm_logit:NormLogit",
     "localisation": "contrastive_explanations.experiments.localisation:Localisation",

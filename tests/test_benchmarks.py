@@ -40,11 +40,12 @@ def check_file(path: Path, models: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> Path:
     "Every benchmark in-process on the tiny network (one repetition), into a temporary folder."
-    from benchmarks import bench_capture, bench_masking, bench_methods, bench_peers, bench_perturbation, bench_targets
+    from benchmarks import (bench_capture, bench_masking, bench_methods, bench_metrics, bench_peers, bench_perturbation,
+                            bench_targets)
     out = tmp_path_factory.mktemp("bench")
     for main, extra in ((bench_methods.main, ["--explicit-sample", "2"]), (bench_capture.main, []), (bench_peers.main, []),
                         (bench_targets.main, ["--sample", "2"]), (bench_perturbation.main, ["--n-tot", "2"]),
-                        (bench_masking.main, [])):
+                        (bench_masking.main, []), (bench_metrics.main, ["--steps", "2"])):
         main(TINY + extra + ["--out-dir", str(out)])
     return out
 
@@ -115,6 +116,17 @@ def test_masking_file(quick):
     data = check_file(quick / "masking.json", ["tiny_cnn"])
     assert data["settings"]["cells"] == 72
     assert data["models"]["tiny_cnn"]["checks"]["max |difference| of r, per cell vs ours"] < 1e-5
+
+
+def test_metrics_file(quick):
+    "Every metric against the maps' cost and against its library, on the same maps."
+    entry = check_file(quick / "metrics.json", ["tiny_cnn"])["models"]["tiny_cnn"]
+    assert {"maps", "deletion+insertion", "deletion+insertion torchcam", "ROAD", "ROAD pytorch-grad-cam",
+            "random logit", "random logit Quantus", "MPRT", "MPRT Quantus", "pointing", "pointing Quantus"} == set(
+        entry["seconds"])
+    against = [r for r in entry["ratios"].values() if r["denominator"] != "maps"]
+    assert len(against) == 5 and all(r["denominator"].startswith(r["numerator"] + " ") for r in against)
+    assert set(entry["seconds_per_image"]) == set(entry["seconds"])
 
 
 def test_ratio_per_round_and_goals():
