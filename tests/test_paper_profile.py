@@ -26,7 +26,8 @@ from conftest import tree_state
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "fixture"
 BOOK = build_book.BookPaths.of(ROOT, PROFILE)
-EXPERIMENTS = {"perturbation": 9, "masking": 1, "contrasts": 1, "vit_maps": 1, "norm_logit": 2, "localisation": 2}
+EXPERIMENTS = {"perturbation": 9, "masking": 1, "contrasts": 1, "vit_maps": 1, "norm_logit": 2, "localisation": 2,
+               "field_tests": 5}
 
 
 @pytest.fixture(scope="module")
