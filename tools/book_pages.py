@@ -28,6 +28,16 @@ FOOTER = "book_footer"  # metadata key of the footer cell that `add_footer` writ
 STATISTICS = "statistics"  # the generated page executed/statistics.md (its toc entry: executed/statistics)
 
 
+def duration(seconds: float) -> str:
+    "12 s, 4 min 05 s, 2 h 03 min."
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def progress_bar_models(state: dict) -> set[str]:
     """The widget models of progress bars (tqdm's, in a kernel: an HBox of HTML labels around a progress bar), with
     the layouts and styles only they use. Menus, stacks and images (the static explorers) are never among them."""
@@ -142,7 +152,6 @@ def footer_text(chapter: str, # the notebook's name, nbs/NAME.ipynb
                 day: date, seconds: float, default_profile: str) -> str:
     """The page's last line: profile, commit, date and time it was built, its source notebook (a download link from
     the book's root, the same from every profile's folder of copies) and the command that reruns it."""
-    from .build_book import duration
 
     built = f"Built with the `{profile}` profile" if profile else "Built"
     at = f" at commit {short_commit(commit)}" if commit != "unknown" else " (commit unknown)"
@@ -162,7 +171,6 @@ def add_footer(nb, text: str) -> None:
 def statistics_page(records: dict[str, dict], # chapter -> profile, executed (bool), seconds, commit, date
                     profile: str, commit: str, day: date) -> str:
     "The execution-statistics page (MyST markdown): one row per chapter, in reading order."
-    from .build_book import duration
 
     ran = sum(r["executed"] for r in records.values())
     total = sum(r["seconds"] for r in records.values())

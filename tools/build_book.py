@@ -61,7 +61,7 @@ import yaml
 from contrastive_explanations.results import CONSOLE_PROGRESS
 
 from .book_assets import ensure_assets
-from .book_pages import STATISTICS, add_footer, footer_text, git_commit, statistics_page, tidy_executed
+from .book_pages import STATISTICS, add_footer, duration, footer_text, git_commit, statistics_page, tidy_executed
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTED = "executed"  # toc entries `executed/NAME` are papermill copies of `nbs/NAME.ipynb`
@@ -622,16 +622,6 @@ def execute(root: Path, chapter: str, profile, overrides: dict[str, str],
     nbformat.write(nb, partial)
     partial.rename(out)
     return seconds, "ran"
-
-
-def duration(seconds: float) -> str:
-    "12 s, 4 min 05 s, 2 h 03 min."
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def previous_timings(root: Path, profile: str) -> dict[str, float]:
