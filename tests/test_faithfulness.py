@@ -6,7 +6,6 @@ constant map, the shapes, and one clear line for bad input.
 The oracle tests run EfficientNet-Lite0 on two packaged photographs resized to 64 pixels (the network takes any size;
 a twelfth of the pixels keeps the tests fast), with Grad-CAM maps upsampled to the image (they have ties: the regions
 the ReLU zeroes)."""
-import contextlib
 import functools
 import itertools
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.bench_metrics import FixedMaps  # torchcam's extractor protocol, returning given maps
 from contrastive_explanations.metrics.faithfulness import (OUTPUTS, Curves, blurred, class_scores,
                                                            default_rivals, deletion, impute, insertion, relevance_ranks, road,
                                                            step_counts)
@@ -46,22 +46,6 @@ def lite0():
     pair = logits.topk(2).indices
     maps = make_method("gradcam", model)(x, pair, ["original", "weighted"]).upsampled(SIZE)
     return model, x, logits, pair, maps
-
-
-class FixedMaps:
-    "A torchcam CAM extractor that returns given maps (the protocol torchcam's metrics call)."
-
-    def __init__(self, model: nn.Module, maps: torch.Tensor):
-        self.model, self.maps = model, maps
-
-    def __call__(self, class_idx, scores=None, normalized=True, **kwargs):
-        return [self.maps]
-
-    def fuse_cams(self, cams):
-        return cams[0]
-
-    def _hooks_off(self):
-        return contextlib.nullcontext()
 
 
 def torchcam_aucs(model, x, m, cls: int, rival: int, steps: int, baseline) -> dict[str, tuple[float, float]]:
