@@ -172,7 +172,7 @@ def small_model(name: str, # 'small_cnn' or 'small_vit'
     "A small model trained on the generated birds, from the cache when there (trained and cached otherwise)."
     if name not in SMALL_MODELS:
         raise ValueError(f"unknown small model {name!r}: choose one of {', '.join(SMALL_MODELS)}")
-    from .birds import birds_splits
+    from contrastive_explanations.data.birds import birds_splits
 
     birds = birds_splits(seed)  # generated once per process, whoever asks first
     config = TrainConfig(epochs=epochs or EMBEDDED_EPOCHS[name], seed=seed)
