@@ -250,10 +250,9 @@ class LiveExplorer(_Controls):
         except (ValueError, TypeError, FileNotFoundError) as err:
             self._error(str(err))
             return None
-        if self.figure is not None:
-            plt.close(self.figure)
         self.figure = comparison_figure(x, e, range(e.classes.shape[1]), model.categories,
                                         f"{self.model.value}, {method_title(self.method.value)}")
+        plt.close(self.figure)  # kept for saving, shown only in the output area (not again below the cell)
         self.result = top_classes(e, model.categories)
         self._show(self.figure, "top classes: " + ", ".join(f"{r['name']} ({r['probability']:.2f})" for r in self.result))
         return self.figure

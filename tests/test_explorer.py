@@ -146,6 +146,7 @@ def _png_file(path, size=(30, 20)):
 
 def test_live_explorer_driven_from_python(tmp_path):
     live = LiveExplorer({"tiny": tiny_classifier}, k=2)
+    open_figures = plt.get_fignums()
     assert live.explain() is None and "no image" in live.status.value
     live.path.value = str(tmp_path / "missing.png")
     assert live.explain() is None and "no image at" in live.status.value
@@ -157,6 +158,7 @@ def test_live_explorer_driven_from_python(tmp_path):
     live.targets.value = ("original", "weighted")
     fig = live.explain()
     assert fig is not None and len(fig.axes) == 2 * 3 and "top classes" in live.status.value
+    assert plt.get_fignums() == open_figures  # shown in the output area only: Jupyter shows open figures again
     first = bytes(figure_png(fig))
     live.method.value = "gradient"
     assert bytes(figure_png(live.explain())) != first

@@ -32,6 +32,12 @@ def shown_pictures(cell) -> list[dict]:
             and "scrapbook" not in o.get("metadata", {})]
 
 
+def shown(cell) -> list[dict]:
+    "Every picture or widget a code cell displays on its page (a figure cell must show exactly one)."
+    return [o for o in cell.get("outputs", []) if o.get("output_type") in ("display_data", "execute_result")
+            and "scrapbook" not in o.get("metadata", {})]
+
+
 @needs_book
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
 def test_no_page_shows_stderr_or_the_injected_parameters(page):
@@ -53,6 +59,9 @@ def test_every_figure_is_numbered_and_captioned_one_way(page):
     bare = [i for i, c in enumerate(nb.cells) if shown_pictures(c)
             and not {"caption", "name"} <= set(c.metadata.get("mystnb", {}).get("figure", {}))]
     assert not bare, f"{page.name}: cells {bare} show a figure without mystnb.figure caption and name"
+    twice = [i for i, c in enumerate(nb.cells) if "figure" in c.metadata.get("mystnb", {}) and len(shown(c)) > 1]
+    assert not twice, f"{page.name}: cells {twice} show more than one output under one figure name (Sphinx refuses " \
+                      "the duplicate label): close the pyplot figure before the cell's last expression shows it"
 
 
 def test_the_checks_see_a_typed_caption_and_a_bare_figure():
@@ -63,5 +72,6 @@ def test_the_checks_see_a_typed_caption_and_a_bare_figure():
         nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="},
                                metadata={"scrapbook": {"name": "x"}})])
     assert shown_pictures(bare) and not shown_pictures(glued)
+    assert len(shown(nbformat.v4.new_code_cell("f", outputs=[picture, picture]))) == 2 and len(shown(glued)) == 0
     assert FIGURE_PARAGRAPH.search("Some text.\n\nFigure: the maps.") and FIGURE_PARAGRAPH.search("**Figure:** a")
     assert not FIGURE_PARAGRAPH.search("See the figure: it shows")
