@@ -47,3 +47,23 @@ def test_no_tracked_file_names_a_folder_of_this_machine():
     paths = machine_paths()
     bad = {str(p.relative_to(ROOT)): hits for p in tracked_text_files() if (hits := offending(p.read_text(), paths))}
     assert not bad, f"tracked files name folders of this machine (use paths relative to the repository): {bad}"
+
+
+def recorded_commands(value) -> list[str]:
+    "Every `command` a benchmark result records, at any depth (a run's later runs record theirs too)."
+    if isinstance(value, dict):
+        return [c for k, v in value.items() for c in ([v] if k == "command" and isinstance(v, str) else
+                                                      recorded_commands(v))]
+    return [c for v in value for c in recorded_commands(v)] if isinstance(value, list) else []
+
+
+def test_benchmark_results_record_the_commands_the_readme_runs():
+    "A stored benchmark says how to run it again the way the README does: as a module from the repository root."
+    import json
+    readme = (ROOT / "README.md").read_text()
+    assert "python -m benchmarks.run_all" in readme and "python -m tools.build_book" in readme
+    assert recorded_commands({"a": [{"command": "python x.py"}], "command": "python -m y"}) == ["python x.py", "python -m y"]
+    bad = {p.name: c for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+           for c in recorded_commands(json.loads(p.read_text()))
+           if not c.startswith(("python -m benchmarks.run_all", "python -m tools.build_book"))}
+    assert not bad, f"benchmark results record commands the README does not use (run them as modules): {bad}"
