@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .cli import explain_image, top_classes  # one image, as the command line does
-from .viz import comparison_figure, figure_png, static_grid
+from .viz import comparison_figure, figure_jpeg, static_grid
 
 # %% auto #0
 __all__ = ['EXPLORER_METHODS', 'METHOD_NOTES', 'CNN_METHODS', 'VIT_METHODS', 'COMPARED_TARGETS', 'method_title', 'class_choices',
@@ -87,7 +87,7 @@ def static_explorer(images: Tensor, # (B, 3, H, W) in [0, 1]
         b, e = index[Image], explanations[Method]
         one = Explanation(e.maps[b:b + 1], e.logits[b:b + 1], e.classes[b:b + 1], e.targets)
         title = METHOD_NOTES.get(Method, "")  # where a method's maps from p_t are not what its name suggests
-        return figure_png(comparison_figure(images[b], one, choices[Classes], class_names, title, columns=columns),
+        return figure_jpeg(comparison_figure(images[b], one, choices[Classes], class_names, title, columns=columns),
                           dpi=dpi)
 
     return static_grid({"Image": list(image_labels), "Method": list(explanations), "Classes": list(choices)}, render)

@@ -25,10 +25,18 @@ if TYPE_CHECKING:  # the widgets extra: imported where a menu is made
     import ipywidgets as widgets
 
 # %% auto #0
-__all__ = ['STATIC_CLASS', 'figure_png', 'static_switcher', 'signed_limit', 'colour_range', 'overlay', 'comparison_figure',
-           'static_grid', 'grid_bytes']
+__all__ = ['STATIC_CLASS', 'figure_png', 'figure_jpeg', 'picture_format', 'static_switcher', 'signed_limit', 'colour_range',
+           'overlay', 'comparison_figure', 'static_grid', 'grid_bytes']
 
 # %% ../nbs/32_viz.ipynb #969f2a41
+def _render(fig: Figure, fmt: str, dpi: int, **options) -> bytes:
+    "Render `fig` into a file of format `fmt` in memory and close it, so the notebook does not also show it."
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", **options)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def figure_png(fig: Figure, # a matplotlib figure; it is closed afterwards
                dpi: int = 96,
               ) -> bytes: # PNG file contents
@@ -40,10 +48,40 @@ def figure_png(fig: Figure, # a matplotlib figure; it is closed afterwards
     Returns:
         bytes: the PNG file's contents
     """
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _render(fig, "png", dpi)
+
+# %% ../nbs/32_viz.ipynb #e4de1466
+def figure_jpeg(fig: Figure, # a matplotlib figure; it is closed afterwards
+                dpi: int = 96,
+                quality: int = 90, # JPEG quality, 1 to 95
+               ) -> bytes: # JPEG file contents
+    """Render `fig` to JPEG bytes and close it: the explorers' photographs with maps, light enough for a page.
+
+    Parameters:
+        fig: a matplotlib figure; it is closed afterwards
+        dpi: the resolution, in dots per inch
+        quality: JPEG quality, 1 to 95
+    Returns:
+        bytes: the JPEG file's contents
+    """
+    return _render(fig, "jpeg", dpi, pil_kwargs={"quality": quality, "optimize": True})
+
+
+def picture_format(data: bytes, # a picture file's contents
+                  ) -> str: # 'png' or 'jpeg'
+    """The format of a picture file from its first bytes: 'png' or 'jpeg'; anything else is refused.
+
+    Parameters:
+        data: a picture file's contents (what figure_png or figure_jpeg return)
+    Returns:
+        str: 'png' or 'jpeg'
+    """
+    head = bytes(data[:8])
+    if head == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    raise ValueError(f"a picture starting {head!r} is neither PNG nor JPEG: render it with figure_png or figure_jpeg")
 
 # %% ../nbs/32_viz.ipynb #977099f4
 STATIC_CLASS = "ce-static-explorer" # the CSS class of every kernel-free explorer, so pages and tests can find them
@@ -59,21 +97,21 @@ def _widgets():
 
 # %% ../nbs/32_viz.ipynb #86b24ac8
 def _page_widget(label: str, page, widgets) -> "widgets.Widget":
-    "A page as a widget: PNG bytes become an Image, a widget stays itself; anything else is refused."
+    "A page as a widget: PNG or JPEG bytes become an Image, a widget stays itself; anything else is refused."
     if isinstance(page, (bytes, bytearray)):
-        return widgets.Image(value=bytes(page), format="png", layout=widgets.Layout(max_width="100%"))
+        return widgets.Image(value=bytes(page), format=picture_format(page), layout=widgets.Layout(max_width="100%"))
     if not isinstance(page, widgets.Widget):
-        raise TypeError(f"page {label!r} is a {type(page).__name__}: pass PNG bytes (see figure_png) or a widget")
+        raise TypeError(f"page {label!r} is a {type(page).__name__}: pass PNG or JPEG bytes (see figure_png) or a widget")
     return page
 
 # %% ../nbs/32_viz.ipynb #1fc3bcfe
-def static_switcher(pages: "dict[str, bytes | widgets.Widget]", # menu label -> PNG bytes or any widget
+def static_switcher(pages: "dict[str, bytes | widgets.Widget]", # menu label -> PNG or JPEG bytes or any widget
                     description: str = "Show", # the menu's label
                    ) -> "widgets.VBox":
     """A menu linked in the browser to a stack of precomputed pages: it switches them in a static page, no kernel needed.
 
     Parameters:
-        pages: menu label -> the page it shows, PNG bytes (see `figure_png`) or any ipywidgets widget
+        pages: menu label -> the page it shows, PNG or JPEG bytes (see `figure_png`) or any ipywidgets widget
         description: the menu's label
     Returns:
         ipywidgets.VBox: the menu above the stack of pages
@@ -267,13 +305,13 @@ def comparison_figure(image: Tensor, # (3, H, W) in [0, 1]
 
 # %% ../nbs/32_viz.ipynb #3e011d8b
 def static_grid(menus: dict[str, Sequence[str]], # menu label -> its options, in order
-                render: Callable[..., bytes], # render(**{menu: option}) -> PNG bytes, called once per combination
+                render: Callable[..., bytes], # render(**{menu: option}) -> PNG or JPEG bytes, called once per combination
                ) -> "widgets.VBox":
     """Menus linked in the browser to nested stacks of precomputed pictures, one per combination of options.
 
     Parameters:
         menus: menu label -> its options, in order
-        render: render(**{menu: option}) -> PNG bytes, called once per combination of options
+        render: render(**{menu: option}) -> PNG or JPEG bytes, called once per combination of options
     Returns:
         ipywidgets.VBox: the menus in a row above the nested stacks
     """
@@ -286,7 +324,8 @@ def static_grid(menus: dict[str, Sequence[str]], # menu label -> its options, in
 
     def level(i: int, chosen: dict) -> "widgets.Widget":
         if i == len(names):
-            return widgets.Image(value=render(**chosen), format="png", layout=widgets.Layout(max_width="100%"))
+            picture = render(**chosen)
+            return widgets.Image(value=picture, format=picture_format(picture), layout=widgets.Layout(max_width="100%"))
         stack = widgets.Stack([level(i + 1, {**chosen, names[i]: o}) for o in menus[names[i]]], selected_index=0)
         widgets.jslink((dropdowns[names[i]], "index"), (stack, "selected_index"))
         return stack

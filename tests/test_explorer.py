@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from contrastive_explanations.viz import figure_png, static_switcher  # noqa: E402
+from contrastive_explanations.viz import figure_jpeg, figure_png, picture_format, static_switcher  # noqa: E402
 
 
 def png(color: str) -> bytes:
@@ -22,6 +22,19 @@ def test_figure_png_renders_and_closes_the_figure():
     before = len(plt.get_fignums())
     data = png("red")
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(plt.get_fignums()) == before
+
+
+def test_jpeg_pictures_are_told_from_png_and_shown_as_jpeg():
+    fig, ax = plt.subplots(figsize=(1, 1))
+    jpeg = figure_jpeg(fig, dpi=20)
+    assert jpeg.startswith(b"\xff\xd8\xff") and not plt.fignum_exists(fig.number)
+    assert picture_format(jpeg) == "jpeg" and picture_format(png("red")) == "png"
+    with pytest.raises(ValueError, match="neither PNG nor JPEG"):
+        picture_format(b"GIF89a....")
+    menu, stack = static_switcher({"photo": jpeg, "chart": png("blue")}).children
+    assert [child.format for child in stack.children] == ["jpeg", "png"]
+    grid = static_grid({"A": ["a"]}, lambda A: jpeg)
+    assert grid.children[1].children[0].format == "jpeg"
 
 
 def test_switcher_stacks_one_page_per_label_in_order():
@@ -49,7 +62,7 @@ def test_switcher_links_menu_and_stack_in_the_browser():
 def test_switcher_refuses_bad_pages():
     with pytest.raises(ValueError, match="at least one page"):
         static_switcher({})
-    with pytest.raises(TypeError, match="page 'x' is a str: pass PNG bytes"):
+    with pytest.raises(TypeError, match="page 'x' is a str: pass PNG or JPEG bytes"):
         static_switcher({"x": "picture.png"})
 
 
@@ -60,7 +73,7 @@ from PIL import Image  # noqa: E402
 from contrastive_explanations.explorer import (LiveExplorer, class_choices, explain_all,  # noqa: E402
                                                parse_classes, static_explorer)
 from contrastive_explanations.viz import (STATIC_CLASS, colour_range, comparison_figure, grid_bytes,  # noqa: E402
-                                          static_grid, static_switcher)
+                                          static_grid)
 from contrastive_explanations.data.models import ImageClassifier, pixel_preprocess  # noqa: E402
 
 from conftest import tiny_cnn  # noqa: E402
@@ -112,6 +125,7 @@ def test_static_explorer_on_a_tiny_model():
                                                         list(class_choices(2))]
     pictures = [bytes(i.value) for s in stack.children for m in s.children for i in m.children]
     assert len(pictures) == 2 * 2 * 3 and len(set(pictures)) == len(pictures), "every choice draws another picture"
+    assert {picture_format(p) for p in pictures} == {"jpeg"}  # photographs with maps: light pages
     with pytest.raises(ValueError, match="image_labels"):
         static_explorer(x, e, ["one"])
     with pytest.raises(ValueError, match="unknown method"):
