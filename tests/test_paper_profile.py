@@ -25,9 +25,9 @@ from conftest import tree_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "fixture"
-# The first test builds the whole fixture book (35 chapters, about 20 minutes on 2 cores) in its module fixture:
+# The first test builds the whole fixture book (35 chapters, about half an hour on 2 cores) in its module fixture:
 # the suite's 900 s guard against a hang is too short for that one setup, so this module has its own.
-pytestmark = pytest.mark.timeout(2700)
+pytestmark = pytest.mark.timeout(3600)
 BOOK = build_book.BookPaths.of(ROOT, PROFILE)
 EXPERIMENTS = {"perturbation": 9, "masking": 1, "contrasts": 1, "vit_maps": 1, "norm_logit": 2, "localisation": 2,
                "field_tests": 5}
