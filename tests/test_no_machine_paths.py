@@ -1,5 +1,6 @@
-"""No tracked file names a folder of the machine it was written on: results, notebooks, docs and code refer to the
-repository by relative paths (a clone elsewhere reads the same), and a folder outside it by its name alone."""
+"""No tracked file points outside the repository: results, notebooks, docs and code refer to the repository by
+relative paths (a clone elsewhere reads the same) and a folder outside it by its name alone, and the stored benchmark
+results record the commands the README runs."""
 from __future__ import annotations
 
 import subprocess

@@ -23,19 +23,19 @@ needs_book = pytest.mark.skipif(not PAGES, reason="the book has not been built h
                                                   "chapters first (make test does)")
 
 
-def shown_pictures(cell) -> list[dict]:
-    "The images a code cell shows on its page (glued values are shown where the text cites them, not here)."
+def shown(cell) -> list[dict]:
+    """Every picture or widget a code cell displays on its page (a figure cell must show exactly one); glued values
+    are shown where the text cites them, not here."""
     tags = cell.metadata.get("tags", [])
     if cell.cell_type != "code" or {"remove-cell", "remove-output"} & set(tags):
         return []
-    return [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})
-            and "scrapbook" not in o.get("metadata", {})]
-
-
-def shown(cell) -> list[dict]:
-    "Every picture or widget a code cell displays on its page (a figure cell must show exactly one)."
     return [o for o in cell.get("outputs", []) if o.get("output_type") in ("display_data", "execute_result")
             and "scrapbook" not in o.get("metadata", {})]
+
+
+def shown_pictures(cell) -> list[dict]:
+    "The images a code cell shows on its page."
+    return [o for o in shown(cell) if "image/png" in o.get("data", {})]
 
 
 @needs_book
