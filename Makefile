@@ -13,9 +13,12 @@ DATA_ROOT ?=
 DEVICE ?=
 FORCE ?=
 ESTIMATE ?=
+TEST_WORKERS ?= 2
+# chapters executed at once: 2 on the CPU profiles (a chapter keeps about one core busy), 1 for the paper's GPU runs
+BOOK_JOBS ?= $(if $(filter paper,$(PROFILE)),1,2)
 PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
 PIP_NOISE := WARNING: Location .* is ignored
-BOOK_ARGS := --profile $(PROFILE) $(if $(DATA_ROOT),--param data_root=$(DATA_ROOT)) $(if $(DEVICE),--param device=$(DEVICE)) $(if $(FORCE),--force) $(if $(ESTIMATE),--estimate)
+BOOK_ARGS := --profile $(PROFILE) --jobs $(BOOK_JOBS) $(if $(DATA_ROOT),--param data_root=$(DATA_ROOT)) $(if $(DEVICE),--param device=$(DEVICE)) $(if $(FORCE),--force) $(if $(ESTIMATE),--estimate)
 
 .PHONY: book test setup sync nbdev-test pytest chromium lab clean
 .DEFAULT_GOAL := book
@@ -48,9 +51,11 @@ nbdev-test: setup
 	@echo "==> nbdev_test: running every notebook in nbs/"
 	$(VENV)/bin/nbdev_test --n_workers 1 --timing  # one notebook at a time: each uses both cores
 
+# Two pytest workers, one test file each at a time (a module's fixtures are built once): the fixture book's module
+# starts first on one worker while the other takes the rest of the files. TEST_WORKERS=0 runs them in this process.
 pytest: setup chromium
-	@echo "==> pytest"
-	$(PY) -m pytest
+	@echo "==> pytest ($(TEST_WORKERS) workers)"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 chromium:
 	@command -v chromium >/dev/null || { \

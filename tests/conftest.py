@@ -45,6 +45,11 @@ def tiny_vit(seed: int = 0, image_size: int = 16, classes: int = 4, num_layers: 
     return vit.to(dtype).eval()
 
 
+def pytest_collection_modifyitems(items):
+    "Modules marked `long_setup` first (stable otherwise): under `make test`'s two workers one of them starts on it."
+    items.sort(key=lambda item: item.get_closest_marker("long_setup") is None)
+
+
 def tree_state(root) -> dict:
     "Every path under root with its size, mode and modification time: what a writer would change."
     from pathlib import Path

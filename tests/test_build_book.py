@@ -1,6 +1,7 @@
 """The main job's script (tools/build_book.py): profiles, bad input, failing chapters, re-runs, tidy pages."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from datetime import date
@@ -529,3 +530,62 @@ def test_assets_unpack_with_or_without_tarfiles_data_filter(tmp_path, monkeypatc
     with tarfile.open(evil) as tar, pytest.raises(Exception, match="outside"):
         book_assets.extract(tar, tmp_path / "evil" / "here")
     assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "evil" / "outside.txt").exists()
+
+
+# ---- several chapters at once (--jobs)
+
+WAIT_FOR = """\
+import time
+from pathlib import Path
+Path({mine!r}).write_text('here')
+for _ in range(600):  # one minute at most: the other chapter must be running beside this one
+    if Path({other!r}).exists():
+        break
+    time.sleep(0.1)
+assert Path({other!r}).exists(), 'the other chapter did not run at the same time'
+"""
+
+
+def test_jobs_run_chapters_side_by_side_each_printed_in_one_block(book, capsys):
+    "Each chapter waits for the other's file: only side by side do both finish; readers still run after both."
+    notebook(book / "nbs" / "01_ok.ipynb", WAIT_FOR.format(mine="a.txt", other="b.txt"))
+    notebook(book / "nbs" / "02_ok.ipynb", WAIT_FOR.format(mine="b.txt", other="a.txt"))
+    notebook(book / "nbs" / "index.ipynb", "from pathlib import Path",
+             "assert Path('a.txt').exists() and Path('b.txt').exists()",
+             metadata={"book": {"reads_results": True}})
+    (book / "_toc.yml").write_text("format: jb-book\nroot: executed/index\nchapters:\n  - file: executed/01_ok\n"
+                                   "  - file: executed/02_ok\n")
+    status, out, err = run(book, "--jobs", "2", capsys=capsys)
+    assert status == 0, err
+    assert "(2 chapters, 2 at a time)" in out, out
+    for n, chapter in ((1, "01_ok"), (2, "02_ok")):  # the header, why it ran and its time, together
+        block = out[out.index(f"[{n}/3] nbs/{chapter}.ipynb:"):].splitlines()[:3]
+        assert block[1] == "      runs: no earlier copy" and block[2].endswith(" s"), block
+    assert out.index("[3/3] nbs/index.ipynb") > max(out.index("[1/3]"), out.index("[2/3]"))
+    assert all((book / "executed" / f"{c}.ipynb").is_file() for c in ("index", "01_ok", "02_ok"))
+
+
+def test_jobs_a_failing_chapter_stops_the_build_and_names_its_cell(book, capsys):
+    notebook(book / "nbs" / "02_bad.ipynb", "x = 1", "raise ValueError('broken on purpose')")
+    (book / "_toc.yml").write_text("format: jb-book\nroot: executed/index\nchapters:\n  - file: executed/01_ok\n"
+                                   "  - file: executed/02_bad\n")
+    status, out, err = run(book, "--jobs", "2", capsys=capsys)
+    assert status == 1 and "nbs/02_bad.ipynb failed at cell 1" in err and "broken on purpose" in err, err
+    assert not (book / "executed" / "02_bad.ipynb").exists() and (book / "executed" / "02_bad.failed.ipynb").exists()
+    assert "[3/3] nbs/02_bad.ipynb:" in out, out  # its lines, printed when it failed
+
+
+def test_jobs_below_one_is_a_one_line_error(book, capsys):
+    status, out, err = run(book, "--jobs", "0", capsys=capsys)
+    assert status == 2
+    assert err.strip() == "error: --jobs must be 1 or more (chapters executed at once), got 0: e.g. --jobs 2"
+    assert not (book / "executed").exists()
+
+
+def test_every_chapter_that_quotes_the_profiles_results_runs_after_the_experiments():
+    "A chapter reading results it does not compute (all of a profile's tables) is marked reads_results: it runs last."
+    reading = re.compile(r"experiment_tables\(profile,|results_folders\(results_dir\(profile,")
+    for chapter in build_book.toc_chapters(ROOT):
+        src = "\n".join(build_book.code_cells(ROOT / "nbs" / f"{chapter}.ipynb"))
+        if reading.search(src):
+            assert build_book.reads_results(ROOT, chapter), chapter

@@ -25,9 +25,10 @@ from conftest import tree_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "fixture"
-# The first test builds the whole fixture book (35 chapters, about half an hour on 2 cores) in its module fixture:
-# the suite's 900 s guard against a hang is too short for that one setup, so this module has its own.
-pytestmark = pytest.mark.timeout(3600)
+# The first test builds the fixture book (the chapters that read the profile, a quarter of an hour on 2 cores) in its
+# module fixture: the suite's 900 s guard against a hang is too short for that one setup, so this module has its own;
+# and it is collected first, so that one of `make test`'s pytest workers starts on it at once.
+pytestmark = [pytest.mark.timeout(3600), pytest.mark.long_setup]
 BOOK = build_book.BookPaths.of(ROOT, PROFILE)
 EXPERIMENTS = {"perturbation": 9, "masking": 1, "contrasts": 1, "vit_maps": 1, "norm_logit": 2, "localisation": 2,
                "field_tests": 5}
@@ -52,7 +53,8 @@ def paper_run(tmp_path_factory):
         cli = subprocess.run([sys.executable, "-m", "contrastive_explanations.run", "perturbation", "--profile",
                               PROFILE, "--param", f"data_root={data}", "--param", f"output_root={out}", "--run",
                               "resnet18"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        status = build_book.main(["--profile", PROFILE, "-p", f"data_root={data}", "-p", f"output_root={out}"], ROOT)
+        status = build_book.main(["--profile", PROFILE, "--jobs", "2", "-p", f"data_root={data}", "-p",
+                                  f"output_root={out}"], ROOT)
         profile = build_book.load_profile(ROOT, PROFILE, {"data_root": str(data), "output_root": str(out)})
         estimate = build_book.estimate(ROOT, profile, ["contrasts"])  # one run's calibration: VGG16-bn on CUB-200
         yield {"estimate": estimate, "data": data, "out": out, "results": results / PROFILE, "before": before, "cli": cli,

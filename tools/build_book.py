@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import concurrent.futures
 import copy
 import functools
 import hashlib
@@ -48,6 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
+import threading
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -690,29 +692,64 @@ def ran_text(chapters: list[str]) -> str:
 
 
 def execute_chapters(root: Path, chapters: list[str], profile, overrides: dict[str, str], force: bool,
-                     executed: Path, earlier: dict[str, float], rerun_readers: bool = True) -> dict[str, dict]:
-    """Execute the chapters (those that read results last, again whenever another ran when `rerun_readers`), tidy
-    each copy, and say for each why it runs or that it is reused; chapter -> its record for the statistics page."""
+                     executed: Path, earlier: dict[str, float], rerun_readers: bool = True,
+                     jobs: int = 1, # chapters executed at once (between the chapters that run first and the readers)
+                    ) -> dict[str, dict]:
+    """Execute the chapters in three phases: those that make what others open (one at a time), then the rest, then
+    those that read results (again whenever another ran, when `rerun_readers`); within the last two phases `jobs`
+    chapters at a time, each in its own kernel. Tidy each copy and say for each why it runs or that it is reused;
+    chapter -> its record for the statistics page. With jobs > 1 a chapter's lines are printed together when it ends."""
     readers = [c for c in chapters if reads_results(root, c)]
     makers = [c for c in chapters if c not in readers and runs_first(root, c)]
-    order = makers + [c for c in chapters if c not in readers and c not in makers] + readers
+    middle = [c for c in chapters if c not in readers and c not in makers]
+    order = makers + middle + readers
     ran: list[str] = []
     records = {}
-    for i, chapter in enumerate(order, 1):
-        print(f"  [{i}/{len(chapters)}] nbs/{chapter}.ipynb{time_left(earlier, order[i - 1:])} ...", flush=True)
-        why = "--force" if force else (f"reads results and {ran_text(ran)}" if chapter in readers and ran
-                                       and rerun_readers else "")
-        seconds, done = execute(root, chapter, profile, overrides, why, executed,
-                                say=lambda line: print(line, flush=True))
-        tidy_executed(executed / f"{chapter}.ipynb", say=lambda line: print(line, flush=True))
-        if done == "ran":
-            ran.append(chapter)
+    lock = threading.Lock()
+
+    def header(chapter: str) -> str:
+        return f"  [{order.index(chapter) + 1}/{len(chapters)}] nbs/{chapter}.ipynb"
+
+    def one(chapter: str, say: Callable[[str], None]) -> None:
+        earlier_ran = sorted(ran, key=order.index)
+        why = "--force" if force else (f"reads results and {ran_text(earlier_ran)}" if chapter in readers
+                                       and earlier_ran and rerun_readers else "")
+        seconds, done = execute(root, chapter, profile, overrides, why, executed, say=say)
+        tidy_executed(executed / f"{chapter}.ipynb", say=say)
         book = nbformat.read(executed / f"{chapter}.ipynb", as_version=4).metadata.get("book", {})
-        records[chapter] = {"seconds": seconds, "executed": done == "ran", "profile": book.get("profile"),
-                            "commit": book.get("commit", "unknown"), "date": book.get("date", "")}
-        print(f"      {seconds:.1f} s" if done == "ran" else f"      unchanged, kept (it ran in {seconds:.1f} s)"
-              if done == "kept" else f"      the same in every profile: copied from {done} (it ran in {seconds:.1f} s)",
-              flush=True)
+        with lock:
+            if done == "ran":
+                ran.append(chapter)
+            records[chapter] = {"seconds": seconds, "executed": done == "ran", "profile": book.get("profile"),
+                                "commit": book.get("commit", "unknown"), "date": book.get("date", "")}
+        say(f"      {seconds:.1f} s" if done == "ran" else f"      unchanged, kept (it ran in {seconds:.1f} s)"
+            if done == "kept" else f"      the same in every profile: copied from {done} (it ran in {seconds:.1f} s)")
+
+    def together(chapter: str) -> None:
+        "One chapter beside others: its lines gathered and printed in one block when it ends (or fails)."
+        lines = [header(chapter) + ":"]
+        try:
+            one(chapter, lines.append)
+        finally:
+            with lock:
+                print("\n".join(lines), flush=True)
+
+    for phase, shared in ((makers, False), (middle, True), (readers, True)):
+        if jobs > 1 and shared and len(phase) > 1:
+            print(f"  ({len(phase)} chapters, {jobs} at a time{time_left(earlier, order[order.index(phase[0]):])})",
+                  flush=True)
+            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+                futures = [pool.submit(together, chapter) for chapter in phase]
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        future.result()  # the first failure stops the chapters not yet started
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+            continue
+        for chapter in phase:
+            print(f"{header(chapter)}{time_left(earlier, order[order.index(chapter):])} ...", flush=True)
+            one(chapter, lambda line: print(line, flush=True))
     return {c: records[c] for c in chapters}
 
 
@@ -727,6 +764,10 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
                         help="execute only the chapter nbs/NAME.ipynb (repeatable, or NAME,NAME), when its inputs "
                              "changed or with --force; the book is not rebuilt (`make book` does, reusing the copy)")
     parser.add_argument("--no-html", action="store_true", help="execute the chapters only, do not build the book")
+    parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                        help="execute up to N chapters at once, each in its own kernel (default 1); on a CPU a chapter "
+                             "keeps about one core busy, so 2 suits 2 cores. Each kernel loads its own models: on a "
+                             "GPU, or with little memory, keep 1")
     parser.add_argument("--estimate", action="store_true",
                         help="after the preflight, time each experiment's first batch, print each chapter's projected "
                              "running time on this machine, and stop (no results are computed)")
@@ -734,6 +775,8 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     paths = BookPaths.of(root, args.profile)
     html, staging = paths.html, paths.staging
     try:
+        if args.jobs < 1:
+            raise UsageError(f"--jobs must be 1 or more (chapters executed at once), got {args.jobs}: e.g. --jobs 2")
         overrides = dict(p.split("=", 1) if "=" in p else (p, "") for p in args.param)
         profile = load_profile(root, args.profile, overrides)
         chapters = toc_chapters(root)
@@ -750,7 +793,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         os.environ[CONSOLE_PROGRESS] = "1"  # the chapters' kernels draw their progress bars here, not in the pages
         print(f"==> executing {len(selected)} chapters with papermill, profile {args.profile!r}", flush=True)
         records = execute_chapters(root, selected, profile, overrides, args.force, paths.executed, earlier,
-                                   rerun_readers=not args.only)
+                                   rerun_readers=not args.only, jobs=args.jobs)
         executed = time.perf_counter() - began
         if args.only:
             print(f"==> {len(selected)} of {len(chapters)} chapters executed in {duration(executed)}; the book was not "
