@@ -53,9 +53,11 @@ nbdev-test: setup
 
 # Two pytest workers, one test file each at a time (a module's fixtures are built once): the fixture book's module
 # starts first on one worker while the other takes the rest of the files. TEST_WORKERS=0 runs them in this process.
+# Side by side, OpenMP threads that spin while they wait slow both workers several-fold: they sleep instead
+# (OMP_WAIT_POLICY=PASSIVE changes how threads wait, not how work is split).
 pytest: setup chromium
 	@echo "==> pytest ($(TEST_WORKERS) workers)"
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(if $(filter 0,$(TEST_WORKERS)),,OMP_WAIT_POLICY=PASSIVE) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 chromium:
 	@command -v chromium >/dev/null || { \

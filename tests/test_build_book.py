@@ -1,6 +1,7 @@
 """The main job's script (tools/build_book.py): profiles, bad input, failing chapters, re-runs, tidy pages."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -535,9 +536,10 @@ def test_assets_unpack_with_or_without_tarfiles_data_filter(tmp_path, monkeypatc
 # ---- several chapters at once (--jobs)
 
 WAIT_FOR = """\
+import os
 import time
 from pathlib import Path
-Path({mine!r}).write_text('here')
+Path({mine!r}).write_text(os.environ.get('OMP_WAIT_POLICY', 'unset'))
 for _ in range(600):  # one minute at most: the other chapter must be running beside this one
     if Path({other!r}).exists():
         break
@@ -546,8 +548,10 @@ assert Path({other!r}).exists(), 'the other chapter did not run at the same time
 """
 
 
-def test_jobs_run_chapters_side_by_side_each_printed_in_one_block(book, capsys):
-    "Each chapter waits for the other's file: only side by side do both finish; readers still run after both."
+def test_jobs_run_chapters_side_by_side_each_printed_in_one_block(book, capsys, monkeypatch):
+    """Each chapter waits for the other's file: only side by side do both finish; readers still run after both.
+    Their kernels' OpenMP threads sleep while they wait (side by side, spinning ones slow each other several-fold)."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     notebook(book / "nbs" / "01_ok.ipynb", WAIT_FOR.format(mine="a.txt", other="b.txt"))
     notebook(book / "nbs" / "02_ok.ipynb", WAIT_FOR.format(mine="b.txt", other="a.txt"))
     notebook(book / "nbs" / "index.ipynb", "from pathlib import Path",
@@ -563,6 +567,8 @@ def test_jobs_run_chapters_side_by_side_each_printed_in_one_block(book, capsys):
         assert block[1] == "      runs: no earlier copy" and block[2].endswith(" s"), block
     assert out.index("[3/3] nbs/index.ipynb") > max(out.index("[1/3]"), out.index("[2/3]"))
     assert all((book / "executed" / f"{c}.ipynb").is_file() for c in ("index", "01_ok", "02_ok"))
+    assert [(book / "nbs" / f).read_text() for f in ("a.txt", "b.txt")] == ["PASSIVE", "PASSIVE"]
+    assert "OMP_WAIT_POLICY" not in os.environ  # the build's own environment is as it was
 
 
 def test_jobs_a_failing_chapter_stops_the_build_and_names_its_cell(book, capsys):

@@ -1,6 +1,6 @@
 """The main job: execute every chapter of the book with papermill on a parameter profile, then build the book.
 
-    python -m tools.build_book [--profile embedded|paper] [--param data_root=/data] [--force] [--only NAME]
+    python -m tools.build_book [--profile embedded|paper] [--param data_root=/data] [--jobs 2] [--force] [--only NAME]
 
 1. Reads `params/<profile>.yaml`; each notebook receives only the parameters its `parameters` cell declares.
 2. Executes `nbs/NAME.ipynb` for every `executed/NAME` entry of `_toc.yml` into `executed/NAME.ipynb` (git-ignored;
@@ -24,8 +24,11 @@
    localisation changed", "no earlier copy", "--force"). A chapter that takes no profile is the same in every
    profile, so another profile's up-to-date copy of it is copied instead of executed.
    Chapters whose notebook metadata says `book: {runs_first: true}` (the training chapter, which makes the models
-   the experiments open) run first; chapters whose notebook metadata says `book: {reads_results: true}` run last, and again whenever another ran
-   ("reads results and 07_perturbation ran"). `--only NAME` executes that chapter alone and builds no book.
+   the experiments open) run first; chapters whose notebook metadata says `book: {reads_results: true}` (they quote
+   results other chapters compute) run last, and again whenever another ran ("reads results and 07_perturbation
+   ran"). `--jobs N` executes up to N chapters at once within the second and third of these phases, each in its own
+   kernel, and prints each chapter's lines together when it ends. `--only NAME` executes that chapter alone and
+   builds no book.
    Each executed copy is tidied for reading (`book_pages.tidy_executed`): no nbdev `#|` directive lines, no progress
    bars, no stderr outputs (the console lists them), no injected parameters cell; its last line says which profile
    built it, at which commit and when, links its source notebook and gives the command that reruns it.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
+import contextlib
 import copy
 import functools
 import hashlib
@@ -691,6 +695,20 @@ def ran_text(chapters: list[str]) -> str:
     return f"{shown} ran"
 
 
+@contextlib.contextmanager
+def passive_waits():
+    """Kernels started inside get OMP_WAIT_POLICY=PASSIVE (unless it is set): OpenMP threads that wait sleep instead of
+    spinning. Two kernels computing side by side with spinning threads slow each other several-fold; the policy
+    changes how threads wait, not how work is split, so every number comes out the same."""
+    before = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
 def execute_chapters(root: Path, chapters: list[str], profile, overrides: dict[str, str], force: bool,
                      executed: Path, earlier: dict[str, float], rerun_readers: bool = True,
                      jobs: int = 1, # chapters executed at once (between the chapters that run first and the readers)
@@ -738,7 +756,7 @@ def execute_chapters(root: Path, chapters: list[str], profile, overrides: dict[s
         if jobs > 1 and shared and len(phase) > 1:
             print(f"  ({len(phase)} chapters, {jobs} at a time{time_left(earlier, order[order.index(phase[0]):])})",
                   flush=True)
-            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            with passive_waits(), concurrent.futures.ThreadPoolExecutor(jobs) as pool:
                 futures = [pool.submit(together, chapter) for chapter in phase]
                 try:
                     for future in concurrent.futures.as_completed(futures):
