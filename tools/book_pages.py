@@ -182,7 +182,8 @@ def statistics_page(records: dict[str, dict], # chapter -> profile, executed (bo
         "# Execution statistics", "",
         f"This build of the book used the `{profile}` profile{at} on {day.isoformat()}: of its {len(records)} "
         f"chapters it executed {ran} and reused {len(records) - ran} copies whose notebook, imported modules, files "
-        f"and profile settings were unchanged. Executing them all took {duration(total)} when each last ran. "
-        "The time is each chapter's last execution; the commit and date are those it was executed at.", "",
+        f"and profile settings were unchanged. Their times add up to {duration(total)}. "
+        "The time is each chapter's last execution, the commit and date those it was executed at; chapters executed "
+        "side by side (`--jobs`) shared the machine, so each took longer than it would alone.", "",
         "| Chapter | Profile | This build | Time | Commit | Executed on |",
         "| --- | --- | --- | --- | --- | --- |", *rows, ""])

@@ -75,6 +75,11 @@ DEFAULT_PROFILE = "embedded"  # its book is _build/html; every other profile's i
 ASSET_KEYS = ("html_static_path", "mathjax_path", "nb_ipywidgets_js")  # dropped for the CDN fallback
 
 
+# Held while a thread parses Python: on Python 3.11, ast.parse in two threads at once can fail with "SystemError: AST
+# constructor recursion depth mismatch" (CPython issue 106905), and --jobs executes chapters from threads.
+ONE_THREAD = threading.RLock()
+
+
 class BuildError(Exception):
     "A failure the user can act on; its message says what went wrong and what to do. Exit status 1."
     status = 1
@@ -259,7 +264,8 @@ def code_cells(nb: Path) -> list[str]:
 def parse(source: str) -> ast.Module | None:
     "The syntax tree of a cell or module, or None where Python cannot read it (its uses are then guessed widely)."
     try:
-        return ast.parse(source)
+        with ONE_THREAD:
+            return ast.parse(source)
     except SyntaxError:
         return None
 
@@ -587,7 +593,8 @@ def execute(root: Path, chapter: str, profile, overrides: dict[str, str],
     offered = {"profile": profile.name, "overrides": overrides}  # each chapter loads its settings with load_profile
     params = {k: v for k, v in offered.items() if k in declared}
     takes_profile = "profile" in declared
-    inputs = chapter_inputs(root, src, params, profile if takes_profile else None)
+    with ONE_THREAD:  # it parses code (ast)
+        inputs = chapter_inputs(root, src, params, profile if takes_profile else None)
     key = build_key(inputs)
     previous = previous_inputs(out) if out.exists() else None
     if not force and previous is not None and previous.get("build_key") == key:
@@ -733,7 +740,8 @@ def execute_chapters(root: Path, chapters: list[str], profile, overrides: dict[s
         why = "--force" if force else (f"reads results and {ran_text(earlier_ran)}" if chapter in readers
                                        and earlier_ran and rerun_readers else "")
         seconds, done = execute(root, chapter, profile, overrides, why, executed, say=say)
-        tidy_executed(executed / f"{chapter}.ipynb", say=say)
+        with ONE_THREAD:
+            tidy_executed(executed / f"{chapter}.ipynb", say=say)
         book = nbformat.read(executed / f"{chapter}.ipynb", as_version=4).metadata.get("book", {})
         with lock:
             if done == "ran":
