@@ -552,6 +552,7 @@ def test_jobs_run_chapters_side_by_side_each_printed_in_one_block(book, capsys, 
     """Each chapter waits for the other's file: only side by side do both finish; readers still run after both.
     Their kernels' OpenMP threads sleep while they wait (side by side, spinning ones slow each other several-fold)."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    here = Path.cwd()
     notebook(book / "nbs" / "01_ok.ipynb", WAIT_FOR.format(mine="a.txt", other="b.txt"))
     notebook(book / "nbs" / "02_ok.ipynb", WAIT_FOR.format(mine="b.txt", other="a.txt"))
     notebook(book / "nbs" / "index.ipynb", "from pathlib import Path",
@@ -569,9 +570,11 @@ def test_jobs_run_chapters_side_by_side_each_printed_in_one_block(book, capsys, 
     assert all((book / "executed" / f"{c}.ipynb").is_file() for c in ("index", "01_ok", "02_ok"))
     assert [(book / "nbs" / f).read_text() for f in ("a.txt", "b.txt")] == ["PASSIVE", "PASSIVE"]
     assert "OMP_WAIT_POLICY" not in os.environ  # the build's own environment is as it was
+    assert Path.cwd() == here  # and its working directory (the chapters' kernels ran in nbs/: a.txt is there)
 
 
 def test_jobs_a_failing_chapter_stops_the_build_and_names_its_cell(book, capsys):
+    here = Path.cwd()
     notebook(book / "nbs" / "02_bad.ipynb", "x = 1", "raise ValueError('broken on purpose')")
     (book / "_toc.yml").write_text("format: jb-book\nroot: executed/index\nchapters:\n  - file: executed/01_ok\n"
                                    "  - file: executed/02_bad\n")
@@ -579,6 +582,7 @@ def test_jobs_a_failing_chapter_stops_the_build_and_names_its_cell(book, capsys)
     assert status == 1 and "nbs/02_bad.ipynb failed at cell 1" in err and "broken on purpose" in err, err
     assert not (book / "executed" / "02_bad.ipynb").exists() and (book / "executed" / "02_bad.failed.ipynb").exists()
     assert "[3/3] nbs/02_bad.ipynb:" in out, out  # its lines, printed when it failed
+    assert Path.cwd() == here  # the build's working directory is left as it was
 
 
 def test_jobs_below_one_is_a_one_line_error(book, capsys):

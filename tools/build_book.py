@@ -612,7 +612,10 @@ def execute(root: Path, chapter: str, profile, overrides: dict[str, str],
     failed.unlink(missing_ok=True)
     start = time.perf_counter()
     try:
-        pm.execute_notebook(str(src), str(partial), parameters=params, cwd=str(root / "nbs"), kernel_name="python3",
+        # The kernel starts in nbs/ (nbclient's resources path); papermill's own `cwd` would change this process's
+        # working directory, which two chapters in two threads would leave wrong.
+        pm.execute_notebook(str(src), str(partial), parameters=params, kernel_name="python3",
+                            resources={"metadata": {"path": str(root / "nbs")}},
                             progress_bar=False, log_output=False, report_mode=False,
                             extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-encryption notice
     except Exception as e:  # a cell raised (PapermillExecutionError), the kernel died, or it could not start
