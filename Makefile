@@ -14,8 +14,8 @@ DEVICE ?=
 FORCE ?=
 ESTIMATE ?=
 TEST_WORKERS ?= 2
-# chapters executed at once: 2 on the CPU profiles (a chapter keeps about one core busy), 1 for the paper's GPU runs
-BOOK_JOBS ?= $(if $(filter paper,$(PROFILE)),1,2)
+# chapters executed at once; auto: 2 when the profile's device is the CPU (a chapter keeps about one core busy), else 1
+BOOK_JOBS ?= auto
 PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
 PIP_NOISE := WARNING: Location .* is ignored
 BOOK_ARGS := --profile $(PROFILE) --jobs $(BOOK_JOBS) $(if $(DATA_ROOT),--param data_root=$(DATA_ROOT)) $(if $(DEVICE),--param device=$(DEVICE)) $(if $(FORCE),--force) $(if $(ESTIMATE),--estimate)

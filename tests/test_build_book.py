@@ -588,8 +588,20 @@ def test_jobs_a_failing_chapter_stops_the_build_and_names_its_cell(book, capsys)
 def test_jobs_below_one_is_a_one_line_error(book, capsys):
     status, out, err = run(book, "--jobs", "0", capsys=capsys)
     assert status == 2
-    assert err.strip() == "error: --jobs must be 1 or more (chapters executed at once), got 0: e.g. --jobs 2"
+    assert err.strip() == ("error: --jobs must be 1 or more (chapters executed at once) or 'auto', got 0: "
+                           "e.g. --jobs 2")
     assert not (book / "executed").exists()
+
+
+def test_jobs_auto_is_two_on_a_cpu_and_one_on_a_gpu(monkeypatch):
+    "Whatever the profile's name: the device decides (make book DEVICE=cuda on the embedded profile runs one at a time)."
+    monkeypatch.setattr(build_book.os, "cpu_count", lambda: 2)
+    assert build_book.chapter_jobs("auto", "cpu") == 2
+    assert build_book.chapter_jobs("auto", "cuda") == build_book.chapter_jobs("auto", "cuda:1") == 1
+    monkeypatch.setattr(build_book.os, "cpu_count", lambda: 1)
+    assert build_book.chapter_jobs("auto", "cpu") == 1 and build_book.chapter_jobs("3", "cuda") == 3
+    with pytest.raises(build_book.UsageError, match="got x"):
+        build_book.chapter_jobs("x", "cpu")
 
 
 def test_every_chapter_that_quotes_the_profiles_results_runs_after_the_experiments():

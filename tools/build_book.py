@@ -705,6 +705,17 @@ def ran_text(chapters: list[str]) -> str:
     return f"{shown} ran"
 
 
+def chapter_jobs(value: str, # --jobs: a count, or 'auto'
+                 device: str, # the profile's device ('cpu', 'cuda', 'cuda:1')
+                ) -> int:
+    "How many chapters execute at once: the count given, or for 'auto' 2 on a CPU with 2 cores or more, else 1."
+    if value == "auto":
+        return min(2, os.cpu_count() or 1) if device == "cpu" else 1
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"--jobs must be 1 or more (chapters executed at once) or 'auto', got {value}: e.g. --jobs 2")
+    return int(value)
+
+
 @contextlib.contextmanager
 def passive_waits():
     """Kernels started inside get OMP_WAIT_POLICY=PASSIVE (unless it is set): OpenMP threads that wait sleep instead of
@@ -793,10 +804,11 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
                         help="execute only the chapter nbs/NAME.ipynb (repeatable, or NAME,NAME), when its inputs "
                              "changed or with --force; the book is not rebuilt (`make book` does, reusing the copy)")
     parser.add_argument("--no-html", action="store_true", help="execute the chapters only, do not build the book")
-    parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+    parser.add_argument("--jobs", "-j", default="1", metavar="N",
                         help="execute up to N chapters at once, each in its own kernel (default 1); on a CPU a chapter "
                              "keeps about one core busy, so 2 suits 2 cores. Each kernel loads its own models: on a "
-                             "GPU, or with little memory, keep 1")
+                             "GPU, or with little memory, keep 1. 'auto': 2 when the profile's device is the CPU "
+                             "(and there are 2 cores), else 1")
     parser.add_argument("--estimate", action="store_true",
                         help="after the preflight, time each experiment's first batch, print each chapter's projected "
                              "running time on this machine, and stop (no results are computed)")
@@ -804,10 +816,9 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     paths = BookPaths.of(root, args.profile)
     html, staging = paths.html, paths.staging
     try:
-        if args.jobs < 1:
-            raise UsageError(f"--jobs must be 1 or more (chapters executed at once), got {args.jobs}: e.g. --jobs 2")
         overrides = dict(p.split("=", 1) if "=" in p else (p, "") for p in args.param)
         profile = load_profile(root, args.profile, overrides)
+        jobs = chapter_jobs(args.jobs, str(profile.get("device") or "cpu"))
         chapters = toc_chapters(root)
         selected = chosen(chapters, args.only)
         check_needs(profile)  # every missing dataset, weight file and checkpoint, before an hour is spent
@@ -822,7 +833,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         os.environ[CONSOLE_PROGRESS] = "1"  # the chapters' kernels draw their progress bars here, not in the pages
         print(f"==> executing {len(selected)} chapters with papermill, profile {args.profile!r}", flush=True)
         records = execute_chapters(root, selected, profile, overrides, args.force, paths.executed, earlier,
-                                   rerun_readers=not args.only, jobs=args.jobs)
+                                   rerun_readers=not args.only, jobs=jobs)
         executed = time.perf_counter() - began
         if args.only:
             print(f"==> {len(selected)} of {len(chapters)} chapters executed in {duration(executed)}; the book was not "
